@@ -69,3 +69,25 @@ def raise_layout_error(state_dict, model):
         f"('downsample_layers.0.conv.weight', 'stages.0.0.norm1.weight', ...) or zoo/timm keys ('stem.conv.weight'), "
         f"got {sample} ... Is this a checkpoint of another family?"
     )
+
+
+# zoo key -> official key (the inverse of OFFICIAL_RULES), for synthetic official checkpoints in tests and tools
+_TO_OFFICIAL = (
+    (r"^stem\.norm\.", "downsample_layers.0.post_norm."),
+    (r"^stem\.conv\.", "downsample_layers.0.conv."),
+    (r"^stages\.(\d+)\.downsample\.norm\.", r"downsample_layers.\1.pre_norm."),
+    (r"^stages\.(\d+)\.downsample\.conv\.", r"downsample_layers.\1.conv."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2."),
+    (r"^head\.norm\.", "norm."),
+    (r"^head\.fc\.", "head."),
+)
+
+
+def official_state_dict(model: MetaFormer):
+    """The model's weights in the official sail-sg/metaformer layout (NHWC Linear weights, plain state dict)."""
+    out = {}
+    for k, v in remap_keys(model.state_dict(), _TO_OFFICIAL).items():
+        if v.dim() == 4 and v.shape[2:] == (1, 1) and (".mlp.fc" in k or ".pwconv" in k):
+            v = v.flatten(1)
+        out[k] = v.clone()
+    return out

@@ -8,7 +8,7 @@ from timm.models import generate_default_cfgs, register_model
 from ..builder import build_zoo_model
 from ..skeleton import MetaFormer
 from ..zoo import register_family
-from ._baselines import BASE_ARGS, SIZES, cfg, checkpoint_filter_fn, official_url
+from ._baselines import BASE_ARGS, SIZES, cfg, checkpoint_filter_fn, official_state_dict, official_url
 
 __all__ = ["checkpoint_filter_fn"]
 
@@ -22,6 +22,7 @@ default_cfgs = generate_default_cfgs({
 register_family(
     "identityformer", [f"identityformer_{s}" for s in SIZES],
     paper="MetaFormer Baselines for Vision (arXiv 2210.13452)", code="https://github.com/sail-sg/metaformer",
+    filter_fn=checkpoint_filter_fn, to_official=official_state_dict, official_wrapper=None,
 )
 
 
