@@ -3,8 +3,8 @@
 
 Two modes:
 
-* **model mode** (default): for each model name (default: the smallest zoo variant of every zoo family, plus
-  ``zoo_metaformer``), build the model, run one forward at batch 1 at its default resolution (``--img-size`` to
+* **model mode** (default): for each model name (default: the smallest variant of every family in the zoo catalogue,
+  zoo-owned and timm-owned, plus ``zoo_metaformer``), build the model, run one forward at batch 1 at its default resolution (``--img-size`` to
   override) with forward pre-hooks on every token mixer, and record the inputs each mixer sees. Token mixers are the
   modules whose class is registered in the mixer registry (``metaformer_zoo.mixers``) and modules stored under the
   attribute name ``token_mixer`` (timm's MetaFormer, the zoo skeleton); a match nested inside another match is not
@@ -50,13 +50,17 @@ _STAGE_RE = re.compile(r"(?:^|\.)(?:stages|layers|levels|stage|layer|level)[._]?
 # ---------------------------------------------------------------------------------------------------------------------
 # discovery
 # ---------------------------------------------------------------------------------------------------------------------
-def default_models() -> List[str]:
-    """The smallest registered variant (by parameter count) of every zoo-owned family, plus ``zoo_metaformer``."""
+def default_models(zoo_only: bool = False) -> List[str]:
+    """The smallest registered variant (by parameter count) of every catalogued family, plus ``zoo_metaformer``.
+
+    Catalogued families are those of ``metaformer_zoo.zoo.list_families()``: the zoo's own and, unless ``zoo_only``,
+    the timm-owned MetaFormer families (PoolFormer, ConvFormer, CAFormer, MambaOut ...).
+    """
     import timm
     from metaformer_zoo.zoo import count_params, list_families
     names = []
     for fam in list_families():
-        if fam.owner != "zoo":
+        if zoo_only and fam.owner != "zoo":
             continue
         variants = [v for v in fam.variants if timm.is_model(v)]
         if not variants:
@@ -64,7 +68,8 @@ def default_models() -> List[str]:
         sizes = {}
         for v in variants:
             try:
-                sizes[v] = count_params(timm.create_model(v, device="meta"))[0]
+                with torch.device("meta"):
+                    sizes[v] = count_params(timm.create_model(v))[0]
             except Exception:  # noqa: BLE001 - a variant that cannot build on meta: rank it last
                 sizes[v] = math.inf
         names.append(min(variants, key=lambda v: sizes[v]))
@@ -242,7 +247,8 @@ def _stage_from_size(h: int, w: int) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("models", nargs="*", help="model names (default: the smallest variant of every zoo family)")
+    p.add_argument("models", nargs="*", help="model names (default: the smallest variant of every catalogued family)")
+    p.add_argument("--zoo-only", action="store_true", help="default models: zoo-owned families only (not timm's)")
     p.add_argument("--mixers", nargs="+", help="registry mode: registered mixer names (see --list-mixers)")
     p.add_argument("--shapes", nargs="+", type=_parse_shape, default=None,
                    help="registry mode: input shapes CxHxW (default 64x56x56 128x28x28 320x14x14 512x7x7)")
@@ -309,7 +315,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
                     row["fwd_ms"] = f"error: {type(e).__name__}: {str(e)[:80]}"
                     jobs.append((row, None, None, None))
     else:
-        models = args.models or default_models()
+        models = args.models or default_models(args.zoo_only)
         for name in tqdm(models, desc="discovering mixers", disable=args.no_progress, leave=False):
             try:
                 model = timm.create_model(name, **dict(args.model_kwargs)).eval()

@@ -115,7 +115,8 @@ class MSMLP(MetaFormerBase):
         depths: blocks per stage.
         shift_groups: channel groups of the mix-shift mixer (official ``SHIFT_SIZE``, a count, not pixels).
         shift_dist: circular shift per group (official ``SHIFT_DIST``).
-        mix_size: per stage, the depthwise kernel size per group (official ``MIX_SIZE``).
+        mix_size: per stage, the depthwise kernel size per group (official ``MIX_SIZE``); one flat list applies to
+            every stage.
         mlp_ratio: channel-MLP expansion.
         layer_scale_init_value: initial gamma (official 1e-6; <= 0 disables gamma).
         patch_size: stem patch size.
@@ -150,6 +151,8 @@ class MSMLP(MetaFormerBase):
         dims = list(dims) if dims is not None else [int(embed_dim * 2 ** i) for i in range(num_stages)]
         if len(dims) != num_stages:
             raise ValueError(f"depths has {num_stages} stages but dims has {len(dims)}")
+        if all(isinstance(k, int) for k in mix_size):  # one kernel-size list for every stage
+            mix_size = [list(mix_size)] * num_stages
         mix_size = to_stage_list([list(m) for m in mix_size], num_stages, "mix_size")
         self.stem = PatchEmbed2d(in_chans, dims[0], patch_size)
         dpr = drop_path_rates(drop_path_rate, depths)
