@@ -18,7 +18,8 @@ Two modes:
 
 Timing: ``--warmup`` untimed runs, then the median of ``--iters`` timed runs (``time.perf_counter``, with CUDA
 synchronisation on GPU) of the forward (under ``torch.no_grad``) and, with ``--backward``, of forward + backward
-(gradient w.r.t. the input and every parameter). Device: CUDA if available unless ``--device cpu``.
+(gradient w.r.t. the input and every parameter). Device: CUDA if available unless ``--device cpu``. On a shared
+CPU host use ``--threads 1``: multi-threaded parallel regions stall behind other processes and the times explode.
 
 Examples::
 
