@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm2d, trunc_normal_
-from timm.models import checkpoint, generate_default_cfgs, register_model
+from timm.models import checkpoint, generate_default_cfgs, register_model, register_notrace_function
 
 from ..builder import build_zoo_model
 from ..checkpoint import CheckpointError, unwrap_state_dict, validate_state_dict
@@ -63,6 +63,15 @@ class Vim2Stem(nn.Module):
         return self.norm(self.conv(x))
 
 
+@register_notrace_function
+def pad_to_even(x: torch.Tensor) -> torch.Tensor:
+    """Zero-pad an NCHW map at the bottom/right to even H and W (VMamba PatchMerging2D)."""
+    H, W = x.shape[-2:]
+    if H % 2 != 0 or W % 2 != 0:
+        x = F.pad(x, (0, W % 2, 0, H % 2))
+    return x
+
+
 class PatchMerging2d(nn.Module):
     """VMamba-v0 / Swin patch merging on NCHW: 2x2 neighbourhood concat (Swin order) -> LN(4C) -> Linear 4C -> out.
 
@@ -75,9 +84,7 @@ class PatchMerging2d(nn.Module):
         self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
 
     def forward(self, x):
-        H, W = x.shape[-2:]
-        if H % 2 != 0 or W % 2 != 0:
-            x = F.pad(x, (0, W % 2, 0, H % 2))
+        x = pad_to_even(x)
         x = torch.cat([x[..., 0::2, 0::2], x[..., 1::2, 0::2], x[..., 0::2, 1::2], x[..., 1::2, 1::2]], dim=1)
         x = self.reduction(self.norm(x.permute(0, 2, 3, 1)))
         return x.permute(0, 3, 1, 2)
