@@ -29,6 +29,11 @@ from . import register_mixer
 __all__ = ["SS2D", "SelectiveChannelMixer", "mamba_dt_bias_", "mamba_A_log", "mamba_init_"]
 
 
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """SSM parameters enter the scan in float32 (float64 stays float64), as in Mamba / VMamba."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _scan_ops():
     # imported lazily: the kernel package may pull in Triton
     from metaformer_zoo.kernels import selective_scan2d as ops
@@ -137,8 +142,8 @@ class SS2D(_SSMParams):
         ops = _scan_ops()
         xs = ops.cross_scan(u)  # (B, 4, d_inner, L)
         dts, Bs, Cs = self._project(xs)
-        As = -torch.exp(self.A_logs.float())
-        y = ops.selective_scan2d(u, dts, As, Bs, Cs, self.Ds.float(), self.dt_projs_bias.float().view(-1),
+        As = -torch.exp(_acc(self.A_logs))
+        y = ops.selective_scan2d(u, dts, As, Bs, Cs, _acc(self.Ds), _acc(self.dt_projs_bias).view(-1),
                                  delta_softplus=True, backend=self.backend)  # (B, d_inner, H, W)
         y = self.out_norm(y.permute(0, 2, 3, 1).to(z.dtype))
         y = y * F.silu(z)
@@ -202,9 +207,9 @@ class SelectiveChannelMixer(_SSMParams):
             u = torch.cat([u, u.flip(-1)], dim=1)  # (M, 2g, S): forward, flipped
         u = self.act(self.conv1d(u)[..., :S])  # causal conv along the steps
         dts, Bs, Cs = self._project(u.view(M, K, g, S))
-        As = -torch.exp(self.A_logs.float())
-        y = _scan_ops().selective_scan(u, dts.reshape(M, K * g, S), As, Bs, Cs, self.Ds.float(), None,
-                                       self.dt_projs_bias.float().view(-1), True, backend=self.backend)
+        As = -torch.exp(_acc(self.A_logs))
+        y = _scan_ops().selective_scan(u, dts.reshape(M, K * g, S), As, Bs, Cs, _acc(self.Ds), None,
+                                       _acc(self.dt_projs_bias).view(-1), True, backend=self.backend)
         y = y.view(M, K, g, S)
         y = y[:, 0] + y[:, 1].flip(-1) if K == 2 else y[:, 0]
         y = y.transpose(1, 2).to(z.dtype) * z  # (M, S, g)
