@@ -248,3 +248,17 @@ def test_tiny_input_sizes(size):
         feats = model(torch.randn(1, 3, H, W))
     assert [tuple(f.shape[-2:]) for f in feats] == [(H // r, W // r) for r in (4, 8, 16, 32)]
     assert all(torch.isfinite(f).all() for f in feats)
+
+
+def test_stage_usable_on_its_own():
+    from metaformer_zoo.models.vim2 import Vim2Stage
+    stage = Vim2Stage.build(64, num_layers=2, in_dim=32, drop_path=0.1)
+    model = _tiny_cfg()
+    ref = model.stages[1]  # same structure except the layer count
+    assert len(stage.blocks) == 2 and len(stage.blocks[0].token_blocks) == 2
+    assert sum(p.numel() for p in stage.parameters()) == (
+        sum(p.numel() for p in ref.parameters()) + sum(p.numel() for p in ref.blocks[0].parameters()) + 4)  # layer 2 has 4 more scalars
+    y = stage(torch.randn(1, 32, 9, 7))
+    assert y.shape == (1, 64, 5, 4)
+    with pytest.raises(ValueError, match="rates"):
+        Vim2Stage.build(64, num_layers=1, drop_path=[0.1])

@@ -153,6 +153,34 @@ class Vim2Stage(nn.Module):
         self.downsample = downsample if downsample is not None else nn.Identity()
         self.blocks = nn.Sequential(*layers)
 
+    @classmethod
+    def build(cls, dim: int, num_layers: int, token_per_layer: int = 2, in_dim: Optional[int] = None,
+              drop_path: Union[float, Sequence[float]] = 0., d_state: int = 16, ssm_ratio: float = 2.0,
+              channel_expand: float = 2.0, channel_group: int = 16, proj_drop: float = 0.,
+              backend: str = "auto") -> "Vim2Stage":
+        """A ViM2 stage on its own: ``num_layers`` x ([SS2D block] * token_per_layer -> channel-mixer block),
+        preceded by PatchMerging2d from ``in_dim`` channels when given. ``drop_path``: one rate, or one per block
+        (token_per_layer + 1 per layer, in order)."""
+        n_blocks = num_layers * (token_per_layer + 1)
+        rates = list(drop_path) if isinstance(drop_path, (list, tuple)) else [float(drop_path)] * n_blocks
+        if len(rates) != n_blocks:
+            raise ValueError(f"drop_path has {len(rates)} rates but the stage has {n_blocks} blocks")
+        rates = iter(rates)
+        vim2_layers = []
+        for l in range(num_layers):
+            token_blocks = [
+                MetaFormerBlock(dim, SS2D(dim, d_state=d_state, ssm_ratio=ssm_ratio, proj_drop=proj_drop,
+                                          backend=backend),
+                                mlp=None, norm_layer=_ln2d, drop_path=next(rates))
+                for _ in range(token_per_layer)
+            ]
+            channel_block = MetaFormerBlock(
+                dim, SelectiveChannelMixer(dim, expand=channel_expand, group_size=channel_group, d_state=d_state,
+                                           proj_drop=proj_drop, backend=backend),
+                mlp=None, norm_layer=_ln2d, drop_path=next(rates))
+            vim2_layers.append(Vim2Layer(l + 1, token_blocks, channel_block))
+        return cls(vim2_layers, PatchMerging2d(in_dim, dim) if in_dim is not None else None)
+
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
         self.grad_checkpointing = enable
@@ -212,26 +240,12 @@ class Vim2(MetaFormerBase):
             token_per_layer.append(d // l)
         self.stem = Vim2Stem(in_chans, dims[0])
         dpr = drop_path_rates(drop_path_rate, [d + l for d, l in zip(depths, layers)])
-        stages = []
-        for i in range(num_stages):
-            dim = dims[i]
-            rates = iter(dpr[i])
-            vim2_layers = []
-            for l in range(layers[i]):
-                token_blocks = [
-                    MetaFormerBlock(dim, SS2D(dim, d_state=d_state, ssm_ratio=ssm_ratio, proj_drop=proj_drop_rate,
-                                              backend=backend),
-                                    mlp=None, norm_layer=_ln2d, drop_path=next(rates))
-                    for _ in range(token_per_layer[i])
-                ]
-                channel_block = MetaFormerBlock(
-                    dim, SelectiveChannelMixer(dim, expand=channel_expand, group_size=channel_group, d_state=d_state,
-                                               proj_drop=proj_drop_rate, backend=backend),
-                    mlp=None, norm_layer=_ln2d, drop_path=next(rates))
-                vim2_layers.append(Vim2Layer(l + 1, token_blocks, channel_block))
-            downsample = PatchMerging2d(dims[i - 1], dim) if i > 0 else None
-            stages.append(Vim2Stage(vim2_layers, downsample))
-        self.stages = nn.Sequential(*stages)
+        self.stages = nn.Sequential(*[
+            Vim2Stage.build(dims[i], layers[i], token_per_layer[i], in_dim=dims[i - 1] if i > 0 else None,
+                            drop_path=dpr[i], d_state=d_state, ssm_ratio=ssm_ratio, channel_expand=channel_expand,
+                            channel_group=channel_group, proj_drop=proj_drop_rate, backend=backend)
+            for i in range(num_stages)
+        ])
         self._init_interface(in_chans, num_classes, dims, reductions=[2 ** (i + 2) for i in range(num_stages)])
         self.head = MetaFormerHead(self.num_features, num_classes, global_pool=global_pool, norm_layer=_ln2d,
                                    norm_first=True, drop_rate=drop_rate)
