@@ -79,6 +79,9 @@ def benchmark_cases(device: str = "cuda", batch: int = 32, dtype: torch.dtype = 
         g = torch.Generator(device="cpu").manual_seed(1)
         r = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa
         u, dl = r(M, K * GROUP, steps), r(M, K * GROUP, steps) * 0.5 - 2
+        if backward:
+            u.requires_grad_()
+            dl.requires_grad_()
         A = -torch.arange(1, D_STATE + 1, dtype=torch.float32).repeat(K * GROUP, 1).to(device)
         Bm, Cm = r(M, K, D_STATE, steps), r(M, K, D_STATE, steps)
         cargs = (u, dl, A, Bm, Cm, torch.ones(K * GROUP, device=device), None, torch.full((K * GROUP,), -3.0, device=device))
@@ -86,8 +89,12 @@ def benchmark_cases(device: str = "cuda", batch: int = 32, dtype: torch.dtype = 
 
         def run_c(backend, a=cargs):
             if backend == "reference":
-                return reference.selective_scan(*a, delta_softplus=True)
-            return selective_scan(*a, delta_softplus=True, backend=backend)
+                out = reference.selective_scan(*a, delta_softplus=True)
+            else:
+                out = selective_scan(*a, delta_softplus=True, backend=backend)
+            if backward:
+                out.sum().backward()
+            return out
 
         cases.append((f"channel_stage{i + 1}_rows{M}_d{K * GROUP}_L{steps}", lambda r=run_c: r("reference"),
                       (lambda r=run_c: r("triton")) if use_triton else None, nbytes_c))
