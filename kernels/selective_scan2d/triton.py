@@ -1,0 +1,393 @@
+"""Triton forward and backward kernels for the selective scan (Mamba-1 / S6) and its fused 4-route 2D form.
+
+One kernel pair serves both public ops (see ``README.md`` in this folder for the algorithm):
+
+* ``selective_scan2d``: ``R = 4`` routes over an (H, W) map. The cross-scan is an index map computed in the kernel
+  (route 0 row-major, 1 column-major, 2 / 3 their reverses), the merge is a read-modify-write of an fp32 buffer by the
+  program that owns the (batch, channel-block): no CrossScan / CrossMerge copies, no atomics.
+* ``selective_scan``: the 1D op, ``R = 1`` over the same machinery with H = 1, W = L and B / C grouped over channels.
+
+Per program: a (batch, channel-block[, group]) tile of ``BLOCK_D`` channels and ``BLOCK_N`` states. Along the sequence
+the kernel walks chunks of ``BLOCK_L`` steps; inside a chunk the recurrence h_t = a_t * h_{t-1} + b_t is a
+``tl.associative_scan`` over the (a, b) pairs, seeded with the carried state of the previous chunk. The forward
+stores every chunk-end state (``states``: (B, slots, Cg, n_chunks, N) fp32); the backward walks the chunks in reverse,
+recomputes h from the saved state of the previous chunk and runs the adjoint recurrence with a reverse associative
+scan plus a carried adjoint. Nothing of size (B, D, L, N) is ever written.
+
+Reductions are deterministic: dA / dD / d(delta_bias) go to per-batch partial buffers, dB / dC to per-split partial
+buffers (a backward program walks ``D_PER_PROG`` channel blocks and accumulates into its own slice), all summed with
+``torch.sum`` afterwards. Runs on CUDA and under ``TRITON_INTERPRET=1`` (CPU, tests); no autotune on the interpreter
+path.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# block sizes (fixed constexprs; untuned on GPU, see README "GPU tuning")
+# ----------------------------------------------------------------------------------------------------------------------
+def chunk_size(L: int, device_type: str = "cuda") -> int:
+    """Chunk length along the sequence; also the stride of the states saved for backward."""
+    if interpreting() or device_type != "cuda":
+        return 16
+    return 64 if L > 32 else max(16, triton.next_power_of_2(L))
+
+
+def n_chunks(L: int, device_type: str = "cuda") -> int:
+    return triton.cdiv(L, chunk_size(L, device_type))
+
+
+def _block_d(Cg: int, block_l: int, block_n: int, device_type: str) -> int:
+    if interpreting() or device_type != "cuda":
+        return max(1, min(triton.next_power_of_2(Cg), 8))
+    # keep BLOCK_L * BLOCK_D * BLOCK_N around 8K fp32 values per live tensor
+    bd = max(1, 8192 // (block_l * block_n))
+    return max(1, min(triton.next_power_of_2(Cg), bd, 64))
+
+
+@triton.jit
+def _combine(a1, b1, a2, b2):
+    # (a1, b1) is the earlier element: h = a2 * (a1 * h0 + b1) + b2
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _softplus(x):
+    # torch.nn.functional.softplus with beta=1, threshold=20
+    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)
+
+
+@triton.jit
+def _route_pos(t, r, H, W, L):
+    """(h, w) of route step t: route 0 row-major, 1 column-major, 2 / 3 their reverses."""
+    rev = r >= 2
+    trans = (r % 2) == 1
+    q = tl.where(rev, L - 1 - t, t)
+    q = tl.maximum(tl.minimum(q, L - 1), 0)  # padded steps stay in range (they are masked anyway)
+    hh = tl.where(trans, q % H, q // W)
+    ww = tl.where(trans, q // H, q % W)
+    return hh, ww
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, st_ptr,
+    H, W, L, Cg, N, NC,
+    s_ub, s_uc, s_uh, s_uw,
+    s_db, s_dk, s_dc, s_dt,
+    s_Bb, s_Bk, s_Bn, s_Bt,
+    s_Cb, s_Ck, s_Cn, s_Ct,
+    s_zb, s_zc, s_zh, s_zw,
+    s_ob, s_oc, s_oh, s_ow,
+    R: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    pid_g = tl.program_id(2)
+    G = tl.num_programs(2)
+
+    rows = tl.arange(0, BLOCK_L)
+    c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mc = c < Cg
+    n = tl.arange(0, BLOCK_N)
+    mn = n < N
+    uc = (pid_g * Cg + c).to(tl.int64)  # input / output channel
+
+    for r in range(R):
+        slot = pid_g * R + r
+        pc = slot * Cg + c  # parameter channel (A, D, delta_bias rows)
+        A2 = tl.load(A_ptr + pc[:, None] * N + n[None, :], mask=mc[:, None] & mn[None, :], other=0.0).to(tl.float32)
+        A2 = A2 * 1.4426950408889634
+        if HAS_D:
+            Dv = tl.load(D_ptr + pc, mask=mc, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + pc, mask=mc, other=0.0).to(tl.float32)
+        carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        for ci in range(NC):
+            t = ci * BLOCK_L + rows
+            mt = t < L
+            m2 = mt[:, None] & mc[None, :]
+            hh, ww = _route_pos(t, r, H, W, L)
+            u = tl.load(u_ptr + pid_b * s_ub + uc[None, :] * s_uc + hh[:, None] * s_uh + ww[:, None] * s_uw,
+                        mask=m2, other=0.0).to(tl.float32)
+            dt = tl.load(dt_ptr + pid_b * s_db + slot * s_dk + c[None, :] * s_dc + t[:, None] * s_dt,
+                         mask=m2, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                dt = dt + bias[None, :]
+            if SOFTPLUS:
+                dt = _softplus(dt)
+            dt = tl.where(m2, dt, 0.0)  # padded steps: a = 1, b = 0 (identity)
+            mtn = mt[:, None] & mn[None, :]
+            Bt = tl.load(B_ptr + pid_b * s_Bb + slot * s_Bk + n[None, :] * s_Bn + t[:, None] * s_Bt,
+                         mask=mtn, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + pid_b * s_Cb + slot * s_Ck + n[None, :] * s_Cn + t[:, None] * s_Ct,
+                         mask=mtn, other=0.0).to(tl.float32)
+            a = tl.exp2(dt[:, :, None] * A2[None, :, :])
+            b = (dt * u)[:, :, None] * Bt[:, None, :]
+            pa, pb = tl.associative_scan((a, b), 0, _combine)
+            h = pa * carry[None, :, :] + pb
+            y = tl.sum(h * Ct[:, None, :], axis=2)
+            if HAS_D:
+                y += Dv[None, :] * u
+            if HAS_Z:
+                z = tl.load(z_ptr + pid_b * s_zb + uc[None, :] * s_zc + hh[:, None] * s_zh + ww[:, None] * s_zw,
+                            mask=m2, other=0.0).to(tl.float32)
+                y = y * z * tl.sigmoid(z)
+            o_ptrs = out_ptr + pid_b * s_ob + uc[None, :] * s_oc + hh[:, None] * s_oh + ww[:, None] * s_ow
+            prev = tl.load(o_ptrs, mask=m2 & ((rows[:, None] * 0 + r) > 0), other=0.0)
+            tl.store(o_ptrs, prev + y, mask=m2)
+            # padded rows are identity steps, so the last row holds the chunk-end state
+            carry = tl.sum(tl.where(rows[:, None, None] == BLOCK_L - 1, h, 0.0), axis=0)
+            st_off = (((pid_b * (G * R) + slot) * Cg + c[:, None]) * NC + ci) * N + n[None, :]
+            tl.store(st_ptr + st_off, carry, mask=mc[:, None] & mn[None, :])
+        # the next route reads-modifies-writes output positions another thread of this program wrote
+        tl.debug_barrier()
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    g_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, st_ptr,
+    du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
+    H, W, L, Cg, N, NC, NDB, D_PER_PROG,
+    s_gb, s_gc, s_gh, s_gw,
+    s_ub, s_uc, s_uh, s_uw,
+    s_db, s_dk, s_dc, s_dt,
+    s_eb, s_ek, s_ec, s_et,  # ddt buffer
+    s_Bb, s_Bk, s_Bn, s_Bt,
+    s_Cb, s_Ck, s_Cn, s_Ct,
+    s_zb, s_zc, s_zh, s_zw,
+    s_xb, s_xc, s_xh, s_xw,  # du / dz buffers (same layout)
+    R: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1)  # split: a range of D_PER_PROG channel blocks
+    pid_g = tl.program_id(2)
+    G = tl.num_programs(2)
+    NB = tl.num_programs(0)
+    NSLOT = G * R
+
+    rows = tl.arange(0, BLOCK_L)
+    n = tl.arange(0, BLOCK_N)
+    mn = n < N
+
+    db_lo = pid_s * D_PER_PROG
+    db_hi = tl.minimum(db_lo + D_PER_PROG, NDB)
+    for db in range(db_lo, db_hi):
+        c = db * BLOCK_D + tl.arange(0, BLOCK_D)
+        mc = c < Cg
+        uc = (pid_g * Cg + c).to(tl.int64)
+        for r in range(R):
+            slot = pid_g * R + r
+            pc = slot * Cg + c
+            mcn = mc[:, None] & mn[None, :]
+            A = tl.load(A_ptr + pc[:, None] * N + n[None, :], mask=mcn, other=0.0).to(tl.float32)
+            A2 = A * 1.4426950408889634
+            if HAS_D:
+                Dv = tl.load(D_ptr + pc, mask=mc, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + pc, mask=mc, other=0.0).to(tl.float32)
+            mu = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # a_{t+1} * lambda_{t+1} entering the chunk's end
+            dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+            dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            st_base = ((pid_b * NSLOT + slot) * Cg + c[:, None]) * NC
+            for i in range(NC):
+                ci = NC - 1 - i
+                t = ci * BLOCK_L + rows
+                mt = t < L
+                m2 = mt[:, None] & mc[None, :]
+                mtn = mt[:, None] & mn[None, :]
+                hh, ww = _route_pos(t, r, H, W, L)
+                u = tl.load(u_ptr + pid_b * s_ub + uc[None, :] * s_uc + hh[:, None] * s_uh + ww[:, None] * s_uw,
+                            mask=m2, other=0.0).to(tl.float32)
+                dt_base = dt_ptr + pid_b * s_db + slot * s_dk + c[None, :] * s_dc
+                raw = tl.load(dt_base + t[:, None] * s_dt, mask=m2, other=0.0).to(tl.float32)
+                if HAS_BIAS:
+                    raw = raw + bias[None, :]
+                if SOFTPLUS:
+                    dt = _softplus(raw)
+                else:
+                    dt = raw
+                dt = tl.where(m2, dt, 0.0)
+                # delta of the next step inside the chunk (the last row uses a = 1, the carried mu covers it)
+                tn = t + 1
+                mnext = (rows < BLOCK_L - 1)[:, None] & (tn < L)[:, None] & mc[None, :]
+                rawn = tl.load(dt_base + tn[:, None] * s_dt, mask=mnext, other=0.0).to(tl.float32)
+                if HAS_BIAS:
+                    rawn = rawn + bias[None, :]
+                if SOFTPLUS:
+                    dtn = _softplus(rawn)
+                else:
+                    dtn = rawn
+                dtn = tl.where(mnext, dtn, 0.0)
+                Bt = tl.load(B_ptr + pid_b * s_Bb + slot * s_Bk + n[None, :] * s_Bn + t[:, None] * s_Bt,
+                             mask=mtn, other=0.0).to(tl.float32)
+                Ct = tl.load(C_ptr + pid_b * s_Cb + slot * s_Ck + n[None, :] * s_Cn + t[:, None] * s_Ct,
+                             mask=mtn, other=0.0).to(tl.float32)
+                g = tl.load(g_ptr + pid_b * s_gb + uc[None, :] * s_gc + hh[:, None] * s_gh + ww[:, None] * s_gw,
+                            mask=m2, other=0.0).to(tl.float32)
+                # recompute the forward states of this chunk from the saved state of the previous chunk
+                carry = tl.load(st_ptr + (st_base + ci - 1) * N + n[None, :], mask=mcn & ((n[None, :] * 0 + ci) > 0), other=0.0)
+                a = tl.exp2(dt[:, :, None] * A2[None, :, :])
+                dtu = dt * u
+                b = dtu[:, :, None] * Bt[:, None, :]
+                pa, pb = tl.associative_scan((a, b), 0, _combine)
+                h = pa * carry[None, :, :] + pb
+                x_ptrs_off = pid_b * s_xb + uc[None, :] * s_xc + hh[:, None] * s_xh + ww[:, None] * s_xw
+                if HAS_Z:
+                    z = tl.load(z_ptr + pid_b * s_zb + uc[None, :] * s_zc + hh[:, None] * s_zh + ww[:, None] * s_zw,
+                                mask=m2, other=0.0).to(tl.float32)
+                    sz = tl.sigmoid(z)
+                    y = tl.sum(h * Ct[:, None, :], axis=2)
+                    if HAS_D:
+                        y += Dv[None, :] * u
+                    dz = g * y * sz * (1.0 + z * (1.0 - sz))
+                    prevz = tl.load(dz_ptr + x_ptrs_off, mask=m2 & ((rows[:, None] * 0 + r) > 0), other=0.0)
+                    tl.store(dz_ptr + x_ptrs_off, prevz + dz, mask=m2)
+                    gy = g * z * sz
+                else:
+                    gy = g
+                # adjoint: lambda_t = gy_t C_t + a_{t+1} lambda_{t+1}, reverse scan + carried mu
+                an = tl.exp2(dtn[:, :, None] * A2[None, :, :])
+                bq = gy[:, :, None] * Ct[:, None, :]
+                ln, lam = tl.associative_scan((an, bq), 0, _combine, reverse=True)
+                lam = lam + ln * mu[None, :, :]
+                hm = h - b  # a_t * h_{t-1}
+                ddt = tl.sum(lam * (Bt[:, None, :] * u[:, :, None] + A[None, :, :] * hm), axis=2)
+                du = dt * tl.sum(lam * Bt[:, None, :], axis=2)
+                if HAS_D:
+                    du += Dv[None, :] * gy
+                    dD_acc += tl.sum(tl.where(m2, gy * u, 0.0), axis=0)
+                dA_acc += tl.sum(lam * dt[:, :, None] * hm, axis=0)
+                dBp = tl.sum(lam * dtu[:, :, None], axis=1)
+                dCp = tl.sum(gy[:, :, None] * h, axis=1)
+                if SOFTPLUS:
+                    ddt = tl.where(raw <= 20.0, ddt * tl.sigmoid(raw), ddt)
+                ddt = tl.where(m2, ddt, 0.0)
+                dbias_acc += tl.sum(ddt, axis=0)
+                tl.store(ddt_ptr + pid_b * s_eb + slot * s_ek + c[None, :] * s_ec + t[:, None] * s_et, ddt, mask=m2)
+                prevx = tl.load(du_ptr + x_ptrs_off, mask=m2 & ((rows[:, None] * 0 + r) > 0), other=0.0)
+                tl.store(du_ptr + x_ptrs_off, prevx + du, mask=m2)
+                # dB / dC: this split's partial slice, accumulated over its channel blocks in order
+                p_off = (((pid_s * NB + pid_b) * NSLOT + slot) * N + n[None, :]) * L + t[:, None]
+                prevB = tl.load(dB_ptr + p_off, mask=mtn & ((rows[:, None] * 0 + db) > db_lo), other=0.0)
+                tl.store(dB_ptr + p_off, prevB + dBp, mask=mtn)
+                prevC = tl.load(dC_ptr + p_off, mask=mtn & ((rows[:, None] * 0 + db) > db_lo), other=0.0)
+                tl.store(dC_ptr + p_off, prevC + dCp, mask=mtn)
+                # carry for the previous chunk: a_start * lambda_start
+                mu = tl.sum(tl.where(rows[:, None, None] == 0, a * lam, 0.0), axis=0)
+            pa_off = (pid_b * NSLOT + slot) * Cg + c
+            tl.store(dA_ptr + pa_off[:, None] * N + n[None, :], dA_acc, mask=mcn)
+            if HAS_D:
+                tl.store(dD_ptr + pa_off, dD_acc, mask=mc)
+            tl.store(dbias_ptr + pa_off, dbias_acc, mask=mc)
+            tl.debug_barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# launchers: tensors already validated and laid out by the caller (``__init__``)
+# u4 / z4 / out4: 4-d (B, Cu, H, W) views or stride tuples; dt4: (B, slots, Cg, L); B4 / C4: (B, slots, N, L)
+# ----------------------------------------------------------------------------------------------------------------------
+def _s4(t):
+    return tuple(t.stride())
+
+
+def scan_fwd(u4, dt4, A, B4, C4, D, z4, bias, softplus: bool, R: int, G: int, out_dtype):
+    """Returns (out (B, Cu, H, W) in out_dtype, same memory format as u4; states (B, slots, Cg, NC, N) fp32)."""
+    Bsz, Cu, H, W = u4.shape
+    L = H * W
+    Cg = Cu // G
+    N = A.shape[1]
+    dev = u4.device.type
+    BL = chunk_size(L, dev)
+    NC = triton.cdiv(L, BL)
+    BN = triton.next_power_of_2(N)
+    BD = _block_d(Cg, BL, BN, dev)
+    out = torch.empty_like(u4, dtype=torch.float32)
+    states = torch.empty((Bsz, G * R, Cg, NC, N), device=u4.device, dtype=torch.float32)
+    A = A.contiguous()
+    dummy = A
+    zz = z4 if z4 is not None else u4
+    grid = (Bsz, triton.cdiv(Cg, BD), G)
+    _scan_fwd_kernel[grid](
+        u4, dt4, A, B4, C4, D.contiguous() if D is not None else dummy, zz,
+        bias.contiguous() if bias is not None else dummy, out, states,
+        H, W, L, Cg, N, NC,
+        *_s4(u4), *_s4(dt4), *_s4(B4), *_s4(C4), *_s4(zz), *_s4(out),
+        R=R, HAS_D=D is not None, HAS_Z=z4 is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
+        BLOCK_L=BL, BLOCK_D=BD, BLOCK_N=BN,
+        **({} if interpreting() else {"num_warps": 8 if BL * BD * BN >= 4096 else 4}),
+    )
+    return (out if out_dtype == torch.float32 else out.to(out_dtype)), states
+
+
+def _num_sms(device) -> int:
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def scan_bwd(g4, u4, dt4, A, B4, C4, D, z4, bias, states, softplus: bool, R: int, G: int, d_per_prog: int = 0):
+    """Returns fp32 (du4, ddt (B, slots, Cg, L), dA, dB (B, slots, N, L), dC, dD or None, dz4 or None, dbias)."""
+    Bsz, Cu, H, W = u4.shape
+    L = H * W
+    Cg = Cu // G
+    N = A.shape[1]
+    NSLOT = G * R
+    dev = u4.device.type
+    BL = chunk_size(L, dev)
+    NC = triton.cdiv(L, BL)
+    assert states.shape == (Bsz, NSLOT, Cg, NC, N), (states.shape, (Bsz, NSLOT, Cg, NC, N))
+    BN = triton.next_power_of_2(N)
+    BD = _block_d(Cg, BL, BN, dev)
+    NDB = triton.cdiv(Cg, BD)
+    if d_per_prog <= 0:
+        # enough programs to fill the device, but bounded partial-buffer memory for dB / dC
+        want_split = max(1, math.ceil(4 * _num_sms(u4.device) / max(1, Bsz * G)))
+        cap = max(1, (1 << 29) // max(1, Bsz * NSLOT * N * L * 4 * 2))  # <= 512 MiB of partials
+        n_split = max(1, min(NDB, want_split, cap))
+        d_per_prog = triton.cdiv(NDB, n_split)
+    n_split = triton.cdiv(NDB, d_per_prog)
+    f32 = dict(device=u4.device, dtype=torch.float32)
+    du = torch.empty_like(u4, dtype=torch.float32)
+    dz = torch.empty_like(u4, dtype=torch.float32) if z4 is not None else None
+    ddt = torch.empty((Bsz, NSLOT, Cg, L), **f32)
+    dA_p = torch.empty((Bsz, NSLOT * Cg, N), **f32)
+    dD_p = torch.empty((Bsz, NSLOT * Cg), **f32) if D is not None else None
+    dbias_p = torch.empty((Bsz, NSLOT * Cg), **f32)
+    dB_p = torch.empty((n_split, Bsz, NSLOT, N, L), **f32)
+    dC_p = torch.empty((n_split, Bsz, NSLOT, N, L), **f32)
+    A = A.contiguous()
+    dummy = A
+    zz = z4 if z4 is not None else u4
+    grid = (Bsz, n_split, G)
+    _scan_bwd_kernel[grid](
+        g4, u4, dt4, A, B4, C4, D.contiguous() if D is not None else dummy, zz,
+        bias.contiguous() if bias is not None else dummy, states,
+        du, ddt, dA_p, dB_p, dC_p, dD_p if dD_p is not None else dummy, dz if dz is not None else du, dbias_p,
+        H, W, L, Cg, N, NC, NDB, d_per_prog,
+        *_s4(g4), *_s4(u4), *_s4(dt4), *_s4(ddt), *_s4(B4), *_s4(C4), *_s4(zz), *_s4(du),
+        R=R, HAS_D=D is not None, HAS_Z=z4 is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
+        BLOCK_L=BL, BLOCK_D=BD, BLOCK_N=BN,
+        **({} if interpreting() else {"num_warps": 8 if BL * BD * BN >= 4096 else 4}),
+    )
+    dA = dA_p.sum(0)
+    dD = dD_p.sum(0) if dD_p is not None else None
+    dbias = dbias_p.sum(0)
+    dB = dB_p.sum(0)
+    dC = dC_p.sum(0)
+    return du, ddt, dA, dB, dC, dD, dz, dbias
