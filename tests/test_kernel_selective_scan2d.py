@@ -209,10 +209,12 @@ def test_backward_split_accumulation_direct():
     out, states = tk.scan_fwd(*fwd_args, torch.float32)
     g = torch.randn(out.shape, generator=gen)
     r1 = tk.scan_bwd(g, *fwd_args[:8], states, True, 4, 1, d_per_prog=1)
-    r3 = tk.scan_bwd(g, *fwd_args[:8], states, True, 4, 1, d_per_prog=2)
-    for p, q in zip(r1, r3):
+    r2 = tk.scan_bwd(g, *fwd_args[:8], states, True, 4, 1, d_per_prog=2)
+    r3 = tk.scan_bwd(g, *fwd_args[:8], states, True, 4, 1, atomic=True)  # opt-in atomics path
+    for p, q, w in zip(r1, r2, r3):
         if p is not None:
             assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+            assert torch.allclose(p, w, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -252,6 +254,18 @@ def test_selective_scan_1d_triton_fwd_bwd(bs, dim, L, N, GB, GC, D, z, bias, sof
                 D=torch.randn(dim, generator=gen) if D else None, z=torch.randn(bs, dim, L, generator=gen) if z else None,
                 delta_bias=torch.randn(dim, generator=gen) * 0.3 if bias else None)
     check_fwd_bwd(tri1d, oracle1d, args, delta_softplus=softplus)
+
+
+def test_selective_scan_1d_softplus_extremes():
+    """delta + bias far below -15 and above 20: the softplus branches (and its gradient) match torch's."""
+    gen = torch.Generator().manual_seed(8)
+    bs, dim, L, N = 1, 4, 12, 2
+    delta = torch.randn(bs, dim, L, generator=gen) * 30
+    args = dict(u=torch.randn(bs, dim, L, generator=gen), delta=delta, A=-(torch.rand(dim, N, generator=gen) + 0.1),
+                B=torch.randn(bs, N, L, generator=gen), C=torch.randn(bs, N, L, generator=gen) * 0.1,
+                D=None, z=None, delta_bias=torch.randn(dim, generator=gen))
+    assert (delta < -16).any() and (delta > 21).any()
+    check_fwd_bwd(tri1d, oracle1d, args, delta_softplus=True)
 
 
 def test_selective_scan_1d_last_state_and_strided():

@@ -14,9 +14,10 @@ stores every chunk-end state (``states``: (B, slots, Cg, n_chunks, N) fp32); the
 recomputes h from the saved state of the previous chunk and runs the adjoint recurrence with a reverse associative
 scan plus a carried adjoint. Nothing of size (B, D, L, N) is ever written.
 
-Reductions are deterministic: dA / dD / d(delta_bias) go to per-batch partial buffers, dB / dC to per-split partial
-buffers (a backward program walks ``D_PER_PROG`` channel blocks and accumulates into its own slice), all summed with
-``torch.sum`` afterwards. Runs on CUDA and under ``TRITON_INTERPRET=1`` (CPU, tests); no autotune on the interpreter
+Reductions are deterministic by default: dA / dD / d(delta_bias) go to per-batch partial buffers, dB / dC to
+per-split partial buffers (a backward program walks ``D_PER_PROG`` channel blocks and accumulates into its own slice),
+all summed with ``torch.sum`` afterwards. ``METAFORMER_ZOO_SS2D_ATOMIC=1`` switches dB / dC to fp32 atomics (one
+program per channel block, no partial buffers; run-to-run rounding differences). Runs on CUDA and under ``TRITON_INTERPRET=1`` (CPU, tests); no autotune on the interpreter
 path.
 """
 from __future__ import annotations
@@ -36,25 +37,50 @@ def interpreting() -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# block sizes (fixed constexprs; untuned on GPU, see README "GPU tuning")
+# block sizes: fixed constexprs (no autotune; untuned on GPU, see README "GPU tuning"). On CUDA they can be overridden
+# with environment variables so a GPU session can sweep them without code edits:
+#   METAFORMER_ZOO_SS2D_CHUNK        BLOCK_L, the chunk length = stride of the saved states (power of 2, default 64)
+#   METAFORMER_ZOO_SS2D_TILE_FWD     BLOCK_L * BLOCK_D * BLOCK_N budget of the forward tile (default 8192)
+#   METAFORMER_ZOO_SS2D_TILE_BWD     same for the backward, which keeps ~2x more tensors live (default 4096)
+#   METAFORMER_ZOO_SS2D_WARPS_FWD / _BWD   num_warps (default 8 / 8)
+#   METAFORMER_ZOO_SS2D_ATOMIC=1     backward dB / dC with fp32 atomics (faster, run-to-run nondeterministic) instead
+#                                    of the deterministic per-split partial buffers
 # ----------------------------------------------------------------------------------------------------------------------
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    return int(v) if v else default
+
+
 def chunk_size(L: int, device_type: str = "cuda") -> int:
     """Chunk length along the sequence; also the stride of the states saved for backward."""
     if interpreting() or device_type != "cuda":
         return 16
-    return 64 if L > 32 else max(16, triton.next_power_of_2(L))
+    c = _env_int("METAFORMER_ZOO_SS2D_CHUNK", 64)
+    if c < 16 or c & (c - 1):
+        raise ValueError(f"METAFORMER_ZOO_SS2D_CHUNK must be a power of two >= 16, got {c}")
+    return min(c, max(16, triton.next_power_of_2(L)))
 
 
 def n_chunks(L: int, device_type: str = "cuda") -> int:
     return triton.cdiv(L, chunk_size(L, device_type))
 
 
-def _block_d(Cg: int, block_l: int, block_n: int, device_type: str) -> int:
+def _block_d(Cg: int, block_l: int, block_n: int, device_type: str, bwd: bool) -> int:
     if interpreting() or device_type != "cuda":
         return max(1, min(triton.next_power_of_2(Cg), 8))
-    # keep BLOCK_L * BLOCK_D * BLOCK_N around 8K fp32 values per live tensor
-    bd = max(1, 8192 // (block_l * block_n))
-    return max(1, min(triton.next_power_of_2(Cg), bd, 64))
+    budget = _env_int("METAFORMER_ZOO_SS2D_TILE_BWD", 4096) if bwd else _env_int("METAFORMER_ZOO_SS2D_TILE_FWD", 8192)
+    bd = max(1, budget // (block_l * block_n))
+    return max(1, min(triton.next_power_of_2(Cg), triton.next_power_of_2(bd), 64))
+
+
+def _launch_opts(bwd: bool) -> dict:
+    if interpreting():
+        return {}
+    return {"num_warps": _env_int("METAFORMER_ZOO_SS2D_WARPS_BWD" if bwd else "METAFORMER_ZOO_SS2D_WARPS_FWD", 8)}
+
+
+def use_atomics() -> bool:
+    return os.environ.get("METAFORMER_ZOO_SS2D_ATOMIC", "0") == "1"
 
 
 @triton.jit
@@ -65,8 +91,9 @@ def _combine(a1, b1, a2, b2):
 
 @triton.jit
 def _softplus(x):
-    # torch.nn.functional.softplus with beta=1, threshold=20
-    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)
+    # torch.nn.functional.softplus with beta=1, threshold=20; exp(x) below -15 where log(1 + e^x) loses digits
+    e = tl.exp(tl.minimum(x, 20.0))
+    return tl.where(x > 20.0, x, tl.where(x < -15.0, e, tl.log(1.0 + e)))
 
 
 @triton.jit
@@ -171,7 +198,7 @@ def _scan_bwd_kernel(
     s_zb, s_zc, s_zh, s_zw,
     s_xb, s_xc, s_xh, s_xw,  # du / dz buffers (same layout)
     R: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    ATOMIC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)  # split: a range of D_PER_PROG channel blocks
@@ -282,12 +309,17 @@ def _scan_bwd_kernel(
                 tl.store(ddt_ptr + pid_b * s_eb + slot * s_ek + c[None, :] * s_ec + t[:, None] * s_et, ddt, mask=m2)
                 prevx = tl.load(du_ptr + x_ptrs_off, mask=m2 & ((rows[:, None] * 0 + r) > 0), other=0.0)
                 tl.store(du_ptr + x_ptrs_off, prevx + du, mask=m2)
-                # dB / dC: this split's partial slice, accumulated over its channel blocks in order
-                p_off = (((pid_s * NB + pid_b) * NSLOT + slot) * N + n[None, :]) * L + t[:, None]
-                prevB = tl.load(dB_ptr + p_off, mask=mtn & ((rows[:, None] * 0 + db) > db_lo), other=0.0)
-                tl.store(dB_ptr + p_off, prevB + dBp, mask=mtn)
-                prevC = tl.load(dC_ptr + p_off, mask=mtn & ((rows[:, None] * 0 + db) > db_lo), other=0.0)
-                tl.store(dC_ptr + p_off, prevC + dCp, mask=mtn)
+                if ATOMIC:  # dB / dC: fp32 atomics into one zeroed buffer (order, hence rounding, varies)
+                    a_off = ((pid_b * NSLOT + slot) * N + n[None, :]) * L + t[:, None]
+                    tl.atomic_add(dB_ptr + a_off, dBp, mask=mtn)
+                    tl.atomic_add(dC_ptr + a_off, dCp, mask=mtn)
+                else:  # dB / dC: this split's partial slice, accumulated over its channel blocks in order
+                    p_off = (((pid_s * NB + pid_b) * NSLOT + slot) * N + n[None, :]) * L + t[:, None]
+                    not_first = (rows[:, None] * 0 + db) > db_lo
+                    prevB = tl.load(dB_ptr + p_off, mask=mtn & not_first, other=0.0)
+                    tl.store(dB_ptr + p_off, prevB + dBp, mask=mtn)
+                    prevC = tl.load(dC_ptr + p_off, mask=mtn & not_first, other=0.0)
+                    tl.store(dC_ptr + p_off, prevC + dCp, mask=mtn)
                 # carry for the previous chunk: a_start * lambda_start
                 mu = tl.sum(tl.where(rows[:, None, None] == 0, a * lam, 0.0), axis=0)
             pa_off = (pid_b * NSLOT + slot) * Cg + c
@@ -316,7 +348,7 @@ def scan_fwd(u4, dt4, A, B4, C4, D, z4, bias, softplus: bool, R: int, G: int, ou
     BL = chunk_size(L, dev)
     NC = triton.cdiv(L, BL)
     BN = triton.next_power_of_2(N)
-    BD = _block_d(Cg, BL, BN, dev)
+    BD = _block_d(Cg, BL, BN, dev, bwd=False)
     out = torch.empty_like(u4, dtype=torch.float32)
     states = torch.empty((Bsz, G * R, Cg, NC, N), device=u4.device, dtype=torch.float32)
     A = A.contiguous()
@@ -329,8 +361,7 @@ def scan_fwd(u4, dt4, A, B4, C4, D, z4, bias, softplus: bool, R: int, G: int, ou
         H, W, L, Cg, N, NC,
         *_s4(u4), *_s4(dt4), *_s4(B4), *_s4(C4), *_s4(zz), *_s4(out),
         R=R, HAS_D=D is not None, HAS_Z=z4 is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
-        BLOCK_L=BL, BLOCK_D=BD, BLOCK_N=BN,
-        **({} if interpreting() else {"num_warps": 8 if BL * BD * BN >= 4096 else 4}),
+        BLOCK_L=BL, BLOCK_D=BD, BLOCK_N=BN, **_launch_opts(bwd=False),
     )
     return (out if out_dtype == torch.float32 else out.to(out_dtype)), states
 
@@ -341,8 +372,12 @@ def _num_sms(device) -> int:
     return 1
 
 
-def scan_bwd(g4, u4, dt4, A, B4, C4, D, z4, bias, states, softplus: bool, R: int, G: int, d_per_prog: int = 0):
-    """Returns fp32 (du4, ddt (B, slots, Cg, L), dA, dB (B, slots, N, L), dC, dD or None, dz4 or None, dbias)."""
+def scan_bwd(g4, u4, dt4, A, B4, C4, D, z4, bias, states, softplus: bool, R: int, G: int, d_per_prog: int = 0,
+             atomic=None):
+    """Returns fp32 (du4, ddt (B, slots, Cg, L), dA, dB (B, slots, N, L), dC, dD or None, dz4 or None, dbias).
+
+    d_per_prog: channel blocks per program (0 = choose); atomic: dB / dC via atomics (None = env
+    METAFORMER_ZOO_SS2D_ATOMIC, default off = deterministic partial buffers)."""
     Bsz, Cu, H, W = u4.shape
     L = H * W
     Cg = Cu // G
@@ -353,9 +388,12 @@ def scan_bwd(g4, u4, dt4, A, B4, C4, D, z4, bias, states, softplus: bool, R: int
     NC = triton.cdiv(L, BL)
     assert states.shape == (Bsz, NSLOT, Cg, NC, N), (states.shape, (Bsz, NSLOT, Cg, NC, N))
     BN = triton.next_power_of_2(N)
-    BD = _block_d(Cg, BL, BN, dev)
+    BD = _block_d(Cg, BL, BN, dev, bwd=True)
     NDB = triton.cdiv(Cg, BD)
-    if d_per_prog <= 0:
+    atomic = use_atomics() if atomic is None else bool(atomic)
+    if atomic:
+        d_per_prog = 1
+    elif d_per_prog <= 0:
         # enough programs to fill the device, but bounded partial-buffer memory for dB / dC
         want_split = max(1, math.ceil(4 * _num_sms(u4.device) / max(1, Bsz * G)))
         cap = max(1, (1 << 29) // max(1, Bsz * NSLOT * N * L * 4 * 2))  # <= 512 MiB of partials
@@ -369,8 +407,12 @@ def scan_bwd(g4, u4, dt4, A, B4, C4, D, z4, bias, states, softplus: bool, R: int
     dA_p = torch.empty((Bsz, NSLOT * Cg, N), **f32)
     dD_p = torch.empty((Bsz, NSLOT * Cg), **f32) if D is not None else None
     dbias_p = torch.empty((Bsz, NSLOT * Cg), **f32)
-    dB_p = torch.empty((n_split, Bsz, NSLOT, N, L), **f32)
-    dC_p = torch.empty((n_split, Bsz, NSLOT, N, L), **f32)
+    if atomic:
+        dB_p = torch.zeros((1, Bsz, NSLOT, N, L), **f32)
+        dC_p = torch.zeros((1, Bsz, NSLOT, N, L), **f32)
+    else:
+        dB_p = torch.empty((n_split, Bsz, NSLOT, N, L), **f32)
+        dC_p = torch.empty((n_split, Bsz, NSLOT, N, L), **f32)
     A = A.contiguous()
     dummy = A
     zz = z4 if z4 is not None else u4
@@ -382,12 +424,11 @@ def scan_bwd(g4, u4, dt4, A, B4, C4, D, z4, bias, states, softplus: bool, R: int
         H, W, L, Cg, N, NC, NDB, d_per_prog,
         *_s4(g4), *_s4(u4), *_s4(dt4), *_s4(ddt), *_s4(B4), *_s4(C4), *_s4(zz), *_s4(du),
         R=R, HAS_D=D is not None, HAS_Z=z4 is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
-        BLOCK_L=BL, BLOCK_D=BD, BLOCK_N=BN,
-        **({} if interpreting() else {"num_warps": 8 if BL * BD * BN >= 4096 else 4}),
+        ATOMIC=atomic, BLOCK_L=BL, BLOCK_D=BD, BLOCK_N=BN, **_launch_opts(bwd=True),
     )
     dA = dA_p.sum(0)
     dD = dD_p.sum(0) if dD_p is not None else None
     dbias = dbias_p.sum(0)
-    dB = dB_p.sum(0)
-    dC = dC_p.sum(0)
+    dB = dB_p[0] if dB_p.shape[0] == 1 else dB_p.sum(0)
+    dC = dC_p[0] if dC_p.shape[0] == 1 else dC_p.sum(0)
     return du, ddt, dA, dB, dC, dD, dz, dbias
