@@ -14,10 +14,11 @@ stores every chunk-end state (``states``: (B, slots, Cg, n_chunks, N) fp32); the
 recomputes h from the saved state of the previous chunk and runs the adjoint recurrence with a reverse associative
 scan plus a carried adjoint. Nothing of size (B, D, L, N) is ever written.
 
-Reductions are deterministic by default: dA / dD / d(delta_bias) go to per-batch partial buffers, dB / dC to
-per-split partial buffers (a backward program walks ``D_PER_PROG`` channel blocks and accumulates into its own slice),
-all summed with ``torch.sum`` afterwards. ``METAFORMER_ZOO_SS2D_ATOMIC=1`` switches dB / dC to fp32 atomics (one
-program per channel block, no partial buffers; run-to-run rounding differences). Runs on CUDA and under ``TRITON_INTERPRET=1`` (CPU, tests); no autotune on the interpreter
+Reductions are deterministic by default: dA / dD / d(delta_bias) go to per-batch partial buffers; for dB / dC a
+backward program walks its ``D_PER_PROG`` channel blocks innermost (inside the reverse chunk loop), sums them in
+registers and writes one per-split partial slice per chunk; partials are summed with ``torch.sum`` afterwards.
+``METAFORMER_ZOO_SS2D_ATOMIC=1`` switches dB / dC to fp32 atomics into one buffer (no partial-buffer memory, more
+splits possible; run-to-run rounding differences). Runs on CUDA and under ``TRITON_INTERPRET=1`` (CPU, tests); no autotune on the interpreter
 path.
 """
 from __future__ import annotations
@@ -40,8 +41,11 @@ def interpreting() -> bool:
 # block sizes: fixed constexprs (no autotune; untuned on GPU, see README "GPU tuning"). On CUDA they can be overridden
 # with environment variables so a GPU session can sweep them without code edits:
 #   METAFORMER_ZOO_SS2D_CHUNK        BLOCK_L, the chunk length = stride of the saved states (power of 2, default 64)
-#   METAFORMER_ZOO_SS2D_TILE_FWD     BLOCK_L * BLOCK_D * BLOCK_N budget of the forward tile (default 8192)
-#   METAFORMER_ZOO_SS2D_TILE_BWD     same for the backward, which keeps ~2x more tensors live (default 4096)
+#   METAFORMER_ZOO_SS2D_TILE_FWD     BLOCK_L * BLOCK_D * BLOCK_N budget of the forward tile (default 4096)
+#   METAFORMER_ZOO_SS2D_TILE_BWD     same for the backward (default 4096)
+# Defaults from an sm_90 ahead-of-time compile (no GPU here; cuobjdump -res-usage): forward BL=64 BD=4 8 warps
+# 106 registers, no spill (BD=8: 178); backward BL=64 BD=4 8 warps 255 registers, 16-byte stack (BD=8: 664-byte
+# spill). See README "GPU tuning".
 #   METAFORMER_ZOO_SS2D_WARPS_FWD / _BWD   num_warps (default 8 / 8)
 #   METAFORMER_ZOO_SS2D_ATOMIC=1     backward dB / dC with fp32 atomics (faster, run-to-run nondeterministic) instead
 #                                    of the deterministic per-split partial buffers
@@ -68,7 +72,7 @@ def n_chunks(L: int, device_type: str = "cuda") -> int:
 def _block_d(Cg: int, block_l: int, block_n: int, device_type: str, bwd: bool) -> int:
     if interpreting() or device_type != "cuda":
         return max(1, min(triton.next_power_of_2(Cg), 8))
-    budget = _env_int("METAFORMER_ZOO_SS2D_TILE_BWD", 4096) if bwd else _env_int("METAFORMER_ZOO_SS2D_TILE_FWD", 8192)
+    budget = _env_int("METAFORMER_ZOO_SS2D_TILE_BWD" if bwd else "METAFORMER_ZOO_SS2D_TILE_FWD", 4096)
     bd = max(1, budget // (block_l * block_n))
     return max(1, min(triton.next_power_of_2(Cg), triton.next_power_of_2(bd), 64))
 
@@ -187,7 +191,7 @@ def _scan_fwd_kernel(
 @triton.jit
 def _scan_bwd_kernel(
     g_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, st_ptr,
-    du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
+    du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, mu_ptr,
     H, W, L, Cg, N, NC, NDB, D_PER_PROG,
     s_gb, s_gc, s_gh, s_gw,
     s_ub, s_uc, s_uh, s_uw,
@@ -200,6 +204,12 @@ def _scan_bwd_kernel(
     R: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     ATOMIC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """Program (batch, split, group): routes outer, chunks in reverse, the split's channel blocks inner.
+
+    The channel-block loop is innermost so that dB / dC of a chunk (sums over channels) are reduced in registers and
+    written once per chunk; the per-channel carries (the adjoint mu, and dA / dD / d(delta_bias) accumulators) live
+    in small per-(batch, slot, channel) buffers that only this program touches.
+    """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)  # split: a range of D_PER_PROG channel blocks
     pid_g = tl.program_id(2)
@@ -210,35 +220,40 @@ def _scan_bwd_kernel(
     rows = tl.arange(0, BLOCK_L)
     n = tl.arange(0, BLOCK_N)
     mn = n < N
+    dcol = tl.arange(0, BLOCK_D)
 
     db_lo = pid_s * D_PER_PROG
     db_hi = tl.minimum(db_lo + D_PER_PROG, NDB)
-    for db in range(db_lo, db_hi):
-        c = db * BLOCK_D + tl.arange(0, BLOCK_D)
-        mc = c < Cg
-        uc = (pid_g * Cg + c).to(tl.int64)
-        for r in range(R):
-            slot = pid_g * R + r
-            pc = slot * Cg + c
-            mcn = mc[:, None] & mn[None, :]
-            A = tl.load(A_ptr + pc[:, None] * N + n[None, :], mask=mcn, other=0.0).to(tl.float32)
-            A2 = A * 1.4426950408889634
-            if HAS_D:
-                Dv = tl.load(D_ptr + pc, mask=mc, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                bias = tl.load(bias_ptr + pc, mask=mc, other=0.0).to(tl.float32)
-            mu = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # a_{t+1} * lambda_{t+1} entering the chunk's end
-            dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-            dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-            dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-            st_base = ((pid_b * NSLOT + slot) * Cg + c[:, None]) * NC
-            for i in range(NC):
-                ci = NC - 1 - i
-                t = ci * BLOCK_L + rows
-                mt = t < L
+    for r in range(R):
+        slot = pid_g * R + r
+        for i in range(NC):
+            ci = NC - 1 - i
+            t = ci * BLOCK_L + rows
+            mt = t < L
+            mtn = mt[:, None] & mn[None, :]
+            hh, ww = _route_pos(t, r, H, W, L)
+            Bt = tl.load(B_ptr + pid_b * s_Bb + slot * s_Bk + n[None, :] * s_Bn + t[:, None] * s_Bt,
+                         mask=mtn, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + pid_b * s_Cb + slot * s_Ck + n[None, :] * s_Cn + t[:, None] * s_Ct,
+                         mask=mtn, other=0.0).to(tl.float32)
+            tn = t + 1
+            has_next = (rows < BLOCK_L - 1) & (tn < L)
+            not_last = (n[None, :] * 0 + ci) < NC - 1  # a later chunk exists: carried buffers are valid
+            dB_acc = tl.zeros((BLOCK_L, BLOCK_N), dtype=tl.float32)
+            dC_acc = tl.zeros((BLOCK_L, BLOCK_N), dtype=tl.float32)
+            for db in range(db_lo, db_hi):
+                c = db * BLOCK_D + dcol
+                mc = c < Cg
+                uc = (pid_g * Cg + c).to(tl.int64)
+                pc = slot * Cg + c
+                mcn = mc[:, None] & mn[None, :]
                 m2 = mt[:, None] & mc[None, :]
-                mtn = mt[:, None] & mn[None, :]
-                hh, ww = _route_pos(t, r, H, W, L)
+                A = tl.load(A_ptr + pc[:, None] * N + n[None, :], mask=mcn, other=0.0).to(tl.float32)
+                A2 = A * 1.4426950408889634
+                if HAS_D:
+                    Dv = tl.load(D_ptr + pc, mask=mc, other=0.0).to(tl.float32)
+                if HAS_BIAS:
+                    bias = tl.load(bias_ptr + pc, mask=mc, other=0.0).to(tl.float32)
                 u = tl.load(u_ptr + pid_b * s_ub + uc[None, :] * s_uc + hh[:, None] * s_uh + ww[:, None] * s_uw,
                             mask=m2, other=0.0).to(tl.float32)
                 dt_base = dt_ptr + pid_b * s_db + slot * s_dk + c[None, :] * s_dc
@@ -251,8 +266,7 @@ def _scan_bwd_kernel(
                     dt = raw
                 dt = tl.where(m2, dt, 0.0)
                 # delta of the next step inside the chunk (the last row uses a = 1, the carried mu covers it)
-                tn = t + 1
-                mnext = (rows < BLOCK_L - 1)[:, None] & (tn < L)[:, None] & mc[None, :]
+                mnext = has_next[:, None] & mc[None, :]
                 rawn = tl.load(dt_base + tn[:, None] * s_dt, mask=mnext, other=0.0).to(tl.float32)
                 if HAS_BIAS:
                     rawn = rawn + bias[None, :]
@@ -261,20 +275,18 @@ def _scan_bwd_kernel(
                 else:
                     dtn = rawn
                 dtn = tl.where(mnext, dtn, 0.0)
-                Bt = tl.load(B_ptr + pid_b * s_Bb + slot * s_Bk + n[None, :] * s_Bn + t[:, None] * s_Bt,
-                             mask=mtn, other=0.0).to(tl.float32)
-                Ct = tl.load(C_ptr + pid_b * s_Cb + slot * s_Ck + n[None, :] * s_Cn + t[:, None] * s_Ct,
-                             mask=mtn, other=0.0).to(tl.float32)
                 g = tl.load(g_ptr + pid_b * s_gb + uc[None, :] * s_gc + hh[:, None] * s_gh + ww[:, None] * s_gw,
                             mask=m2, other=0.0).to(tl.float32)
                 # recompute the forward states of this chunk from the saved state of the previous chunk
-                carry = tl.load(st_ptr + (st_base + ci - 1) * N + n[None, :], mask=mcn & ((n[None, :] * 0 + ci) > 0), other=0.0)
+                st_row = ((pid_b * NSLOT + slot) * Cg + c[:, None]) * NC
+                carry = tl.load(st_ptr + (st_row + ci - 1) * N + n[None, :],
+                                mask=mcn & ((n[None, :] * 0 + ci) > 0), other=0.0)
                 a = tl.exp2(dt[:, :, None] * A2[None, :, :])
                 dtu = dt * u
                 b = dtu[:, :, None] * Bt[:, None, :]
                 pa, pb = tl.associative_scan((a, b), 0, _combine)
                 h = pa * carry[None, :, :] + pb
-                x_ptrs_off = pid_b * s_xb + uc[None, :] * s_xc + hh[:, None] * s_xh + ww[:, None] * s_xw
+                x_off = pid_b * s_xb + uc[None, :] * s_xc + hh[:, None] * s_xh + ww[:, None] * s_xw
                 if HAS_Z:
                     z = tl.load(z_ptr + pid_b * s_zb + uc[None, :] * s_zc + hh[:, None] * s_zh + ww[:, None] * s_zw,
                                 mask=m2, other=0.0).to(tl.float32)
@@ -283,12 +295,14 @@ def _scan_bwd_kernel(
                     if HAS_D:
                         y += Dv[None, :] * u
                     dz = g * y * sz * (1.0 + z * (1.0 - sz))
-                    prevz = tl.load(dz_ptr + x_ptrs_off, mask=m2 & ((rows[:, None] * 0 + r) > 0), other=0.0)
-                    tl.store(dz_ptr + x_ptrs_off, prevz + dz, mask=m2)
+                    prevz = tl.load(dz_ptr + x_off, mask=m2 & ((rows[:, None] * 0 + r) > 0), other=0.0)
+                    tl.store(dz_ptr + x_off, prevz + dz, mask=m2)
                     gy = g * z * sz
                 else:
                     gy = g
-                # adjoint: lambda_t = gy_t C_t + a_{t+1} lambda_{t+1}, reverse scan + carried mu
+                # adjoint: lambda_t = gy_t C_t + a_{t+1} lambda_{t+1}: reverse scan + mu = a_{end+1} lambda_{end+1}
+                pcn = (pid_b * NSLOT * Cg + pc)[:, None] * N + n[None, :]  # (batch, parameter channel, n) index
+                mu = tl.load(mu_ptr + pcn, mask=mcn & not_last, other=0.0)
                 an = tl.exp2(dtn[:, :, None] * A2[None, :, :])
                 bq = gy[:, :, None] * Ct[:, None, :]
                 ln, lam = tl.associative_scan((an, bq), 0, _combine, reverse=True)
@@ -296,38 +310,39 @@ def _scan_bwd_kernel(
                 hm = h - b  # a_t * h_{t-1}
                 ddt = tl.sum(lam * (Bt[:, None, :] * u[:, :, None] + A[None, :, :] * hm), axis=2)
                 du = dt * tl.sum(lam * Bt[:, None, :], axis=2)
-                if HAS_D:
-                    du += Dv[None, :] * gy
-                    dD_acc += tl.sum(tl.where(m2, gy * u, 0.0), axis=0)
-                dA_acc += tl.sum(lam * dt[:, :, None] * hm, axis=0)
-                dBp = tl.sum(lam * dtu[:, :, None], axis=1)
-                dCp = tl.sum(gy[:, :, None] * h, axis=1)
                 if SOFTPLUS:
                     ddt = tl.where(raw <= 20.0, ddt * tl.sigmoid(raw), ddt)
                 ddt = tl.where(m2, ddt, 0.0)
-                dbias_acc += tl.sum(ddt, axis=0)
                 tl.store(ddt_ptr + pid_b * s_eb + slot * s_ek + c[None, :] * s_ec + t[:, None] * s_et, ddt, mask=m2)
-                prevx = tl.load(du_ptr + x_ptrs_off, mask=m2 & ((rows[:, None] * 0 + r) > 0), other=0.0)
-                tl.store(du_ptr + x_ptrs_off, prevx + du, mask=m2)
-                if ATOMIC:  # dB / dC: fp32 atomics into one zeroed buffer (order, hence rounding, varies)
-                    a_off = ((pid_b * NSLOT + slot) * N + n[None, :]) * L + t[:, None]
-                    tl.atomic_add(dB_ptr + a_off, dBp, mask=mtn)
-                    tl.atomic_add(dC_ptr + a_off, dCp, mask=mtn)
-                else:  # dB / dC: this split's partial slice, accumulated over its channel blocks in order
-                    p_off = (((pid_s * NB + pid_b) * NSLOT + slot) * N + n[None, :]) * L + t[:, None]
-                    not_first = (rows[:, None] * 0 + db) > db_lo
-                    prevB = tl.load(dB_ptr + p_off, mask=mtn & not_first, other=0.0)
-                    tl.store(dB_ptr + p_off, prevB + dBp, mask=mtn)
-                    prevC = tl.load(dC_ptr + p_off, mask=mtn & not_first, other=0.0)
-                    tl.store(dC_ptr + p_off, prevC + dCp, mask=mtn)
+                # per-channel accumulators, carried across chunks in this program's slice of the buffers
+                dA_prev = tl.load(dA_ptr + pcn, mask=mcn & not_last, other=0.0)
+                tl.store(dA_ptr + pcn, dA_prev + tl.sum(lam * dt[:, :, None] * hm, axis=0), mask=mcn)
+                pc1 = pid_b * NSLOT * Cg + pc
+                nl1 = (dcol * 0 + ci) < NC - 1
+                if HAS_D:
+                    du += Dv[None, :] * gy
+                    dD_prev = tl.load(dD_ptr + pc1, mask=mc & nl1, other=0.0)
+                    tl.store(dD_ptr + pc1, dD_prev + tl.sum(tl.where(m2, gy * u, 0.0), axis=0), mask=mc)
+                dbias_prev = tl.load(dbias_ptr + pc1, mask=mc & nl1, other=0.0)
+                tl.store(dbias_ptr + pc1, dbias_prev + tl.sum(ddt, axis=0), mask=mc)
+                prevx = tl.load(du_ptr + x_off, mask=m2 & ((rows[:, None] * 0 + r) > 0), other=0.0)
+                tl.store(du_ptr + x_off, prevx + du, mask=m2)
                 # carry for the previous chunk: a_start * lambda_start
-                mu = tl.sum(tl.where(rows[:, None, None] == 0, a * lam, 0.0), axis=0)
-            pa_off = (pid_b * NSLOT + slot) * Cg + c
-            tl.store(dA_ptr + pa_off[:, None] * N + n[None, :], dA_acc, mask=mcn)
-            if HAS_D:
-                tl.store(dD_ptr + pa_off, dD_acc, mask=mc)
-            tl.store(dbias_ptr + pa_off, dbias_acc, mask=mc)
+                tl.store(mu_ptr + pcn, tl.sum(tl.where(rows[:, None, None] == 0, a * lam, 0.0), axis=0), mask=mcn)
+                dB_acc += tl.sum(lam * dtu[:, :, None], axis=1)
+                dC_acc += tl.sum(gy[:, :, None] * h, axis=1)
+            # dB / dC of this chunk, summed over the split's channels in registers
+            if ATOMIC:
+                a_off = ((pid_b * NSLOT + slot) * N + n[None, :]) * L + t[:, None]
+                tl.atomic_add(dB_ptr + a_off, dB_acc, mask=mtn)
+                tl.atomic_add(dC_ptr + a_off, dC_acc, mask=mtn)
+            else:
+                p_off = (((pid_s * NB + pid_b) * NSLOT + slot) * N + n[None, :]) * L + t[:, None]
+                tl.store(dB_ptr + p_off, dB_acc, mask=mtn)
+                tl.store(dC_ptr + p_off, dC_acc, mask=mtn)
             tl.debug_barrier()
+        # the next route reads-modifies-writes du / dz positions other threads of this program wrote
+        tl.debug_barrier()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -391,13 +406,11 @@ def scan_bwd(g4, u4, dt4, A, B4, C4, D, z4, bias, states, softplus: bool, R: int
     BD = _block_d(Cg, BL, BN, dev, bwd=True)
     NDB = triton.cdiv(Cg, BD)
     atomic = use_atomics() if atomic is None else bool(atomic)
-    if atomic:
-        d_per_prog = 1
-    elif d_per_prog <= 0:
-        # enough programs to fill the device, but bounded partial-buffer memory for dB / dC
-        want_split = max(1, math.ceil(4 * _num_sms(u4.device) / max(1, Bsz * G)))
-        cap = max(1, (1 << 29) // max(1, Bsz * NSLOT * N * L * 4 * 2))  # <= 512 MiB of partials
-        n_split = max(1, min(NDB, want_split, cap))
+    if d_per_prog <= 0:
+        # enough programs to fill the device (~4 per SM); without atomics also bounded partial-buffer memory
+        n_split = max(1, min(NDB, math.ceil(4 * _num_sms(u4.device) / max(1, Bsz * G))))
+        if not atomic:
+            n_split = min(n_split, max(1, (1 << 29) // max(1, Bsz * NSLOT * N * L * 4 * 2)))  # <= 512 MiB
         d_per_prog = triton.cdiv(NDB, n_split)
     n_split = triton.cdiv(NDB, d_per_prog)
     f32 = dict(device=u4.device, dtype=torch.float32)
@@ -407,6 +420,7 @@ def scan_bwd(g4, u4, dt4, A, B4, C4, D, z4, bias, states, softplus: bool, R: int
     dA_p = torch.empty((Bsz, NSLOT * Cg, N), **f32)
     dD_p = torch.empty((Bsz, NSLOT * Cg), **f32) if D is not None else None
     dbias_p = torch.empty((Bsz, NSLOT * Cg), **f32)
+    mu = torch.empty((Bsz, NSLOT * Cg, N), **f32)  # adjoint carried across chunks (scratch)
     if atomic:
         dB_p = torch.zeros((1, Bsz, NSLOT, N, L), **f32)
         dC_p = torch.zeros((1, Bsz, NSLOT, N, L), **f32)
@@ -420,7 +434,7 @@ def scan_bwd(g4, u4, dt4, A, B4, C4, D, z4, bias, states, softplus: bool, R: int
     _scan_bwd_kernel[grid](
         g4, u4, dt4, A, B4, C4, D.contiguous() if D is not None else dummy, zz,
         bias.contiguous() if bias is not None else dummy, states,
-        du, ddt, dA_p, dB_p, dC_p, dD_p if dD_p is not None else dummy, dz if dz is not None else du, dbias_p,
+        du, ddt, dA_p, dB_p, dC_p, dD_p if dD_p is not None else dummy, dz if dz is not None else du, dbias_p, mu,
         H, W, L, Cg, N, NC, NDB, d_per_prog,
         *_s4(g4), *_s4(u4), *_s4(dt4), *_s4(ddt), *_s4(B4), *_s4(C4), *_s4(zz), *_s4(du),
         R=R, HAS_D=D is not None, HAS_Z=z4 is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
