@@ -94,7 +94,7 @@ def _scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
 @_scan_fwd_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, mode2d):
     u4 = u if mode2d else u.unsqueeze(2)
-    out4 = torch.empty_like(u4, dtype=torch.float32).to(u.dtype)
+    out4 = torch.empty_like(u4)
     out = out4 if mode2d else out4.squeeze(2)
     return out, u.new_empty(_states_shape(u, A, B, mode2d), dtype=torch.float32)
 
@@ -111,23 +111,22 @@ def _scan_bwd_op(g: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: T
                                                           delta_softplus, R, G)
     du = du4 if mode2d else du4.squeeze(2)
     dz = (dz4 if mode2d else dz4.squeeze(2)) if z is not None else None
-    return [du.to(u.dtype), ddt.view(delta.shape).to(delta.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+    return [du, ddt.view(delta.shape), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
             dD.to(D.dtype) if D is not None else u.new_empty((0,)),
-            dz.to(z.dtype) if z is not None else u.new_empty((0,)),
+            dz if z is not None else u.new_empty((0,)),
             dbias.to(delta_bias.dtype) if delta_bias is not None else u.new_empty((0,))]
 
 
 @_scan_bwd_op.register_fake
 def _(g, u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, mode2d):
     u4 = u if mode2d else u.unsqueeze(2)
-    du4 = torch.empty_like(u4, dtype=torch.float32).to(u.dtype)
+    du4 = torch.empty_like(u4)
     du = du4 if mode2d else du4.squeeze(2)
     return [du, delta.new_empty(delta.shape), torch.empty_like(A, memory_format=torch.contiguous_format),
             B.new_empty(B.shape), C.new_empty(C.shape),
             D.new_empty(D.shape) if D is not None else u.new_empty((0,)),
-            (torch.empty_like(u4, dtype=torch.float32).to(z.dtype) if mode2d
-             else torch.empty_like(u4, dtype=torch.float32).to(z.dtype).squeeze(2)) if z is not None
-            else u.new_empty((0,)),
+            (torch.empty_like(u4, dtype=z.dtype) if mode2d else torch.empty_like(u4, dtype=z.dtype).squeeze(2))
+            if z is not None else u.new_empty((0,)),
             delta_bias.new_empty(delta_bias.shape) if delta_bias is not None else u.new_empty((0,))]
 
 

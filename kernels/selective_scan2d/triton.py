@@ -114,7 +114,7 @@ def _route_pos(t, r, H, W, L):
 
 @triton.jit
 def _scan_fwd_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, st_ptr,
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, acc_ptr, out_ptr, st_ptr,
     H, W, L, Cg, N, NC,
     s_ub, s_uc, s_uh, s_uw,
     s_db, s_dk, s_dc, s_dt,
@@ -177,9 +177,12 @@ def _scan_fwd_kernel(
                 z = tl.load(z_ptr + pid_b * s_zb + uc[None, :] * s_zc + hh[:, None] * s_zh + ww[:, None] * s_zw,
                             mask=m2, other=0.0).to(tl.float32)
                 y = y * z * tl.sigmoid(z)
-            o_ptrs = out_ptr + pid_b * s_ob + uc[None, :] * s_oc + hh[:, None] * s_oh + ww[:, None] * s_ow
-            prev = tl.load(o_ptrs, mask=m2 & ((rows[:, None] * 0 + r) > 0), other=0.0)
-            tl.store(o_ptrs, prev + y, mask=m2)
+            # routes 0..R-2 accumulate in fp32 (acc, same layout as out), the last route writes out's dtype
+            o_off = pid_b * s_ob + uc[None, :] * s_oc + hh[:, None] * s_oh + ww[:, None] * s_ow
+            rr = rows[:, None] * 0 + r
+            prev = tl.load(acc_ptr + o_off, mask=m2 & (rr > 0), other=0.0)
+            tl.store(acc_ptr + o_off, prev + y, mask=m2 & (rr < R - 1))
+            tl.store(out_ptr + o_off, prev + y, mask=m2 & (rr == R - 1))
             # padded rows are identity steps, so the last row holds the chunk-end state
             carry = tl.sum(tl.where(rows[:, None, None] == BLOCK_L - 1, h, 0.0), axis=0)
             st_off = (((pid_b * (G * R) + slot) * Cg + c[:, None]) * NC + ci) * N + n[None, :]
@@ -191,7 +194,7 @@ def _scan_fwd_kernel(
 @triton.jit
 def _scan_bwd_kernel(
     g_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, st_ptr,
-    du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, mu_ptr,
+    du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, mu_ptr, duacc_ptr, dzacc_ptr,
     H, W, L, Cg, N, NC, NDB, D_PER_PROG,
     s_gb, s_gc, s_gh, s_gw,
     s_ub, s_uc, s_uh, s_uw,
@@ -287,6 +290,7 @@ def _scan_bwd_kernel(
                 pa, pb = tl.associative_scan((a, b), 0, _combine)
                 h = pa * carry[None, :, :] + pb
                 x_off = pid_b * s_xb + uc[None, :] * s_xc + hh[:, None] * s_xh + ww[:, None] * s_xw
+                rr = rows[:, None] * 0 + r
                 if HAS_Z:
                     z = tl.load(z_ptr + pid_b * s_zb + uc[None, :] * s_zc + hh[:, None] * s_zh + ww[:, None] * s_zw,
                                 mask=m2, other=0.0).to(tl.float32)
@@ -295,8 +299,9 @@ def _scan_bwd_kernel(
                     if HAS_D:
                         y += Dv[None, :] * u
                     dz = g * y * sz * (1.0 + z * (1.0 - sz))
-                    prevz = tl.load(dz_ptr + x_off, mask=m2 & ((rows[:, None] * 0 + r) > 0), other=0.0)
-                    tl.store(dz_ptr + x_off, prevz + dz, mask=m2)
+                    prevz = tl.load(dzacc_ptr + x_off, mask=m2 & (rr > 0), other=0.0)
+                    tl.store(dzacc_ptr + x_off, prevz + dz, mask=m2 & (rr < R - 1))
+                    tl.store(dz_ptr + x_off, prevz + dz, mask=m2 & (rr == R - 1))
                     gy = g * z * sz
                 else:
                     gy = g
@@ -325,8 +330,9 @@ def _scan_bwd_kernel(
                     tl.store(dD_ptr + pc1, dD_prev + tl.sum(tl.where(m2, gy * u, 0.0), axis=0), mask=mc)
                 dbias_prev = tl.load(dbias_ptr + pc1, mask=mc & nl1, other=0.0)
                 tl.store(dbias_ptr + pc1, dbias_prev + tl.sum(ddt, axis=0), mask=mc)
-                prevx = tl.load(du_ptr + x_off, mask=m2 & ((rows[:, None] * 0 + r) > 0), other=0.0)
-                tl.store(du_ptr + x_off, prevx + du, mask=m2)
+                prevx = tl.load(duacc_ptr + x_off, mask=m2 & (rr > 0), other=0.0)
+                tl.store(duacc_ptr + x_off, prevx + du, mask=m2 & (rr < R - 1))
+                tl.store(du_ptr + x_off, prevx + du, mask=m2 & (rr == R - 1))
                 # carry for the previous chunk: a_start * lambda_start
                 tl.store(mu_ptr + pcn, tl.sum(tl.where(rows[:, None, None] == 0, a * lam, 0.0), axis=0), mask=mcn)
                 dB_acc += tl.sum(lam * dtu[:, :, None], axis=1)
@@ -364,7 +370,9 @@ def scan_fwd(u4, dt4, A, B4, C4, D, z4, bias, softplus: bool, R: int, G: int, ou
     NC = triton.cdiv(L, BL)
     BN = triton.next_power_of_2(N)
     BD = _block_d(Cg, BL, BN, dev, bwd=False)
-    out = torch.empty_like(u4, dtype=torch.float32)
+    out = torch.empty_like(u4, dtype=out_dtype)
+    acc = torch.empty_like(u4, dtype=torch.float32) if R > 1 else out  # fp32 sum of routes 0..R-2
+    assert acc.stride() == out.stride()
     states = torch.empty((Bsz, G * R, Cg, NC, N), device=u4.device, dtype=torch.float32)
     A = A.contiguous()
     dummy = A
@@ -372,13 +380,13 @@ def scan_fwd(u4, dt4, A, B4, C4, D, z4, bias, softplus: bool, R: int, G: int, ou
     grid = (Bsz, triton.cdiv(Cg, BD), G)
     _scan_fwd_kernel[grid](
         u4, dt4, A, B4, C4, D.contiguous() if D is not None else dummy, zz,
-        bias.contiguous() if bias is not None else dummy, out, states,
+        bias.contiguous() if bias is not None else dummy, acc, out, states,
         H, W, L, Cg, N, NC,
         *_s4(u4), *_s4(dt4), *_s4(B4), *_s4(C4), *_s4(zz), *_s4(out),
         R=R, HAS_D=D is not None, HAS_Z=z4 is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
         BLOCK_L=BL, BLOCK_D=BD, BLOCK_N=BN, **_launch_opts(bwd=False),
     )
-    return (out if out_dtype == torch.float32 else out.to(out_dtype)), states
+    return out, states
 
 
 def _num_sms(device) -> int:
@@ -389,7 +397,8 @@ def _num_sms(device) -> int:
 
 def scan_bwd(g4, u4, dt4, A, B4, C4, D, z4, bias, states, softplus: bool, R: int, G: int, d_per_prog: int = 0,
              atomic=None):
-    """Returns fp32 (du4, ddt (B, slots, Cg, L), dA, dB (B, slots, N, L), dC, dD or None, dz4 or None, dbias).
+    """Returns (du4 in u's dtype, ddt (B, slots, Cg, L) in delta's dtype, then fp32 dA, dB (B, slots, N, L), dC,
+    dD or None, dz4 (z's dtype) or None, dbias).
 
     d_per_prog: channel blocks per program (0 = choose); atomic: dB / dC via atomics (None = env
     METAFORMER_ZOO_SS2D_ATOMIC, default off = deterministic partial buffers)."""
@@ -414,9 +423,12 @@ def scan_bwd(g4, u4, dt4, A, B4, C4, D, z4, bias, states, softplus: bool, R: int
         d_per_prog = triton.cdiv(NDB, n_split)
     n_split = triton.cdiv(NDB, d_per_prog)
     f32 = dict(device=u4.device, dtype=torch.float32)
-    du = torch.empty_like(u4, dtype=torch.float32)
-    dz = torch.empty_like(u4, dtype=torch.float32) if z4 is not None else None
-    ddt = torch.empty((Bsz, NSLOT, Cg, L), **f32)
+    du = torch.empty_like(u4)
+    duacc = torch.empty_like(u4, dtype=torch.float32) if R > 1 else du  # fp32 sum of routes 0..R-2
+    dz = torch.empty_like(u4, dtype=z4.dtype) if z4 is not None else None
+    dzacc = (torch.empty_like(u4, dtype=torch.float32) if R > 1 else dz) if z4 is not None else du
+    assert duacc.stride() == du.stride() and (dz is None or dz.stride() == du.stride() == dzacc.stride())
+    ddt = torch.empty((Bsz, NSLOT, Cg, L), device=u4.device, dtype=dt4.dtype)
     dA_p = torch.empty((Bsz, NSLOT * Cg, N), **f32)
     dD_p = torch.empty((Bsz, NSLOT * Cg), **f32) if D is not None else None
     dbias_p = torch.empty((Bsz, NSLOT * Cg), **f32)
@@ -435,6 +447,7 @@ def scan_bwd(g4, u4, dt4, A, B4, C4, D, z4, bias, states, softplus: bool, R: int
         g4, u4, dt4, A, B4, C4, D.contiguous() if D is not None else dummy, zz,
         bias.contiguous() if bias is not None else dummy, states,
         du, ddt, dA_p, dB_p, dC_p, dD_p if dD_p is not None else dummy, dz if dz is not None else du, dbias_p, mu,
+        duacc, dzacc,
         H, W, L, Cg, N, NC, NDB, d_per_prog,
         *_s4(g4), *_s4(u4), *_s4(dt4), *_s4(ddt), *_s4(B4), *_s4(C4), *_s4(zz), *_s4(du),
         R=R, HAS_D=D is not None, HAS_Z=z4 is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
