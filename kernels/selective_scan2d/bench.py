@@ -16,6 +16,11 @@
 
 Shapes (ViM2-T = vanilla VMamba-T token mixer, d_inner = 2C, N = 16; channel mixer g = 16, bidirectional, so the 1D op
 sees dim = 32 in 2 groups and L = 2C / 16 steps, batch = images * H * W tokens).
+
+Merged from the ViM2 helper's first version (same shapes; ``backward`` is accepted for compatibility and ignored: the
+harness times forward and forward+backward separately). Standalone quick look without the shared harness::
+
+    python -m metaformer_zoo.kernels.selective_scan2d.bench [--batch 32] [--dtype bfloat16]
 """
 from __future__ import annotations
 
@@ -94,9 +99,40 @@ def _ss1d_case(stage, C, HW, N, batch, device, dtype, group_size=16):
     )
 
 
-def benchmark_cases(device="cuda", dtype=torch.bfloat16, batch=64, smoke=False):
+def benchmark_cases(device="cuda", dtype=torch.bfloat16, batch=64, smoke=False, backward=None):
     if smoke:  # tiny shapes for a CPU / interpreter run of the harness itself
         return [_ss2d_case(1, 4, 4, 4, 1, device, dtype), _ss1d_case(1, 16, 2, 4, 1, device, dtype)]
     cases = [_ss2d_case(st, ch, hw, D_STATE, batch, device, dtype) for st, ch, hw in VIM2_T_STAGES]
     cases += [_ss1d_case(st, ch // 2, hw, D_STATE, batch, device, dtype) for st, ch, hw in VIM2_T_STAGES]
     return cases
+
+
+def main(argv=None):
+    """Forward / forward+backward medians of the reference and Triton paths (CUDA events; no torch.compile column,
+    no roofline: use ``tools/benchmark_kernels.py`` for the full table)."""
+    import argparse
+
+    import triton.testing
+    p = argparse.ArgumentParser(description="selective_scan2d benchmark cases, standalone")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench: needs a CUDA device (tools/benchmark_kernels.py --allow-cpu runs a CPU smoke test)")
+        return 0
+    print(f"{'case':70s} {'ref fwd':>9s} {'tri fwd':>9s} {'ref f+b':>9s} {'tri f+b':>9s}  (ms)")
+    for c in benchmark_cases("cuda", getattr(torch, a.dtype), a.batch):
+        res = []
+        for fn in (c["reference"], c["triton"]):
+            out = fn()
+            g = torch.randn_like(out)
+            t_f = triton.testing.do_bench(fn, return_mode="median")
+            t_fb = triton.testing.do_bench(lambda: out.__class__.backward(fn(), g), grad_to_none=c["inputs"],
+                                           return_mode="median")
+            res.append((t_f, t_fb))
+        print(f"{c['name']:70s} {res[0][0]:9.3f} {res[1][0]:9.3f} {res[0][1]:9.3f} {res[1][1]:9.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

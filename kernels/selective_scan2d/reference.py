@@ -30,6 +30,9 @@ __all__ = ["selective_scan", "selective_scan_ref_naive", "cross_scan", "cross_me
            "DEFAULT_CHUNK_SIZE"]
 
 DEFAULT_CHUNK_SIZE = 32
+# cap on the elements of one chunk's (T, batch, dim, N) work tensors: very large batch*dim (e.g. the channel mixer at
+# 800x1216, where every token is a batch row) gets shorter chunks instead of gigabyte-sized temporaries
+MAX_CHUNK_ELEMENTS = 1 << 23
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -140,7 +143,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         u, delta, z: (batch, dim, L). A: (dim, N) real (negative for a stable scan).
         B, C: (batch, G, N, L) grouped (group g serves channels [g*dim/G, (g+1)*dim/G)) or (batch, N, L) shared.
         D, delta_bias: (dim,).
-        chunk_size: steps per chunk (the recurrence inside a chunk is a sequential loop).
+        chunk_size: steps per chunk (the recurrence inside a chunk is a sequential loop); lowered automatically so
+            that a chunk's (T, batch, dim, N) temporaries stay below ``MAX_CHUNK_ELEMENTS``.
         checkpoint_chunks: recompute each chunk in backward so that only the chunk-start states are saved
             (default: on whenever autograd records the call).
     Returns:
@@ -161,7 +165,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if checkpoint_chunks is None:
         checkpoint_chunks = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (u, delta, A, Bg, Cg))
-    chunk_size = max(1, int(chunk_size))
+    chunk_size = max(1, min(int(chunk_size), MAX_CHUNK_ELEMENTS // max(1, batch * dim * A.shape[1])))
     ys = []
     for s in range(0, L, chunk_size):
         e = min(L, s + chunk_size)
