@@ -117,7 +117,7 @@ CASES_2D = [
     (1, 2, 1, 7, 3, False, False, True),   # 1 x N map, N not a power of two
     (1, 2, 6, 1, 4, True, False, False),   # N x 1 map, softplus off
     (1, 10, 3, 3, 2, False, True, True),   # C = 10: two channel blocks (8 + 2 masked)
-    (2, 2, 5, 7, 5, True, True, False),    # L = 35 (3 chunks), odd everything
+    (1, 2, 5, 7, 5, True, True, False),    # L = 35 (3 chunks), odd everything
 ]
 
 
@@ -255,7 +255,8 @@ def test_selective_scan_1d_triton_fwd_bwd(bs, dim, L, N, GB, GC, D, z, bias, sof
         return torch.randn(bs, N, L, generator=gen) if G == 0 else torch.randn(bs, G, N, L, generator=gen)
     args = dict(u=torch.randn(bs, dim, L, generator=gen), delta=torch.randn(bs, dim, L, generator=gen) * 0.5,
                 A=-(torch.rand(dim, N, generator=gen) + 0.1), B=bc(GB), C=bc(GC),
-                D=torch.randn(dim, generator=gen) if D else None, z=torch.randn(bs, dim, L, generator=gen) if z else None,
+                D=torch.randn(dim, generator=gen) if D else None,
+                z=torch.randn(bs, dim, L, generator=gen) if z else None,
                 delta_bias=torch.randn(dim, generator=gen) * 0.3 if bias else None)
     check_fwd_bwd(tri1d, oracle1d, args, delta_softplus=softplus)
 

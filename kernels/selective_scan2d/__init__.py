@@ -1,4 +1,5 @@
-"""2D selective scan (ViM2 / VMamba SS2D core): ``selective_scan``, ``cross_scan``, ``cross_merge``, ``selective_scan2d``.
+"""2D selective scan (ViM2 / VMamba SS2D core): ``selective_scan``, ``cross_scan``, ``cross_merge``,
+``selective_scan2d``.
 
 Public API (reference semantics in ``reference.py``; algorithm, layouts and tolerances in ``README.md``):
 

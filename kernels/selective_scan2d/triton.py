@@ -18,8 +18,9 @@ Reductions are deterministic by default: dA / dD / d(delta_bias) go to per-batch
 backward program walks its ``D_PER_PROG`` channel blocks innermost (inside the reverse chunk loop), sums them in
 registers and writes one per-split partial slice per chunk; partials are summed with ``torch.sum`` afterwards.
 ``METAFORMER_ZOO_SS2D_ATOMIC=1`` switches dB / dC to fp32 atomics into one buffer (no partial-buffer memory, more
-splits possible; run-to-run rounding differences). Runs on CUDA and under ``TRITON_INTERPRET=1`` (CPU, tests); no autotune on the interpreter
-path.
+splits possible; run-to-run rounding differences).
+
+Runs on CUDA and under ``TRITON_INTERPRET=1`` (CPU, tests); no autotune on the interpreter path.
 """
 from __future__ import annotations
 
