@@ -1,133 +1,138 @@
-"""Benchmark cases for the 2D selective scan at ViM2 stage shapes (for the shared GPU benchmark).
+"""Benchmark cases for ``tools/benchmark_kernels.py``: the ViM2-T shapes of ``selective_scan2d`` and ``selective_scan``.
 
-``benchmark_cases(device, batch, dtype)`` returns ``(name, reference_fn, triton_fn_or_None, bytes_moved)`` tuples:
-zero-argument callables running one forward pass on inputs prepared once, and the minimum bytes the op must move
-(read each input once, write the output once, float32 accumulation / output), so that achieved bandwidth is
-``bytes_moved / time``. ``triton_fn`` is None when no Triton backend can run (no CUDA device, or no triton.py yet).
+``benchmark_cases(device, dtype, batch, smoke)`` returns a list of dicts (the harness also accepts plain
+``(name, reference_fn, triton_fn, bytes_moved)`` tuples):
 
-Shapes (ViM2-T / ViM2-S, 224 px): SS2D in stage i has d_inner = 2 C_i on an H_i x W_i map, N = 16, 4 routes;
-the selective channel mixer scans batch*H_i*W_i rows of 2 x 16 channels over 2 C_i / 16 steps.
+* ``name``, ``reference`` / ``triton``: zero-argument callables returning the op's output (autograd-connected to
+  ``inputs``);
+* ``bytes`` / ``bytes_fwd_bwd``: the fewest bytes the forward / forward+backward must move (each input read once,
+  each output written once; for fwd+bwd also the upstream gradient read and every input gradient written; the saved
+  chunk states are not counted);
+* ``exps`` / ``exps_fwd_bwd``: the fewest exp2 evaluations (N per (b, route, channel, step) in the forward, and once
+  more in the backward, which must recompute exp(delta * A) unless it stores (B, 4C, L, N));
+* ``inputs``: the leaves whose ``.grad`` the harness resets between repetitions; ``compile``: whether timing
+  ``torch.compile`` of the reference is sensible (the reference is a Python loop over L steps: compiling the 3136-step
+  stage-1 loop takes many minutes, so only L <= 784 is compiled).
 
-    python -m metaformer_zoo.kernels.selective_scan2d.bench [--device cuda] [--batch 32] [--backward]
+Shapes (ViM2-T = vanilla VMamba-T token mixer, d_inner = 2C, N = 16; channel mixer g = 16, bidirectional, so the 1D op
+sees dim = 32 in 2 groups and L = 2C / 16 steps, batch = images * H * W tokens).
+
+Merged from the ViM2 helper's first version (same shapes; ``backward`` is accepted for compatibility and ignored: the
+harness times forward and forward+backward separately). Standalone quick look without the shared harness::
+
+    python -m metaformer_zoo.kernels.selective_scan2d.bench [--batch 32] [--dtype bfloat16]
 """
-import argparse
-import time
-from typing import Callable, List, Optional, Tuple
+from __future__ import annotations
 
 import torch
 
-from . import reference
-
-DIMS = (96, 192, 384, 768)  # ViM2-T / S stage widths
-SIZES = (56, 28, 14, 7)  # 224 px input
+# (stage, d_inner, H = W) of ViM2-T at 224 px
+VIM2_T_STAGES = ((1, 192, 56), (2, 384, 28), (3, 768, 14), (4, 1536, 7))
 D_STATE = 16
-GROUP = 16
 
 
-def _triton_available(device: str) -> bool:
-    if not str(device).startswith("cuda") or not torch.cuda.is_available():
-        return False
-    try:
-        from . import triton as _triton  # noqa: F401  (written by the kernel helper)
-    except Exception:
-        return False
-    return True
+def _ss2d_case(stage, Ch, HW, N, batch, device, dtype):
+    from . import selective_scan2d
+    g = torch.Generator(device="cpu").manual_seed(stage)
+    L = HW * HW
+
+    def rnd(*s, scale=1.0, dt=dtype):
+        return (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dt).requires_grad_(True)
+    x = rnd(batch, Ch, HW, HW)
+    delta = rnd(batch, 4, Ch, L, scale=0.5)
+    A = (-torch.arange(1, N + 1, dtype=torch.float32).repeat(4 * Ch, 1)).to(device).requires_grad_(True)  # S4D-real
+    B = rnd(batch, 4, N, L)
+    C = rnd(batch, 4, N, L)
+    D = rnd(4 * Ch, dt=torch.float32)
+    bias = rnd(4 * Ch, scale=0.1, dt=torch.float32)
+    inputs = [x, delta, A, B, C, D, bias]
+
+    def ref():
+        return selective_scan2d(x, delta, A, B, C, D, bias, True, backend="reference")
+
+    def tri():
+        return selective_scan2d(x, delta, A, B, C, D, bias, True, backend="triton")
+    s = x.element_size()
+    per_px_fwd = (Ch + 4 * Ch + 2 * 4 * N + Ch) * s  # x, delta, B, C in; out
+    per_px_bwd = (Ch + 4 * Ch + 2 * 4 * N + Ch) * s + (Ch + 4 * Ch + 2 * 4 * N) * s  # x, delta, B, C, g in; grads out
+    elems = batch * 4 * Ch * L
+    return dict(
+        name=f"selective_scan2d vim2_t stage{stage} ({batch}x{Ch}x{HW}x{HW}, N={N})",
+        reference=ref, triton=tri, inputs=inputs,
+        bytes=batch * L * per_px_fwd, bytes_fwd_bwd=batch * L * (per_px_fwd + per_px_bwd),
+        exps=elems * N, exps_fwd_bwd=2 * elems * N, compile=L <= 784,
+    )
 
 
-def _ss2d_inputs(batch, d, H, W, device, dtype):
-    L = H * W
-    g = torch.Generator(device="cpu").manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa
-    x = r(batch, d, H, W)
-    delta = r(batch, 4, d, L) * 0.5 - 2
-    A = -torch.arange(1, D_STATE + 1, dtype=torch.float32).repeat(4 * d, 1).to(device)
-    Bm, Cm = r(batch, 4, D_STATE, L), r(batch, 4, D_STATE, L)
-    D = torch.ones(4 * d, device=device)
-    bias = torch.full((4 * d,), -3.0, device=device)
-    return x, delta, A, Bm, Cm, D, bias
+def _ss1d_case(stage, C, HW, N, batch, device, dtype, group_size=16):
+    from . import selective_scan
+    g = torch.Generator(device="cpu").manual_seed(100 + stage)
+    M = batch * HW * HW
+    S = 2 * C // group_size
+    dim, G = 2 * group_size, 2
+
+    def rnd(*s, scale=1.0, dt=dtype):
+        return (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dt).requires_grad_(True)
+    u = rnd(M, dim, S)
+    delta = rnd(M, dim, S, scale=0.5)
+    A = (-torch.arange(1, N + 1, dtype=torch.float32).repeat(dim, 1)).to(device).requires_grad_(True)
+    B = rnd(M, G, N, S)
+    Cm = rnd(M, G, N, S)
+    D = rnd(dim, dt=torch.float32)
+    bias = rnd(dim, scale=0.1, dt=torch.float32)
+    inputs = [u, delta, A, B, Cm, D, bias]
+
+    def ref():
+        return selective_scan(u, delta, A, B, Cm, D, None, bias, True, backend="reference")
+
+    def tri():
+        return selective_scan(u, delta, A, B, Cm, D, None, bias, True, backend="triton")
+    s = u.element_size()
+    per_tok_fwd = (dim * S * 3 + 2 * G * N * S) * s  # u, delta in, out; B, C in
+    per_tok_bwd = per_tok_fwd + (dim * S * 2 + 2 * G * N * S) * s
+    elems = M * dim * S
+    return dict(
+        name=f"selective_scan channel-mixer vim2_t stage{stage} ({M}x{dim}x{S}, G={G}, N={N})",
+        reference=ref, triton=tri, inputs=inputs,
+        bytes=M * per_tok_fwd, bytes_fwd_bwd=M * (per_tok_fwd + per_tok_bwd),
+        exps=elems * N, exps_fwd_bwd=2 * elems * N, compile=S <= 256 and M <= 65536,
+    )
 
 
-def benchmark_cases(device: str = "cuda", batch: int = 32, dtype: torch.dtype = torch.float32,
-                    backward: bool = False) -> List[Tuple[str, Callable, Optional[Callable], int]]:
-    from . import selective_scan, selective_scan2d
-    use_triton = _triton_available(device)
-    es = torch.tensor([], dtype=dtype).element_size()
-    cases = []
-    for i, (C, S) in enumerate(zip(DIMS, SIZES)):
-        d = 2 * C
-        args = _ss2d_inputs(batch, d, S, S, device, dtype)
-        if backward:
-            args = tuple(a.requires_grad_() if a.is_floating_point() else a for a in args)
-        L = S * S
-        nbytes = (batch * d * L * es  # x
-                  + batch * 4 * d * L * es  # delta
-                  + 2 * batch * 4 * D_STATE * L * es  # B, C
-                  + batch * d * L * 4  # out (float32)
-                  + 4 * d * (D_STATE + 2) * 4)  # A, D, bias
-
-        def run(backend, a=args):
-            out = (reference.selective_scan2d(*a) if backend == "reference"
-                   else selective_scan2d(*a, delta_softplus=True, backend=backend))
-            if backward:
-                out.sum().backward()
-            return out
-
-        cases.append((f"ss2d_stage{i + 1}_b{batch}_d{d}_{S}x{S}", lambda r=run: r("reference"),
-                      (lambda r=run: r("triton")) if use_triton else None, nbytes))
-        # selective channel mixer: rows = tokens, 2 directions x g channels, 2C/g steps, B/C grouped per direction
-        M, K, steps = batch * L, 2, d // GROUP
-        g = torch.Generator(device="cpu").manual_seed(1)
-        r = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa
-        u, dl = r(M, K * GROUP, steps), r(M, K * GROUP, steps) * 0.5 - 2
-        if backward:
-            u.requires_grad_()
-            dl.requires_grad_()
-        A = -torch.arange(1, D_STATE + 1, dtype=torch.float32).repeat(K * GROUP, 1).to(device)
-        Bm, Cm = r(M, K, D_STATE, steps), r(M, K, D_STATE, steps)
-        cargs = (u, dl, A, Bm, Cm, torch.ones(K * GROUP, device=device), None, torch.full((K * GROUP,), -3.0, device=device))
-        nbytes_c = 2 * M * K * GROUP * steps * es + 2 * M * K * D_STATE * steps * es + M * K * GROUP * steps * 4
-
-        def run_c(backend, a=cargs):
-            if backend == "reference":
-                out = reference.selective_scan(*a, delta_softplus=True)
-            else:
-                out = selective_scan(*a, delta_softplus=True, backend=backend)
-            if backward:
-                out.sum().backward()
-            return out
-
-        cases.append((f"channel_stage{i + 1}_rows{M}_d{K * GROUP}_L{steps}", lambda r=run_c: r("reference"),
-                      (lambda r=run_c: r("triton")) if use_triton else None, nbytes_c))
+def benchmark_cases(device="cuda", dtype=torch.bfloat16, batch=64, smoke=False, backward=None):
+    if smoke:  # tiny shapes for a CPU / interpreter run of the harness itself
+        return [_ss2d_case(1, 4, 4, 4, 1, device, dtype), _ss1d_case(1, 16, 2, 4, 1, device, dtype)]
+    cases = [_ss2d_case(st, ch, hw, D_STATE, batch, device, dtype) for st, ch, hw in VIM2_T_STAGES]
+    cases += [_ss1d_case(st, ch // 2, hw, D_STATE, batch, device, dtype) for st, ch, hw in VIM2_T_STAGES]
     return cases
 
 
-def _time(fn: Callable, device: str, reps: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        if str(device).startswith("cuda"):
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if str(device).startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+def main(argv=None):
+    """Forward / forward+backward medians of the reference and Triton paths (CUDA events; no torch.compile column,
+    no roofline: use ``tools/benchmark_kernels.py`` for the full table)."""
+    import argparse
 
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    import triton.testing
+    p = argparse.ArgumentParser(description="selective_scan2d benchmark cases, standalone")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--backward", action="store_true")
-    a = p.parse_args()
-    print(f"{'case':44s} {'ref ms':>10s} {'triton ms':>10s} {'ref GB/s':>9s} {'tri GB/s':>9s}")
-    for name, ref_fn, tri_fn, nbytes in benchmark_cases(a.device, a.batch, backward=a.backward):
-        tr = _time(ref_fn, a.device, a.reps)
-        tt = _time(tri_fn, a.device, a.reps) if tri_fn is not None else float("nan")
-        print(f"{name:44s} {tr * 1e3:10.2f} {tt * 1e3:10.2f} {nbytes / tr / 1e9:9.2f} {nbytes / tt / 1e9:9.2f}")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench: needs a CUDA device (tools/benchmark_kernels.py --allow-cpu runs a CPU smoke test)")
+        return 0
+    print(f"{'case':70s} {'ref fwd':>9s} {'tri fwd':>9s} {'ref f+b':>9s} {'tri f+b':>9s}  (ms)")
+    for c in benchmark_cases("cuda", getattr(torch, a.dtype), a.batch):
+        res = []
+        for fn in (c["reference"], c["triton"]):
+            out = fn()
+            g = torch.randn_like(out)
+            t_f = triton.testing.do_bench(fn, return_mode="median")
+            t_fb = triton.testing.do_bench(lambda: out.__class__.backward(fn(), g), grad_to_none=c["inputs"],
+                                           return_mode="median")
+            res.append((t_f, t_fb))
+        print(f"{c['name']:70s} {res[0][0]:9.3f} {res[1][0]:9.3f} {res[0][1]:9.3f} {res[1][1]:9.3f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
