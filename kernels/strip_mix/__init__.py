@@ -105,7 +105,7 @@ def strip_mix(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     """Mix ``x`` densely along ``axis`` within channel groups; see the package docstring for shapes and users."""
     check_args(x, weight, bias, axis, raft_size)
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    if dev in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
@@ -114,3 +114,30 @@ def strip_mix(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
         bias = bias.to(x.dtype) if bias is not None else None
     resolved = resolve_backend(backend, x, weight, bias)
     return torch.ops.metaformer_zoo.strip_mix(x, weight, bias, axis, int(raft_size), resolved)
+
+
+def _register_flops():
+    """FlopCounterMode formula (as for a matmul: 2 * outputs * reduction length), so ``count_macs`` sees the op."""
+    try:
+        from torch.utils.flop_counter import register_flop_formula
+    except ImportError:  # pragma: no cover - old torch
+        return
+
+    @register_flop_formula(torch.ops.metaformer_zoo.strip_mix)
+    def _flops(x_shape, w_shape, *args, out_shape=None, **kwargs):
+        G, Fo, Fi, K = w_shape
+        n_out = 1
+        for s in out_shape:
+            n_out *= s
+        return 2 * n_out * Fi * K  # every output element is a dot product of length raft_size * L * K
+
+    @register_flop_formula(torch.ops.metaformer_zoo.strip_mix_backward)
+    def _flops_bwd(g_shape, x_shape, w_shape, *args, out_shape=None, **kwargs):
+        G, Fo, Fi, K = w_shape
+        n_g = 1
+        for s in g_shape:
+            n_g *= s
+        return 2 * (2 * n_g * Fi * K)  # dx and dweight, each as large as the forward
+
+
+_register_flops()
