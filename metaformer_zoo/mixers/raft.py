@@ -75,10 +75,10 @@ class RaftTokenMLP(nn.Module):
     def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         r, e = self.raft_size, self.expansion
         y = self.norm(x)
-        y = strip_mix(y, self.fc1.weight.view(1, *self.fc1.weight.shape, 1), self.fc1.bias.view(1, -1),
+        y = strip_mix(y, self.fc1.weight.unsqueeze(0).unsqueeze(-1), self.fc1.bias.view(1, -1),
                       self.axis, r, backend)
         y = self.drop(self.act(y))
-        y = strip_mix(y, self.fc2.weight.view(1, *self.fc2.weight.shape, 1), self.fc2.bias.view(1, -1),
+        y = strip_mix(y, self.fc2.weight.unsqueeze(0).unsqueeze(-1), self.fc2.bias.view(1, -1),
                       self.axis, r * e, backend)
         return self.drop(y)
 
