@@ -15,11 +15,14 @@ Maps are floored by the stride-4 stem and stride-2 merges as in the official con
 Checkpoints: the official files are Swin-style dicts ``{"model", "optimizer", "lr_scheduler", "max_accuracy",
 "epoch", "config", ...}`` whose ``config`` is a pickled yacs ``CfgNode``. ``load_official_checkpoint`` reads them
 without executing arbitrary pickles: ``torch.load(weights_only=True)`` with the yacs ``CfgNode`` class allow-listed
-via ``torch.serialization.safe_globals`` when yacs is installed; otherwise (fallback) a dict subclass is allow-listed
-under the name ``yacs.config.CfgNode`` so the config comes back as a plain dict. The dense outputs: the official code has no dense wrapper; the zoo puts no
+by name: ``torch.serialization.safe_globals([(ctor, "yacs.config.CfgNode")])`` where ``ctor`` builds a plain
+``OrderedDict``, so the config comes back as nested dicts and yacs need not be installed (allow-listing yacs' own
+class fails: the weights-only unpickler only fills exact dict types). The dense outputs: the official code has no dense wrapper; the zoo puts no
 norm on the stride 4/8/16/32 stage outputs (``DENSE_OUT_NORMS``).
 """
 from typing import List, Optional, Sequence, Tuple, Union
+
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
@@ -270,20 +273,17 @@ def official_state_dict(model: StripMLP):
     return remap_keys(sd, _TO_OFFICIAL)
 
 
-class _CfgNodeStub(dict):
-    """Stand-in for ``yacs.config.CfgNode`` (a dict subclass) when yacs is not installed: the config is rebuilt as a
-    plain dict; its pickled attribute state (``__immutable__``, ``__new_allowed__``) is dropped; no yacs code runs."""
+class _CfgNodeAsDict:
+    """Allow-listed under the name ``yacs.config.CfgNode``: "constructing" it yields a plain ``OrderedDict``, which
+    the weights-only unpickler then fills with the config items (and whose ``__dict__`` receives yacs' two flags).
+    Allow-listing yacs' real ``CfgNode`` does not work: torch's weights-only unpickler only fills exact
+    dict/OrderedDict/Counter objects, and a CfgNode is a dict subclass."""
 
-    def __setstate__(self, state):
-        pass
+    def __new__(cls, *args, **kwargs):
+        return OrderedDict()
 
 
-def _safe_globals():
-    try:
-        from yacs.config import CfgNode
-        return [CfgNode]
-    except ImportError:
-        return [(_CfgNodeStub, "yacs.config.CfgNode")]
+_SAFE_GLOBALS = [(_CfgNodeAsDict, "yacs.config.CfgNode")]
 
 
 def load_official_checkpoint(path: str, model: Optional[StripMLP] = None):
@@ -291,16 +291,17 @@ def load_official_checkpoint(path: str, model: Optional[StripMLP] = None):
 
     The file is a Swin-style dict whose ``config`` entry is a pickled yacs ``CfgNode``, which plain
     ``torch.load(weights_only=True)`` rejects. It is read with ``weights_only=True`` and exactly one extra global
-    allow-listed (``torch.serialization.safe_globals``): ``yacs.config.CfgNode`` itself when yacs is installed, or
-    else, under that same name, a dict subclass that rebuilds the config as a plain dict (the fallback). Nothing
-    else in the file can run code; ``weights_only=False`` is never used.
+    allow-listed (``torch.serialization.safe_globals``) under the name ``yacs.config.CfgNode``: a constructor that
+    returns a plain ``OrderedDict``, so the config comes back as nested dicts and no yacs (or any other) code runs.
+    yacs' own class cannot be allow-listed instead (the weights-only unpickler only fills exact dict types), and
+    yacs need not be installed. ``weights_only=False`` is never used; any other pickled object raises.
     Returns the converted state dict (the raw tensors of ``model``/flat dict when ``model`` is None).
     """
     import os
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(
