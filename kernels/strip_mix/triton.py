@@ -31,7 +31,7 @@ def _strip_mix_fwd_kernel(
         M, G, L, P, FO, RK,
         sxb, sxc, sxl, sxp,
         sob, soc, sol, sop,
-        K: tl.constexpr, PAD: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+        K: tl.constexpr, PAD: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
         BF: tl.constexpr, BP: tl.constexpr, BR: tl.constexpr,
 ):
     pid_bm = tl.program_id(0).to(tl.int64)
@@ -59,6 +59,9 @@ def _strip_mix_fwd_kernel(
         src_p = offs_p[None, :] + k_idx[:, None] - PAD
         mx = mask_r[:, None] & mask_p[None, :] & (src_p >= 0) & (src_p < P)
         xv = tl.load(x_base + (j * M)[:, None] * sxc + l_idx[:, None] * sxl + src_p * sxp, mask=mx, other=0.)
+        if UPCAST:  # the CPU interpreter's bf16 tl.dot is wrong: compute in fp32 there
+            w = w.to(tl.float32)
+            xv = xv.to(tl.float32)
         if IEEE:
             acc += tl.dot(w, xv, input_precision="ieee")
         else:
@@ -78,7 +81,7 @@ def _strip_mix_dw_kernel(
         M, G, L, P, FO, RK, N, Q,
         sxb, sxc, sxl, sxp,
         syb, syc, syl, syp,
-        K: tl.constexpr, PAD: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+        K: tl.constexpr, PAD: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
         BF: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr,
 ):
     g = tl.program_id(0).to(tl.int64)
@@ -109,6 +112,9 @@ def _strip_mix_dw_kernel(
         mx = mask_n[:, None] & mask_r[None, :] & (src_p >= 0) & (src_p < P)
         xv = tl.load(x_ptr + bb[:, None] * sxb + (j[None, :] * M + co[:, None]) * sxc + l_idx[None, :] * sxl
                      + src_p * sxp, mask=mx, other=0.)
+        if UPCAST:
+            dy = dy.to(tl.float32)
+            xv = xv.to(tl.float32)
         if IEEE:
             acc += tl.dot(dy, xv, input_precision="ieee")
         else:
@@ -136,6 +142,10 @@ def _ieee(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 or dtype == torch.float64
 
 
+def _upcast(dtype: torch.dtype) -> bool:
+    return _interpret() and dtype in (torch.bfloat16, torch.float16)
+
+
 def _axis_strides(t: torch.Tensor, axis: str):
     sb, sc, sh, sw = t.stride()
     return (sb, sc, sh, sw) if axis == "h" else (sb, sc, sw, sh)
@@ -159,7 +169,7 @@ def strip_mix_fwd_triton(x, weight, bias, axis: str, raft_size: int, out_dtype=N
         x, weight, bias_arg, out,
         M, G, L, P, FO, RK,
         *_axis_strides(x, axis), *_axis_strides(out, axis),
-        K=K, PAD=K // 2, HAS_BIAS=bias is not None, IEEE=_ieee(x.dtype),
+        K=K, PAD=K // 2, HAS_BIAS=bias is not None, IEEE=_ieee(x.dtype), UPCAST=_upcast(x.dtype),
         BF=BF, BP=BP, BR=BR,
     )
     return out
@@ -188,7 +198,7 @@ def strip_mix_bwd_triton(grad_out, x, weight, has_bias: bool, axis: str, raft_si
         x, grad_out, dw, db,
         M, G, L, P, FO, RK, N, Q,
         *_axis_strides(x, axis), *_axis_strides(grad_out, axis),
-        K=K, PAD=K // 2, HAS_BIAS=has_bias, IEEE=_ieee(x.dtype),
+        K=K, PAD=K // 2, HAS_BIAS=has_bias, IEEE=_ieee(x.dtype), UPCAST=_upcast(x.dtype),
         BF=BF, BR=BR, BN=BN,
     )
     return dx, dw, (db if has_bias else None)
