@@ -4,8 +4,10 @@ Tolerance: the Triton kernels run in fp32 (fp32 accumulation, IEEE dot) on tiny 
 must match the float64 reference to rtol = atol = 1e-5. The reference itself is checked against a brute-force loop
 and with float64 gradcheck.
 """
+import importlib
 import os
 
+_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"  # before triton / the kernel module is imported
 
 import pytest  # noqa: E402
@@ -14,6 +16,20 @@ import torch  # noqa: E402
 import metaformer_zoo  # noqa: E402,F401
 from metaformer_zoo.kernels import resolve_backend  # noqa: E402
 from metaformer_zoo.kernels.strip_mix import strip_mix, strip_mix_reference  # noqa: E402
+
+# decorate the Triton kernels now, as interpreted functions (triton.jit reads the flag at decoration time) ...
+importlib.import_module("metaformer_zoo.kernels.strip_mix.triton")
+# ... then restore the flag, so it does not leak into other test modules of the same session (with it set,
+# backend="auto" would route every CPU call of every model test through the slow interpreter)
+if _PREV_INTERPRET is None:
+    del os.environ["TRITON_INTERPRET"]
+else:
+    os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

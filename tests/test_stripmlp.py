@@ -24,6 +24,13 @@ OFFICIAL = {
 TINY = dict(embed_dim=16, layers=(1, 1, 1, 1))
 
 
+
+@pytest.fixture(autouse=True)
+def _reference_kernels(monkeypatch):
+    """Model tests run the CPU reference path of strip_mix even if a kernel test of the same session left
+    TRITON_INTERPRET=1 set (the kernels themselves are tested in tests/test_kernel_strip_mix.py)."""
+    monkeypatch.setenv("METAFORMER_ZOO_KERNELS", "reference")
+
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
 def test_params_and_macs(name):
     model = timm.create_model(name, device="meta")
