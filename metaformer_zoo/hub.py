@@ -196,7 +196,8 @@ def family_protocol(family: Union[str, Family]) -> Optional[FamilyProtocol]:
     extra = fam.extra or {}
     if extra.get("filter_fn") is not None:
         module = _family_module(fam)
-        loader = extra.get("load_official_checkpoint") or getattr(module, "load_official_checkpoint", None)
+        loader = (extra.get("load_official_checkpoint") or extra.get("official_loader")
+                  or getattr(module, "load_official_checkpoint", None))
         return FamilyProtocol(fam.name, extra["filter_fn"], extra.get("to_official"), extra.get("official_wrapper"),
                               loader)
     if fam.owner == "timm":
