@@ -70,8 +70,12 @@ def test_official_layout_maps_back(family):
     """to_official -> (wrapper) -> filter_fn gives exactly the model's names and shapes (meta device, no data)."""
     name = _smallest(family)
     proto = hub.family_protocol(family)
-    model = timm.create_model(name, device="meta")
-    obj = hub.make_official_checkpoint(model, model_name=name)
+    try:  # names and shapes only: the meta device is enough (and instant) for most families
+        model = timm.create_model(name, device="meta")
+        obj = hub.make_official_checkpoint(model, model_name=name)
+    except (NotImplementedError, RuntimeError):  # a to_official that needs real data
+        model = timm.create_model(name)
+        obj = hub.make_official_checkpoint(model, model_name=name)
     if proto.official_wrapper:
         assert set(obj) == {proto.official_wrapper}
     out = proto.filter_fn(obj, model)
@@ -86,7 +90,7 @@ def _roundtrip(family, tmp_path):
     path = tmp_path / f"{name}_official.pth"
     hub.make_official_checkpoint(src, str(path), model_name=name)
     model = hub.convert_checkpoint(name, str(path))
-    x = hub.sample_input(model, batch=2)
+    x = hub.sample_input(model, batch=1)
     with torch.no_grad():
         ref, out = src(x), model(x)
     assert torch.equal(ref, out) or (ref - out).abs().max().item() < 1e-5
@@ -257,3 +261,26 @@ def test_cli_exit_code_on_truncated_file(tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and "truncated" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_push_folder_uses_hub_api(tmp_path, monkeypatch):
+    """--push: create the repo (exist_ok) and upload the folder; no network (HfApi replaced)."""
+    import huggingface_hub
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None, **kw):
+            calls.append(("init", token))
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            calls.append(("create_repo", repo_id, private, exist_ok))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            calls.append(("upload_folder", repo_id, folder_path))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    url = hub.push_folder(str(tmp_path), "org/identityformer_s12.sail_in1k", private=True, token="t")
+    assert url == "https://huggingface.co/org/identityformer_s12.sail_in1k"
+    assert calls == [("init", "t"), ("create_repo", "org/identityformer_s12.sail_in1k", True, True),
+                     ("upload_folder", "org/identityformer_s12.sail_in1k", str(tmp_path))]
