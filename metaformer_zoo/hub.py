@@ -90,8 +90,10 @@ def weights_unavailable_error(model_name: str, error: BaseException, pretrained_
     if not _is_fetch_error(error):
         return None
     src = weights_source(model_name, pretrained_cfg, pretrained_cfg_overlay) or "(no source registered)"
+    tag = getattr(pretrained_cfg, "tag", None) or (pretrained_cfg if isinstance(pretrained_cfg, str) else None)
+    full = f"{model_name}.{tag}" if tag and "." not in model_name else model_name
     return WeightsUnavailableError(
-        f"could not load pretrained weights for {model_name} from {src}: {type(error).__name__}: {error}. "
+        f"could not load pretrained weights for {full} from {src}: {type(error).__name__}: {error}. "
         f"Without network, download the file elsewhere and pass "
         f"pretrained_cfg_overlay=dict(file='/path/to/weights') (official files are converted on load), convert it once "
         f"with `python tools/convert.py --model {model_name.split('.')[0]} --checkpoint FILE --out DIR` and use "
