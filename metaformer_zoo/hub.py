@@ -251,6 +251,10 @@ def convert_checkpoint(model_name: str, checkpoint: Union[str, Mapping[str, Any]
         state_dict = protocol.filter_fn(raw, model)
     except CheckpointError as e:
         raise CheckpointError(f"{source} -> {model_name}: {e}") from None
+    except (KeyError, IndexError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(
+            f"{source} -> {model_name}: the {fam.name} checkpoint filter failed with {type(e).__name__}: {e}. The file "
+            f"is probably not an official {fam.name} checkpoint of this variant. Nothing was loaded.") from e
     target = model.state_dict()
     for k in _classifier_keys(model):
         if k in state_dict and k in target and tuple(state_dict[k].shape) != tuple(target[k].shape):

@@ -284,3 +284,16 @@ def test_push_folder_uses_hub_api(tmp_path, monkeypatch):
     assert url == "https://huggingface.co/org/identityformer_s12.sail_in1k"
     assert calls == [("init", "t"), ("create_repo", "org/identityformer_s12.sail_in1k", True, True),
                      ("upload_folder", "org/identityformer_s12.sail_in1k", str(tmp_path))]
+
+
+def test_filter_crash_reported_as_checkpoint_error(tiny, monkeypatch):
+    """A family filter that crashes on a foreign file (KeyError ...) still gives a CheckpointError, not a traceback."""
+    _, sd = tiny
+    fam = zoo.family_of("identityformer_s12")
+
+    def crashing(state_dict, model):
+        return {k: state_dict["no.such.key"] for k in state_dict}
+
+    monkeypatch.setitem(fam.extra, "filter_fn", crashing)
+    with pytest.raises(CheckpointError, match="filter failed with KeyError"):
+        _convert(sd)
