@@ -109,7 +109,20 @@ class _RssSampler:
             self.peak = max(self.peak, self.rss())
             time.sleep(self.interval)
 
+    @staticmethod
+    def release_free_memory():
+        """Hand freed heap pages back to the OS (glibc ``malloc_trim``) so the next RSS baseline is not inflated by
+        memory that earlier models freed but the allocator kept (their reuse would otherwise hide real growth)."""
+        import gc
+        gc.collect()
+        try:
+            import ctypes
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
     def __enter__(self):
+        self.release_free_memory()
         self.base = self.peak = self.rss()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
