@@ -109,7 +109,7 @@ def nice_ticks(lo: float, hi: float, n: int = 6) -> List[float]:
         lo, hi = lo - 1, hi + 1
     raw = (hi - lo) / max(n - 1, 1)
     mag = 10 ** math.floor(math.log10(raw))
-    step = min((s * mag for s in (1, 2, 5, 10) if s * mag >= raw), default=10 * mag)
+    step = min((s * mag for s in (1, 2, 5, 10) if s * mag >= 0.7 * raw), default=10 * mag)
     start = math.ceil(lo / step - 1e-9) * step
     ticks, t = [], start
     while t <= hi + 1e-9 * step:
