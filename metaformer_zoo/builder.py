@@ -34,6 +34,8 @@ def build_zoo_model(
         with torch.device(device):
             return model_cls(**model_kwargs)
 
+    if pretrained:
+        _require_weight_source(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
     try:
         model = build_model_with_cfg(
             _factory, variant, pretrained, pretrained_filter_fn=pretrained_filter_fn, feature_cfg=feature_cfg, **kwargs)
@@ -48,3 +50,20 @@ def build_zoo_model(
     if dtype is not None:
         model = model.to(dtype=dtype)
     return model
+
+
+def _require_weight_source(variant, pretrained_cfg=None, overlay=None):
+    """``pretrained=True`` on a variant without any known weights is an error, not a silent random init."""
+    from timm.models._builder import resolve_pretrained_cfg
+
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay)
+    if cfg is None:
+        return
+    if cfg.url or cfg.file or cfg.hf_hub_id or cfg.state_dict is not None or getattr(cfg, "source", None):
+        return
+    notes = f" Notes: {cfg.notes}" if getattr(cfg, "notes", None) else ""
+    raise ValueError(
+        f"no pretrained weights are known for {variant} (tag {cfg.tag!r}): its default cfg has no url, file or Hub id."
+        f"{notes} Use pretrained=False, or load weights with pretrained_cfg_overlay=dict(file='weights.pth') or "
+        f"checkpoint_path=... (official checkpoints convert with tools/convert.py)."
+    )

@@ -105,3 +105,8 @@ def test_identity_mixer_branch_is_not_skipped():
         ref = model(x)
         model.stages[0].blocks[0].norm1.weight.zero_()
         assert not torch.allclose(model(x), ref)
+
+
+def test_pretrained_without_known_weights_is_an_error():
+    with pytest.raises(ValueError, match="no pretrained weights are known for zoo_metaformer"):
+        timm.create_model("zoo_metaformer", pretrained=True)
