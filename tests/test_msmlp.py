@@ -1,6 +1,4 @@
 """MS-MLP (JegZheng/MS-MLP): parameter counts, MACs, the mix-shift op, official checkpoints, input sizes, errors."""
-import collections
-import pickle
 import sys
 import types
 

@@ -25,7 +25,7 @@ with ``load_official_checkpoint`` (never unpickles arbitrary objects), convert w
 """
 import collections
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
