@@ -16,7 +16,9 @@ einsums); FFTs are not counted, as FlopCounterMode never counts them.
 
 Backward: with the Triton backend, maps that fit one tile use a fused Triton backward kernel (recompute of the
 forward in registers + transposed DFT/MLP products, per-(batch, group) partial weight grads summed in PyTorch);
-larger maps use a recompute-based backward (torch.fft + the reference spectral formula under autograd).
+larger maps use a recompute-based backward (torch.fft + the reference spectral formula under autograd). The
+reference backend's backward is the analytic adjoint in ``reference.fft_filter_reference_backward`` (autograd does
+not record inside a custom op), checked against autograd through ``fft_filter_reference`` in float64.
 """
 from typing import Tuple
 
@@ -24,7 +26,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import resolve_backend
-from .reference import ACTS, fft_filter_reference
+from .reference import ACTS, fft_filter_reference, fft_filter_reference_backward
 
 __all__ = ["fft_filter", "fft_filter_reference", "FFTFilterFunction", "check_args"]
 
@@ -58,8 +60,15 @@ def check_args(x, w1, b1, w2, b2, num_groups: int, act: str) -> str:
 # ------------------------------------------------------------------------------------------------------------------
 # implementations (no autograd inside)
 
+def _resolve(backend, *tensors):
+    backend = resolve_backend(backend, *tensors)
+    if backend == "triton" and tensors[0].dtype == torch.float64:
+        backend = "reference"  # float64 stays the oracle's business; the kernels are float32
+    return backend
+
+
 def _forward_impl(x, w1, b1, w2, b2, num_groups, lam, act, backend):
-    if backend == "triton":
+    if _resolve(backend, x, w1, b1, w2, b2) == "triton":
         from .triton import fft_filter_fwd
         return fft_filter_fwd(x, w1, b1, w2, b2, num_groups, lam, act)
     with torch.no_grad():
@@ -67,14 +76,11 @@ def _forward_impl(x, w1, b1, w2, b2, num_groups, lam, act, backend):
 
 
 def _backward_impl(grad, x, w1, b1, w2, b2, num_groups, lam, act, backend):
-    if backend == "triton":
+    if _resolve(backend, x, w1, b1, w2, b2) == "triton":
         from .triton import fft_filter_bwd
         return tuple(fft_filter_bwd(grad, x, w1, b1, w2, b2, num_groups, lam, act))
-    with torch.enable_grad():
-        inputs = [t.detach().requires_grad_(True) for t in (x, w1, b1, w2, b2)]
-        y = fft_filter_reference(*inputs, num_groups, lam, act)
-        grads = torch.autograd.grad(y, inputs, grad.to(y.dtype))
-    return tuple(g.contiguous() for g in grads)
+    grads = fft_filter_reference_backward(grad, x, w1, b1, w2, b2, num_groups, lam, act)
+    return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (x, w1, b1, w2, b2)))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -145,9 +151,7 @@ def fft_filter(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Te
                backend: str = "auto") -> torch.Tensor:
     """AFF filter ``irfft2(softshrink(MLP(rfft2(x))) * rfft2(x))`` (no residual); see the module docstring."""
     act = check_args(x, w1, b1, w2, b2, num_groups, act)
-    backend = resolve_backend(backend, x, w1, b1, w2, b2)
-    if backend == "triton" and x.dtype == torch.float64:
-        backend = "reference"  # float64 stays the oracle's business; the kernels are float32
+    backend = _resolve(backend, x, w1, b1, w2, b2)
     return torch.ops.metaformer_zoo.fft_filter(x, w1, b1, w2, b2, int(num_groups), float(sparsity_threshold), act,
                                                backend)
 
@@ -158,7 +162,7 @@ class FFTFilterFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, num_groups=8, sparsity_threshold=0.01, act="silu", backend="auto"):
         act = check_args(x, w1, b1, w2, b2, num_groups, act)
-        backend = resolve_backend(backend, x, w1, b1, w2, b2)
+        backend = _resolve(backend, x, w1, b1, w2, b2)
         ctx.save_for_backward(x, w1, b1, w2, b2)
         ctx.args = (num_groups, float(sparsity_threshold), act, backend)
         return _forward_impl(x, w1, b1, w2, b2, *ctx.args)

@@ -12,8 +12,8 @@ Two paths, chosen per call by :func:`use_fused` from the padded tile size:
   it produces dx and per-(batch, group) partial weight gradients that the wrapper sums over the batch.
 * **spectral** (large maps, e.g. detection): cuFFT via ``torch.fft.rfft2`` / ``irfft2`` around one Triton kernel
   that computes filter MLP + softshrink + complex multiply per block of frequency bins. Its backward is
-  recompute-based: the reference formula is re-run under autograd for the spectral part (checked against the
-  reference in tests).
+  recompute-based: ``reference.fft_filter_reference_backward`` (torch.fft + the analytic adjoint of the filter MLP,
+  float32), checked against the reference in tests.
 
 All accumulation is float32 regardless of the input dtype (bf16/fp16 inputs are loaded and cast in the kernel);
 ``tl.dot`` uses ``input_precision="ieee"`` for parity with the official fp32 code (no TF32).
@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import spectral_filter_reference
+from .reference import fft_filter_reference_backward
 
 __all__ = ["fft_filter_fwd", "fft_filter_bwd", "use_fused", "dft_matrices", "FUSED_MAX_TILE"]
 
@@ -430,13 +430,6 @@ def fft_filter_bwd(grad: torch.Tensor, x: torch.Tensor, w1, b1, w2, b2, num_grou
         )
         grads = (dw1.sum(0), db1.sum(0), dw2.sum(0), db2.sum(0))
         return (gx,) + tuple(gw.to(d) for gw, d in zip(grads, wdt))
-    # spectral path: recompute-based backward through torch.fft + the reference spectral formula
-    with torch.enable_grad():
-        xs = x.detach().float().requires_grad_(True)
-        ws = [t.detach().float().requires_grad_(True) for t in (w1, b1, w2, b2)]
-        X = torch.fft.rfft2(xs, dim=(2, 3), norm="ortho")
-        Y = spectral_filter_reference(X, *ws, G, sparsity_threshold, act)
-        y = torch.fft.irfft2(Y, s=(H, W), dim=(2, 3), norm="ortho")
-        grads = torch.autograd.grad(y, [xs] + ws, grad.float())
+    # spectral path: recompute-based analytic backward (torch.fft + transposed einsums, float32)
+    grads = fft_filter_reference_backward(grad.float(), x.float(), w1f, b1f, w2f, b2f, G, sparsity_threshold, act)
     return (grads[0].to(x.dtype),) + tuple(gw.to(d) for gw, d in zip(grads[1:], wdt))
-
