@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, GroupNorm1, make_divisible
-from timm.models import checkpoint, generate_default_cfgs, register_model
+from timm.models import checkpoint, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..builder import build_zoo_model
@@ -209,6 +209,10 @@ class AFFNet(MetaFormerBase):
         self.final_conv = ConvNormAct(prev, exp_chs, 1, act_layer=act)
 
         self._init_interface(in_chans, num_classes, dims, reductions=(4, 8, 16, 32))
+        # any size >= 32 works (odd sizes too: strided convs round up, irfft2 takes s=(H, W)); instance attributes
+        # so TorchScript sees them
+        self.min_input_size = 32
+        self.input_divisor = 1
         self.num_features = self.head_hidden_size = exp_chs
         self.head = MetaFormerHead(exp_chs, num_classes, global_pool=global_pool, norm_layer=None,
                                    drop_rate=drop_rate)
@@ -234,7 +238,12 @@ class AFFNet(MetaFormerBase):
         )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = super().forward_features(x)
+        self.check_input(x)
+        x = self.stem(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.stages, x)
+        else:
+            x = self.stages(x)
         return self.final_conv(x)
 
     def forward_intermediates(
