@@ -58,7 +58,7 @@ class CvnetsLayerNorm2d(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, u = torch.std_mean(x, dim=1, keepdim=True, unbiased=False)
         x = (x - u) / (s + self.eps)
-        return x * self.weight[:, None, None] + self.bias[:, None, None]
+        return torch.addcmul(self.bias[:, None, None], x, self.weight[:, None, None])  # as cvnets (same rounding)
 
 
 def _layer_norm_2d(dim):
