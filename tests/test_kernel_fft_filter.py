@@ -193,3 +193,13 @@ def test_autocast_runs_filter_in_float32():
         got = m(x)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want)
+
+
+def test_benchmark_cases_build_and_run_on_cpu():
+    """The GPU benchmark cases are well-formed (built on CPU here, one tiny case run through both backends)."""
+    from metaformer_zoo.kernels.fft_filter.bench import _case, benchmark_cases
+    cases = benchmark_cases(batch=1, device="cpu")
+    assert len(cases) >= 9 and all(len(c) == 4 and c[3] > 0 for c in cases)
+    name, ref, tri, nbytes = _case("tiny", 1, 16, 5, 6, torch.float32, "cpu")
+    ref()
+    tri()
