@@ -180,3 +180,14 @@ def test_aff_mixer_in_zoo_metaformer():
     model.train()
     model(x).mean().backward()
     assert model.stages[2].blocks[0].token_mixer.w1.grad is not None
+
+
+def test_aff_mixer_compiles_without_graph_breaks():
+    torch.manual_seed(0)
+    m = AFFMixer(16)
+    x = torch.randn(2, 16, 5, 6, requires_grad=True)
+    torch._dynamo.reset()
+    y = torch.compile(m, backend="aot_eager", fullgraph=True)(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, m(x))
+    assert x.grad is not None and x.grad.shape == x.shape
