@@ -78,7 +78,7 @@ def _act_fwd(x, ACT: tl.constexpr):
     if ACT == 1:
         x = tl.maximum(x, 0.0)
     elif ACT == 2:
-        x = x * tl.sigmoid(x)
+        x = x / (1.0 + tl.exp(-x))  # silu (no tl.sigmoid, see _rowsum)
     elif ACT == 3:
         x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     return x
@@ -92,13 +92,25 @@ def _act_grad(x, ACT: tl.constexpr):
     elif ACT == 1:
         g = tl.where(x > 0.0, 1.0, 0.0)
     elif ACT == 2:
-        s = tl.sigmoid(x)
+        s = 1.0 / (1.0 + tl.exp(-x))
         g = s * (1.0 + x * (1.0 - s))
     else:
         cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
         pdf = 0.3989422804014327 * tl.exp(-0.5 * x * x)
         g = cdf + x * pdf
     return g
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _rowsum(x):
+    # tl.reduce with our own combine fn instead of tl.sum: the jit functions of triton.language.standard
+    # (tl.sum, tl.sigmoid) fail under TRITON_INTERPRET=1 once triton was imported in compiled mode in the same process
+    return tl.reduce(x, 1, _add)
 
 
 @triton.jit
@@ -281,14 +293,14 @@ def _fft_filter_fused_bwd_kernel(
     # dW2r[i, o] = sum_n O1r[i,n] dO2r[o,n] + O1i[i,n] dO2i[o,n] ; dW2i[i,o] = sum O1r dO2i - O1i dO2r
     dw2r = tl.dot(o1r, tl.trans(do2r), input_precision=PREC) + tl.dot(o1i, tl.trans(do2i), input_precision=PREC)
     dw2i = tl.dot(o1r, tl.trans(do2i), input_precision=PREC) - tl.dot(o1i, tl.trans(do2r), input_precision=PREC)
-    db2r = tl.sum(do2r, axis=1)
-    db2i = tl.sum(do2i, axis=1)
+    db2r = _rowsum(do2r)
+    db2i = _rowsum(do2i)
     dh1r = do1r * _act_grad(h1r, ACT)
     dh1i = do1i * _act_grad(h1i, ACT)
     dw1r = tl.dot(xr, tl.trans(dh1r), input_precision=PREC) + tl.dot(xi, tl.trans(dh1i), input_precision=PREC)
     dw1i = tl.dot(xr, tl.trans(dh1i), input_precision=PREC) - tl.dot(xi, tl.trans(dh1r), input_precision=PREC)
-    db1r = tl.sum(dh1r, axis=1)
-    db1i = tl.sum(dh1i, axis=1)
+    db1r = _rowsum(dh1r)
+    db1i = _rowsum(dh1i)
     dxr += tl.dot(tl.trans(w1rT), dh1r, input_precision=PREC) + tl.dot(tl.trans(w1iT), dh1i, input_precision=PREC)
     dxi += tl.dot(tl.trans(w1rT), dh1i, input_precision=PREC) - tl.dot(tl.trans(w1iT), dh1r, input_precision=PREC)
     # Xr = Fr Tr - Fi Ti ; Xi = Fr Ti + Fi Tr  ->  dTr = Fr dXr + Fi dXi ; dTi = Fr dXi - Fi dXr
