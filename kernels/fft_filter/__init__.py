@@ -1,0 +1,174 @@
+"""``fft_filter``: AFFNet's adaptive frequency filter as one op (``metaformer_zoo::fft_filter``).
+
+``fft_filter(x, w1, b1, w2, b2, num_groups=8, sparsity_threshold=0.01, act="silu", backend="auto")`` returns
+``irfft2(softshrink(MLP(X)) * X, s=(H, W))`` with ``X = rfft2(x, norm="ortho")`` and the complex block-diagonal
+2-layer MLP of ``w1`` (2, G, bs, hidden) / ``b1`` (2, G, hidden) / ``w2`` (2, G, hidden, bs) / ``b2`` (2, G, bs) in
+the official AFNO layout (see ``reference.py``). The residual is not included. The math is float32 (float64 for
+float64 inputs, reference backend only) with autocast disabled; the result has x's dtype and is NCHW-contiguous.
+
+Dispatch: ``metaformer_zoo.kernels.resolve_backend`` picks Triton for CUDA tensors (or ``TRITON_INTERPRET=1``) and the
+plain PyTorch reference otherwise; ``backend=`` or ``METAFORMER_ZOO_KERNELS`` force one.
+
+The op is registered with ``torch.library.custom_op`` (forward and backward are both custom ops with fake
+implementations and an autograd formula), so ``torch.compile`` / ``torch.fx`` see a single node and do not break the
+graph. A FlopCounterMode formula counts the filter MLP's matmul MACs (8 real products per bin, as the official
+einsums); FFTs are not counted, as FlopCounterMode never counts them.
+
+Backward: with the Triton backend, maps that fit one tile use a fused Triton backward kernel (recompute of the
+forward in registers + transposed DFT/MLP products, per-(batch, group) partial weight grads summed in PyTorch);
+larger maps use a recompute-based backward (torch.fft + the reference spectral formula under autograd). The
+reference backend's backward is the analytic adjoint in ``reference.fft_filter_reference_backward`` (autograd does
+not record inside a custom op), checked against autograd through ``fft_filter_reference`` in float64.
+"""
+from typing import Tuple
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from .. import resolve_backend
+from .reference import ACTS, fft_filter_reference, fft_filter_reference_backward
+
+__all__ = ["fft_filter", "fft_filter_reference", "FFTFilterFunction", "check_args"]
+
+_ACT_ALIASES = {"swish": "silu", "silu": "silu", "relu": "relu", "gelu": "gelu", "identity": "identity",
+                "none": "identity"}
+
+
+def check_args(x, w1, b1, w2, b2, num_groups: int, act: str) -> str:
+    """Validate shapes; return the canonical activation name."""
+    if x.dim() != 4:
+        raise ValueError(f"fft_filter expects x of shape (B, C, H, W), got {list(x.shape)}")
+    C = x.shape[1]
+    if num_groups <= 0 or C % num_groups != 0:
+        raise ValueError(f"fft_filter: channels ({C}) must be divisible by num_groups ({num_groups})")
+    bs = C // num_groups
+    hid = w1.shape[-1] if w1.dim() == 4 else -1
+    want = {"w1": (2, num_groups, bs, hid), "b1": (2, num_groups, hid), "w2": (2, num_groups, hid, bs),
+            "b2": (2, num_groups, bs)}
+    for name, t in zip(("w1", "b1", "w2", "b2"), (w1, b1, w2, b2)):
+        if tuple(t.shape) != want[name]:
+            raise ValueError(f"fft_filter: {name} has shape {tuple(t.shape)}, expected {want[name]} for x with "
+                             f"{C} channels and num_groups={num_groups} (official AFNO layout (2, G, in, out))")
+    if x.shape[-2] < 1 or x.shape[-1] < 1:
+        raise ValueError(f"fft_filter: empty spatial size {tuple(x.shape[-2:])}")
+    key = str(act).lower()
+    if key not in _ACT_ALIASES:
+        raise ValueError(f"fft_filter: unknown activation {act!r}; choose one of {ACTS} (or 'swish')")
+    return _ACT_ALIASES[key]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# implementations (no autograd inside)
+
+def _resolve(backend, *tensors):
+    backend = resolve_backend(backend, *tensors)
+    if backend == "triton" and tensors[0].dtype == torch.float64:
+        backend = "reference"  # float64 stays the oracle's business; the kernels are float32
+    return backend
+
+
+def _forward_impl(x, w1, b1, w2, b2, num_groups, lam, act, backend):
+    if _resolve(backend, x, w1, b1, w2, b2) == "triton":
+        from .triton import fft_filter_fwd
+        return fft_filter_fwd(x, w1, b1, w2, b2, num_groups, lam, act)
+    with torch.no_grad():
+        return fft_filter_reference(x, w1, b1, w2, b2, num_groups, lam, act).contiguous()
+
+
+def _backward_impl(grad, x, w1, b1, w2, b2, num_groups, lam, act, backend):
+    if _resolve(backend, x, w1, b1, w2, b2) == "triton":
+        from .triton import fft_filter_bwd
+        return tuple(fft_filter_bwd(grad, x, w1, b1, w2, b2, num_groups, lam, act))
+    grads = fft_filter_reference_backward(grad, x, w1, b1, w2, b2, num_groups, lam, act)
+    return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (x, w1, b1, w2, b2)))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# torch.library custom ops
+
+@torch.library.custom_op("metaformer_zoo::fft_filter", mutates_args=())
+def _fft_filter_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                   num_groups: int, sparsity_threshold: float, act: str, backend: str) -> torch.Tensor:
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _forward_impl(x, w1, b1, w2, b2, num_groups, sparsity_threshold, act, backend)
+
+
+@_fft_filter_op.register_fake
+def _(x, w1, b1, w2, b2, num_groups, sparsity_threshold, act, backend):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("metaformer_zoo::fft_filter_backward", mutates_args=())
+def _fft_filter_backward_op(grad: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+                            w2: torch.Tensor, b2: torch.Tensor, num_groups: int, sparsity_threshold: float,
+                            act: str, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                             torch.Tensor, torch.Tensor]:
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _backward_impl(grad, x, w1, b1, w2, b2, num_groups, sparsity_threshold, act, backend)
+
+
+@_fft_filter_backward_op.register_fake
+def _(grad, x, w1, b1, w2, b2, num_groups, sparsity_threshold, act, backend):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (x, w1, b1, w2, b2))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, num_groups, lam, act, backend = inputs
+    ctx.save_for_backward(x, w1, b1, w2, b2)
+    ctx.args = (num_groups, lam, act, backend)
+
+
+def _backward(ctx, grad):
+    x, w1, b1, w2, b2 = ctx.saved_tensors
+    grads = torch.ops.metaformer_zoo.fft_filter_backward(grad.contiguous(), x, w1, b1, w2, b2, *ctx.args)
+    return tuple(grads) + (None, None, None, None)
+
+
+_fft_filter_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _filter_macs(x_shape, w1_shape) -> int:
+    B, C, H, W = x_shape
+    return 8 * B * H * (W // 2 + 1) * C * w1_shape[-1]
+
+
+@register_flop_formula(torch.ops.metaformer_zoo.fft_filter)
+def _fft_filter_flops(x_shape, w1_shape, *args, out_shape=None, **kwargs) -> int:
+    """2 x the MACs of the 8 real block-diagonal products of the filter MLP (FFTs are not counted)."""
+    return 2 * _filter_macs(x_shape, w1_shape)
+
+
+@register_flop_formula(torch.ops.metaformer_zoo.fft_filter_backward)
+def _fft_filter_backward_flops(grad_shape, x_shape, w1_shape, *args, out_shape=None, **kwargs) -> int:
+    return 4 * _filter_macs(x_shape, w1_shape)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# public API
+
+def fft_filter(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+               num_groups: int = 8, sparsity_threshold: float = 0.01, act: str = "silu",
+               backend: str = "auto") -> torch.Tensor:
+    """AFF filter ``irfft2(softshrink(MLP(rfft2(x))) * rfft2(x))`` (no residual); see the module docstring."""
+    act = check_args(x, w1, b1, w2, b2, num_groups, act)
+    backend = _resolve(backend, x, w1, b1, w2, b2)
+    return torch.ops.metaformer_zoo.fft_filter(x, w1, b1, w2, b2, int(num_groups), float(sparsity_threshold), act,
+                                               backend)
+
+
+class FFTFilterFunction(torch.autograd.Function):
+    """The same op as an ``autograd.Function`` (eager only; ``fft_filter`` uses the custom op)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, num_groups=8, sparsity_threshold=0.01, act="silu", backend="auto"):
+        act = check_args(x, w1, b1, w2, b2, num_groups, act)
+        backend = _resolve(backend, x, w1, b1, w2, b2)
+        ctx.save_for_backward(x, w1, b1, w2, b2)
+        ctx.args = (num_groups, float(sparsity_threshold), act, backend)
+        return _forward_impl(x, w1, b1, w2, b2, *ctx.args)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w1, b1, w2, b2 = ctx.saved_tensors
+        grads = _backward_impl(grad.contiguous(), x, w1, b1, w2, b2, *ctx.args)
+        return tuple(grads) + (None, None, None, None)
