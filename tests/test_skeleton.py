@@ -24,7 +24,7 @@ def test_compose_mixers_per_stage():
 def test_every_registered_mixer_composes():
     """Each registered mixer works in a 2D stage of the generic skeleton (shape in == shape out, grads flow)."""
     for name in list_mixers():
-        model = timm.create_model("zoo_metaformer", token_mixers=name, depths=(1, 1, 1, 1), dims=(16, 32, 48, 64),
+        model = timm.create_model("zoo_metaformer", token_mixers=name, depths=(1, 1, 1, 1), dims=(64, 128, 192, 256),
                                   img_size=64, num_classes=3)
         out = model(torch.randn(2, 3, 64, 64))
         assert out.shape == (2, 3), name
