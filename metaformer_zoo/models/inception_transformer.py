@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
-from timm.models import generate_default_cfgs, register_model, register_notrace_function
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model, register_notrace_function
 
 from ..builder import build_zoo_model
 from ..checkpoint import CheckpointError, linear_to_conv1x1, remap_keys, unwrap_state_dict, validate_state_dict
@@ -112,7 +112,6 @@ class IFormerStage(MetaFormerStage):
         x = self.downsample(x)
         x = x + resize_pos_embed(self.pos_embed, x.shape[-2], x.shape[-1])
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            from timm.models import checkpoint_seq
             x = checkpoint_seq(self.blocks, x)
         else:
             x = self.blocks(x)
@@ -181,6 +180,9 @@ class InceptionTransformer(MetaFormerBase):
             stages.append(IFormerStage(blocks, downsample, embed_dims[i], pos))
         self.stages = nn.Sequential(*stages)
         self._init_interface(in_chans, num_classes, embed_dims)
+        # any size >= 32 px runs (every map size is computed with ceil); instance attributes for TorchScript
+        self.min_input_size = 32
+        self.input_divisor = 1
         self.head = MetaFormerHead(self.num_features, num_classes, global_pool=global_pool,
                                    norm_layer="layernorm2d", norm_first=True)
         self.apply(self._init_weights)

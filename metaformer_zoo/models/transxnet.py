@@ -74,7 +74,10 @@ class MultiScaleDWConv(nn.Module):
 
     def forward(self, x):
         xs = torch.split(x, self.channels, dim=1)
-        return torch.cat([conv(t) for conv, t in zip(self.proj, xs)], dim=1)
+        out = []
+        for i, conv in enumerate(self.proj):
+            out.append(conv(xs[i]))
+        return torch.cat(out, dim=1)
 
 
 class MSFFN(nn.Module):
@@ -229,6 +232,9 @@ class TransXNet(MetaFormerBase):
                                          sr_ratios[i]))
         self.stages = nn.Sequential(*stages)
         self._init_interface(in_chans, num_classes, embed_dims)
+        # any size >= 32 px runs (every map size is computed with ceil); instance attributes for TorchScript
+        self.min_input_size = 32
+        self.input_divisor = 1
         self.head = MetaFormerHead(self.num_features, num_classes, global_pool=global_pool, norm_layer="groupnorm1",
                                    norm_first=True)
         self.apply(self._init_weights)
