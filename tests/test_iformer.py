@@ -197,7 +197,7 @@ def test_low_mixer_matches_official_at_even_square_sizes(pool):
         assert mod(torch.randn(1, 64, 7, 10)).shape == (1, 64, 7, 10)
 
 
-@pytest.mark.parametrize("size", [(224, 224), (232, 232), (224, 320), (200, 136)])
+@pytest.mark.parametrize("size", [(224, 224), (104, 104), (72, 136)])
 def test_forward_sizes(small, size):
     """Official sizes plus what the official code cannot run: not a multiple of 16, non-square."""
     x = torch.randn(1, 3, *size)
@@ -210,11 +210,11 @@ def test_forward_sizes(small, size):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("size", [(256, 256), (384, 384), (800, 1216)])
+@pytest.mark.parametrize("size", [(256, 256), (232, 232), (224, 320), (200, 136), (384, 384), (800, 1216)])
 def test_forward_sizes_slow(small, size):
     with torch.no_grad():
         feats = small.forward_intermediates(torch.randn(1, 3, *size), intermediates_only=True)
-    assert [tuple(f.shape[-2:]) for f in feats] == [(size[0] // r, size[1] // r) for r in (4, 8, 16, 32)]
+    assert [tuple(f.shape[-2:]) for f in feats] == [(-(-size[0] // r), -(-size[1] // r)) for r in (4, 8, 16, 32)]
 
 
 def test_bad_inputs_raise(small):
@@ -246,7 +246,7 @@ def test_dense_out_norm():
 
 def test_inception_mixer_in_zoo_metaformer():
     torch.manual_seed(0)
-    m = timm.create_model("zoo_metaformer", token_mixers=["inception", "inception", "pooling", "inception"],
+    m = timm.create_model("zoo_metaformer", token_mixers=["inception", "inception", "sepconv", "inception"],
                           depths=(1, 1, 1, 1), dims=(64, 128, 160, 256), num_classes=5)
     mixers = [s.blocks[0].token_mixer for s in m.stages]
     assert mixers[0].low_mixer.pool_size == 2 and mixers[3].low_mixer.pool_size == 1
