@@ -254,3 +254,16 @@ def test_inception_mixer_in_zoo_metaformer():
     assert out.shape == (2, 5)
     out.sum().backward()
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+
+
+def test_pretrained_file_overlay(tmp_path):
+    """An official-format file on disk (raw state dict) loads through timm's pretrained path."""
+    torch.manual_seed(0)
+    kw = dict(depths=(1, 1, 2, 1), attention_heads=[1, 3, 7, 9, 11])
+    src = _randomize(timm.create_model("iformer_small", **kw))
+    path = tmp_path / "iformer_small.pth"
+    torch.save(ifm.official_state_dict(src), path)
+    model = timm.create_model("iformer_small", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kw)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), src(x), rtol=0, atol=0)

@@ -227,3 +227,16 @@ def test_dmixer_in_zoo_metaformer():
     assert out.shape == (2, 5)
     out.sum().backward()
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+
+
+def test_pretrained_file_overlay(tmp_path):
+    """An official-format file on disk loads through timm's pretrained path (filter + strict load)."""
+    torch.manual_seed(0)
+    kw = dict(depths=(1, 1, 1, 1))
+    src = _randomize(timm.create_model("transxnet_t", **kw))
+    path = tmp_path / "transx-t.pth.tar"
+    torch.save({"epoch": 299, "arch": "transxnet_t", "state_dict": txn.official_state_dict(src)}, path)
+    model = timm.create_model("transxnet_t", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kw).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), src(x), rtol=0, atol=0)

@@ -76,7 +76,14 @@ class MultiScaleDWConv(nn.Module):
         xs = torch.split(x, self.channels, dim=1)
         out = []
         for i, conv in enumerate(self.proj):
-            out.append(conv(xs[i]))
+            if conv.kernel_size[0] == 1:
+                # a depthwise 1x1 conv is a per-channel affine; PyTorch's CPU conv takes a very slow per-group path
+                # for it, so compute it elementwise (same values up to float rounding)
+                b = conv.bias
+                assert b is not None
+                out.append(xs[i] * conv.weight.view(1, -1, 1, 1) + b.view(1, -1, 1, 1))
+            else:
+                out.append(conv(xs[i]))
         return torch.cat(out, dim=1)
 
 
@@ -117,7 +124,9 @@ class LayerScale(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x):
-        return F.conv2d(x, weight=self.weight, bias=self.bias, groups=x.shape[1])
+        # official: F.conv2d(x, weight, bias, groups=C); elementwise gives the same values (up to float rounding)
+        # without the slow per-group CPU path of depthwise 1x1 convs
+        return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
 
 
 class TransXNetBlock(nn.Module):
