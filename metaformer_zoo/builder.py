@@ -3,7 +3,8 @@
 * ``device=`` / ``dtype=`` factory kwargs (``timm.create_model(name, device="meta")``) for any model class, by building
   under a ``torch.device`` context instead of threading the kwargs through every layer;
 * the default feature config (``flatten_sequential``, out_indices of the 4 stages);
-* the family's ``checkpoint_filter_fn`` for official checkpoints.
+* the family's ``checkpoint_filter_fn`` for official checkpoints;
+* a failed weight download raises ``metaformer_zoo.hub.WeightsUnavailableError`` naming the URL / Hub id.
 """
 from typing import Callable, Optional
 
@@ -33,8 +34,17 @@ def build_zoo_model(
         with torch.device(device):
             return model_cls(**model_kwargs)
 
-    model = build_model_with_cfg(
-        _factory, variant, pretrained, pretrained_filter_fn=pretrained_filter_fn, feature_cfg=feature_cfg, **kwargs)
+    try:
+        model = build_model_with_cfg(
+            _factory, variant, pretrained, pretrained_filter_fn=pretrained_filter_fn, feature_cfg=feature_cfg, **kwargs)
+    except Exception as e:
+        if not pretrained:
+            raise
+        from .hub import weights_unavailable_error  # name the URL / Hub id when the download fails
+        err = weights_unavailable_error(variant, e, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+        if err is None:
+            raise
+        raise err from e
     if dtype is not None:
         model = model.to(dtype=dtype)
     return model

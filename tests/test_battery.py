@@ -2,7 +2,8 @@
 
 Every check runs at a small resolution on CPU. One test per model does the cheap checks (forward, features_only,
 forward_intermediates, default cfg, reset_classifier, grad checkpointing); backward and TorchScript/FX run on every
-model too, but heavy variants are marked ``slow`` (default run: the smallest variant of each family).
+model too. The default run covers the smallest variant of each family; the other variants are marked ``slow`` and run
+in CI's slow stage (parameter counts of every variant are checked in the default run by each family's tests).
 """
 import math
 
@@ -57,7 +58,7 @@ def test_zoo_registers_models():
         assert family_of(n).owner == "zoo"
 
 
-@pytest.mark.parametrize("name", ZOO_MODELS)
+@pytest.mark.parametrize("name", _params(ZOO_MODELS))
 def test_model_battery(name):
     torch.manual_seed(0)
     model = _create(name).eval()

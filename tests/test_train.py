@@ -113,3 +113,14 @@ def test_torchrun_ddp_on_cpu(data_env, tmp_path):
     subprocess.run(cmd, env=data_env, check=True, timeout=900)
     ckpt = torch.load(os.path.join(out, "last.pth.tar"), weights_only=True)
     assert ckpt["args"]["world_size"] == 2 and ckpt["step"] == 12
+
+
+def test_amp_channels_last_compile_flags(data_env, tmp_path):
+    """The runtime switches work together: bf16 autocast on CPU, channels-last, torch.compile (eager backend here)."""
+    import train
+    metrics = train.main(TINY + ["--epochs", "1", "--max-steps-per-epoch", "2", "--amp", "--channels-last",
+                                 "--torchcompile", "eager", "--output", str(tmp_path / "amp")])
+    assert metrics["n"] == 359 and 0.0 <= metrics["top1"] <= 100.0
+    ckpt = torch.load(tmp_path / "amp" / "last.pth.tar", weights_only=True)
+    assert ckpt["args"]["amp"] and ckpt["args"]["channels_last"] and ckpt["step"] == 2
+    assert not any(k.startswith("_orig_mod") for k in ckpt["state_dict"])  # saved unwrapped

@@ -13,11 +13,11 @@ _SIZES_CONV = ("s18", "s36", "m36", "b36")
 register_family("poolformer", [f"poolformer_{s}" for s in _SIZES_POOL], owner="timm",
                 paper="MetaFormer Is Actually What You Need for Vision (arXiv 2111.11418)",
                 code="https://github.com/sail-sg/poolformer")
-register_family("poolformerv2", [f"poolformerv2_{s}" for s in _SIZES_POOL], owner="timm",
+register_family("poolformerv2", [f"poolformerv2_{s}" for s in _SIZES_POOL], owner="timm", card="poolformer",
                 paper="MetaFormer Baselines for Vision (arXiv 2210.13452)", code="https://github.com/sail-sg/metaformer")
-register_family("convformer", [f"convformer_{s}" for s in _SIZES_CONV], owner="timm",
+register_family("convformer", [f"convformer_{s}" for s in _SIZES_CONV], owner="timm", card="convformer_caformer",
                 paper="MetaFormer Baselines for Vision (arXiv 2210.13452)", code="https://github.com/sail-sg/metaformer")
-register_family("caformer", [f"caformer_{s}" for s in _SIZES_CONV], owner="timm",
+register_family("caformer", [f"caformer_{s}" for s in _SIZES_CONV], owner="timm", card="convformer_caformer",
                 paper="MetaFormer Baselines for Vision (arXiv 2210.13452)", code="https://github.com/sail-sg/metaformer")
 register_family("mambaout", [f"mambaout_{s}" for s in ("femto", "kobe", "tiny", "small", "base")], owner="timm",
                 paper="MambaOut: Do We Really Need Mamba for Vision? (arXiv 2405.07992)",

@@ -1,0 +1,230 @@
+"""2D selective scan (ViM2 / VMamba SS2D core): ``selective_scan``, ``cross_scan``, ``cross_merge``,
+``selective_scan2d``.
+
+Public API (reference semantics in ``reference.py``; algorithm, layouts and tolerances in ``README.md``):
+
+* ``selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
+  backend="auto")`` -- mamba-ssm ``selective_scan_ref`` semantics; u, delta, z (batch, dim, L); A (dim, N) real;
+  B, C (batch, G, N, L) grouped (dim % G == 0) or (batch, N, L) shared; D, delta_bias (dim,). Float32 accumulation;
+  output in u's dtype (+ last state (batch, dim, N) float32 if requested).
+* ``cross_scan(x)``: (B, C, H, W) -> (B, 4, C, H*W); routes 0 row-major, 1 column-major, 2/3 their reverses.
+* ``cross_merge(y, H=None, W=None)``: (B, 4, C, H*W) -> (B, C, H, W), the exact adjoint of ``cross_scan``.
+* ``selective_scan2d(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, backend="auto")``: the fused
+  4-route op = ``cross_merge(selective_scan(cross_scan(x), ...))``; x (B, C, H, W) (any strides, channels-last
+  included); delta (B, 4, C, H*W) in route order; A (4*C, N); B, C (B, 4, N, H*W); D, delta_bias (4*C,).
+
+Dispatch: ``metaformer_zoo.kernels.resolve_backend(backend, *tensors)`` -- Triton on CUDA tensors (or on CPU under
+``TRITON_INTERPRET=1``), the plain-PyTorch reference otherwise; ``backend="reference"|"triton"`` or the environment
+variable ``METAFORMER_ZOO_KERNELS`` force one.
+
+The Triton path is two ``torch.library`` custom ops, ``metaformer_zoo::selective_scan_fwd`` and
+``metaformer_zoo::selective_scan_bwd``, with fake (meta) implementations and ``register_autograd``: torch.compile and
+make_fx see each as one node, never a graph break, and AOTAutograd puts the backward op in the backward graph. The
+Triton module is imported lazily on the first Triton call, so ``TRITON_INTERPRET`` only needs to be set before that.
+
+Autocast: both paths run with autocast disabled and accumulate in float32 whatever the input dtypes (inputs may be
+mixed, e.g. bf16 activations with fp32 A / D); the output dtype is u's (x's) dtype. Gradients come back in each
+input's dtype.
+
+Differences between the paths: the Triton ``return_last_state`` state carries no gradient (as mamba-ssm's CUDA
+function); the reference's does. Complex A and time-invariant (dim, N) B / C are not supported (clear ValueError).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from metaformer_zoo.kernels import resolve_backend
+
+from . import reference
+from .reference import selective_scan_ref_naive
+
+__all__ = ["selective_scan", "cross_scan", "cross_merge", "selective_scan2d", "selective_scan_ref_naive"]
+
+
+def _tk():
+    """The Triton kernel module, imported on first use (TRITON_INTERPRET must be set before this)."""
+    from . import triton as tk
+    return tk
+
+
+def _no_autocast(device_type: str):
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# kernel layouts: every op is run as R routes x G groups over a (B, Cu, H, W) view of u
+#   mode2d: u = x (B, C, H, W), delta (B, 4, C, L), B/C (B, 4, N, L): R = 4, G = 1
+#   1d:     u (B, D, L) -> (B, D, 1, L), delta (B, D, L) -> (B, G, D/G, L), B/C (B, G, N, L): R = 1
+# ----------------------------------------------------------------------------------------------------------------------
+def _layout(u, delta, z, B, mode2d: bool):
+    if mode2d:
+        return u, delta, z, 4, 1
+    G = B.shape[1]
+    u4 = u.unsqueeze(2)
+    dt4 = delta.unflatten(1, (G, u.shape[1] // G))
+    z4 = z.unsqueeze(2) if z is not None else None
+    return u4, dt4, z4, 1, G
+
+
+def _states_shape(u, A, B, mode2d: bool):
+    if mode2d:
+        Bsz, Cu, H, W = u.shape
+        R, G = 4, 1
+    else:
+        Bsz, Cu, L = u.shape
+        H, W = 1, L
+        R, G = 1, B.shape[1]
+    nc = _tk().n_chunks(H * W, u.device.type)
+    return (Bsz, G * R, Cu // G, nc, A.shape[1])
+
+
+@torch.library.custom_op("metaformer_zoo::selective_scan_fwd", mutates_args=())
+def _scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+                 delta_bias: Optional[Tensor], delta_softplus: bool, mode2d: bool) -> Tuple[Tensor, Tensor]:
+    """Triton forward. B, C are 4-d here. Returns (out in u's dtype and shape, chunk-end states fp32)."""
+    u4, dt4, z4, R, G = _layout(u, delta, z, B, mode2d)
+    out4, states = _tk().scan_fwd(u4, dt4, A, B, C, D, z4, delta_bias, delta_softplus, R, G, u.dtype)
+    out = out4 if mode2d else out4.squeeze(2)
+    return out, states
+
+
+@_scan_fwd_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, mode2d):
+    u4 = u if mode2d else u.unsqueeze(2)
+    out4 = torch.empty_like(u4)
+    out = out4 if mode2d else out4.squeeze(2)
+    return out, u.new_empty(_states_shape(u, A, B, mode2d), dtype=torch.float32)
+
+
+@torch.library.custom_op("metaformer_zoo::selective_scan_bwd", mutates_args=())
+def _scan_bwd_op(g: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                 z: Optional[Tensor], delta_bias: Optional[Tensor], states: Tensor, delta_softplus: bool,
+                 mode2d: bool) -> List[Tensor]:
+    """Triton backward. Returns [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias] in the inputs' dtypes and shapes;
+    dD / dz / ddelta_bias are empty (0,) tensors when that input is None."""
+    u4, dt4, z4, R, G = _layout(u, delta, z, B, mode2d)
+    g4 = g if mode2d else g.unsqueeze(2)
+    du4, ddt, dA, dB, dC, dD, dz4, dbias = _tk().scan_bwd(g4, u4, dt4, A, B, C, D, z4, delta_bias, states,
+                                                          delta_softplus, R, G)
+    du = du4 if mode2d else du4.squeeze(2)
+    dz = (dz4 if mode2d else dz4.squeeze(2)) if z is not None else None
+    return [du, ddt.view(delta.shape), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+            dD.to(D.dtype) if D is not None else u.new_empty((0,)),
+            dz if z is not None else u.new_empty((0,)),
+            dbias.to(delta_bias.dtype) if delta_bias is not None else u.new_empty((0,))]
+
+
+@_scan_bwd_op.register_fake
+def _(g, u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, mode2d):
+    u4 = u if mode2d else u.unsqueeze(2)
+    du4 = torch.empty_like(u4)
+    du = du4 if mode2d else du4.squeeze(2)
+    return [du, delta.new_empty(delta.shape), torch.empty_like(A, memory_format=torch.contiguous_format),
+            B.new_empty(B.shape), C.new_empty(C.shape),
+            D.new_empty(D.shape) if D is not None else u.new_empty((0,)),
+            (torch.empty_like(u4, dtype=z.dtype) if mode2d else torch.empty_like(u4, dtype=z.dtype).squeeze(2))
+            if z is not None else u.new_empty((0,)),
+            delta_bias.new_empty(delta_bias.shape) if delta_bias is not None else u.new_empty((0,))]
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, mode2d = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1])
+    ctx.delta_softplus = delta_softplus
+    ctx.mode2d = mode2d
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, gout, gstates):
+    u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+    if gout is None:
+        return (None,) * 10
+    du, ddt, dA, dB, dC, dD, dz, dbias = _scan_bwd_op(gout, u, delta, A, B, C, D, z, delta_bias, states,
+                                                      ctx.delta_softplus, ctx.mode2d)
+    return (du, ddt, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
+            dbias if delta_bias is not None else None, None, None)
+
+
+_scan_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# public ops
+# ----------------------------------------------------------------------------------------------------------------------
+def _to_groups(t: Tensor, G: int) -> Tensor:
+    """(b, Gt, N, L) -> (b, G, N, L) with group g of the result = group g // (G / Gt) of t (a view when Gt == 1)."""
+    b, Gt, N, L = t.shape
+    if Gt == G:
+        return t
+    return t.unsqueeze(2).expand(b, Gt, G // Gt, N, L).reshape(b, G, N, L)
+
+
+def _empty_input(*tensors) -> bool:
+    return any(t is not None and t.numel() == 0 for t in tensors)
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, backend="auto"):
+    """Selective scan with mamba-ssm ``selective_scan_ref`` semantics (see the module docstring)."""
+    be = resolve_backend(backend, u, delta, A, B, C, D, z, delta_bias)
+    with _no_autocast(u.device.type):
+        if be == "reference" or _empty_input(u, A):
+            return reference.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        reference._check_scan_args(u, delta, A, B, C, D, z, delta_bias)
+        B4 = B.unsqueeze(1) if B.dim() == 3 else B
+        C4 = C.unsqueeze(1) if C.dim() == 3 else C
+        if B4.shape[1] != C4.shape[1]:  # different group counts: run at the common refinement
+            G = math.lcm(B4.shape[1], C4.shape[1])
+            B4, C4 = _to_groups(B4, G), _to_groups(C4, G)
+        out, states = torch.ops.metaformer_zoo.selective_scan_fwd(u, delta, A, B4, C4, D, z, delta_bias,
+                                                                   bool(delta_softplus), False)
+        if return_last_state:
+            return out, states[:, :, :, -1, :].reshape(u.shape[0], u.shape[1], A.shape[1])
+        return out
+
+
+def cross_scan(x, backend="auto"):
+    """(B, C, H, W) -> (B, 4, C, H*W). A plain PyTorch copy on every backend (the fused op never materialises it)."""
+    resolve_backend(backend, x)  # validates the backend name
+    return reference.cross_scan(x)
+
+
+def cross_merge(y, H=None, W=None, backend="auto"):
+    """(B, 4, C, H*W) -> (B, C, H, W), the adjoint of ``cross_scan``. Plain PyTorch on every backend."""
+    resolve_backend(backend, y)
+    return reference.cross_merge(y, H, W)
+
+
+def _check_2d(x, delta, A, B, C, D, delta_bias):
+    if x.dim() != 4:
+        raise ValueError(f"selective_scan2d: x must be (B, C, H, W), got shape {list(x.shape)}")
+    Bsz, Ch, H, W = x.shape
+    L = H * W
+    if tuple(delta.shape) != (Bsz, 4, Ch, L):
+        raise ValueError(f"selective_scan2d: delta must be (B, 4, C, H*W)={(Bsz, 4, Ch, L)} in route order, "
+                         f"got {list(delta.shape)}")
+    if A.dim() != 2 or A.shape[0] != 4 * Ch or A.is_complex():
+        raise ValueError(f"selective_scan2d: A must be real (4*C, N)=({4 * Ch}, N), got {list(A.shape)} {A.dtype}")
+    N = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if tuple(t.shape) != (Bsz, 4, N, L):
+            raise ValueError(f"selective_scan2d: {name} must be (B, 4, N, H*W)={(Bsz, 4, N, L)}, got {list(t.shape)}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and tuple(t.shape) != (4 * Ch,):
+            raise ValueError(f"selective_scan2d: {name} must be (4*C,)=({4 * Ch},), got {list(t.shape)}")
+
+
+def selective_scan2d(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, backend="auto"):
+    """Fused 4-route selective scan: ``cross_merge(selective_scan over the routes of cross_scan(x))``."""
+    be = resolve_backend(backend, x, delta, A, B, C, D, delta_bias)
+    with _no_autocast(x.device.type):
+        if be == "reference" or _empty_input(x, A):
+            return reference.selective_scan2d(x, delta, A, B, C, D, delta_bias, delta_softplus)
+        _check_2d(x, delta, A, B, C, D, delta_bias)
+        out, _ = torch.ops.metaformer_zoo.selective_scan_fwd(x, delta, A, B, C, D, None, delta_bias,
+                                                             bool(delta_softplus), True)
+        return out

@@ -1,0 +1,525 @@
+"""Official checkpoints -> timm Hub folders: conversion, export, verification, model cards, weight-source errors.
+
+The library side of ``tools/convert.py``::
+
+    model = convert_checkpoint("identityformer_s12", "identityformer_s12.pth")   # official file -> zoo model
+    export_folder(model, "out/identityformer_s12", source="identityformer_s12.pth")
+    verify_folder("out/identityformer_s12", model)   # local-dir and file-overlay loads give the same outputs
+    # timm.create_model("local-dir:out/identityformer_s12", pretrained=True) now works offline
+
+Every family of the catalogue (``metaformer_zoo.zoo``) describes its official format in ``Family.extra``:
+``filter_fn(state_dict, model)`` (official -> zoo layout, validated), ``to_official(model)`` (zoo -> official layout,
+or ``None`` where no official code exists) and ``official_wrapper`` (``None`` = plain state dict, ``"state_dict"`` /
+``"model"`` = wrapped). A family module may define ``load_official_checkpoint(path)`` for files that carry more than
+tensors (e.g. a yacs ``CfgNode``). timm-owned families (PoolFormer v1/v2, ConvFormer, CAFormer, MambaOut) get the
+same protocol here, from timm's own ``checkpoint_filter_fn`` plus strict validation and the inverse key mapping.
+
+``weights_unavailable_error`` turns a failed download of pretrained weights into an error that names where the weights
+would come from (URL / Hub id) and how to load them offline; ``metaformer_zoo.builder`` raises it for every zoo model.
+"""
+import csv
+import hashlib
+import importlib
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import CheckpointError, load_checkpoint_file, remap_keys, unwrap_state_dict, validate_state_dict
+from .zoo import Family, count_macs, count_params, family_of
+
+__all__ = [
+    "WeightsUnavailableError", "FamilyProtocol", "family_protocol", "load_official_file", "convert_checkpoint",
+    "make_official_checkpoint", "export_folder", "verify_folder", "push_folder", "model_card", "weights_source",
+    "weights_unavailable_error", "official_results", "sample_input", "CITATIONS",
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_CSV = REPO_ROOT / "model_cards" / "results.csv"
+
+
+class WeightsUnavailableError(OSError):
+    """Pretrained weights could not be fetched (no network, no cache); the message names the source and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# where pretrained weights come from
+
+
+def weights_source(model_name: str, pretrained_cfg: Any = None, pretrained_cfg_overlay: Optional[dict] = None) -> str:
+    """Human-readable source of ``model_name``'s pretrained weights (file, Hub id and/or URL), '' if it has none."""
+    from timm.models._builder import resolve_pretrained_cfg
+    try:
+        cfg = resolve_pretrained_cfg(model_name, pretrained_cfg=pretrained_cfg,
+                                     pretrained_cfg_overlay=pretrained_cfg_overlay)
+    except Exception:  # noqa: BLE001 - unknown tag etc.: timm reports those itself
+        return ""
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
+    parts = []
+    if cfg.get("file"):
+        parts.append(f"file {cfg['file']}")
+    if cfg.get("hf_hub_id"):
+        parts.append(f"Hugging Face Hub id {cfg['hf_hub_id']}")
+    if cfg.get("url"):
+        parts.append(f"URL {cfg['url']}")
+    return " / ".join(parts)
+
+
+def _is_fetch_error(e: BaseException) -> bool:
+    if isinstance(e, CheckpointError):
+        return False
+    if isinstance(e, OSError):  # URLError, ConnectionError, FileNotFoundError, HF LocalEntryNotFoundError, timeouts
+        return True
+    mod = type(e).__module__ or ""
+    return mod.split(".")[0] in ("httpx", "httpcore", "requests", "urllib3", "huggingface_hub")
+
+
+def weights_unavailable_error(model_name: str, error: BaseException, pretrained_cfg: Any = None,
+                              pretrained_cfg_overlay: Optional[dict] = None) -> Optional[WeightsUnavailableError]:
+    """A ``WeightsUnavailableError`` for a failed pretrained load caused by ``error``, or None if it is not a fetch error.
+
+    Used by ``metaformer_zoo.builder.build_zoo_model`` so ``timm.create_model(name, pretrained=True)`` without network
+    says which URL / Hub id it needed and how to load the weights offline.
+    """
+    if not _is_fetch_error(error):
+        return None
+    src = weights_source(model_name, pretrained_cfg, pretrained_cfg_overlay) or "(no source registered)"
+    tag = getattr(pretrained_cfg, "tag", None) or (pretrained_cfg if isinstance(pretrained_cfg, str) else None)
+    full = f"{model_name}.{tag}" if tag and "." not in model_name else model_name
+    return WeightsUnavailableError(
+        f"could not load pretrained weights for {full} from {src}: {type(error).__name__}: {error}. "
+        f"Without network, download the file elsewhere and pass "
+        f"pretrained_cfg_overlay=dict(file='/path/to/weights') (official files are converted on load), convert it once "
+        f"with `python tools/convert.py --model {model_name.split('.')[0]} --checkpoint FILE --out DIR` and use "
+        f"timm.create_model('local-dir:DIR', pretrained=True), or point TORCH_HOME / HF_HOME at a cache holding it."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# family protocol (catalogue entries + timm-owned families)
+
+
+@dataclass
+class FamilyProtocol:
+    family: str
+    filter_fn: Callable  # (official state dict or wrapped object, model) -> validated zoo/timm state dict
+    to_official: Optional[Callable]  # model -> official-layout state dict, None where no official code exists
+    official_wrapper: Optional[str]  # None | "state_dict" | "model"
+    load_official: Optional[Callable]  # path -> raw object, for files that carry more than tensors
+
+
+def _timm_filter(timm_filter: Callable, layout_keys: Sequence[str]) -> Callable:
+    """timm's checkpoint_filter_fn made strict: unwrap, recognise the layout, remap, validate (CheckpointError)."""
+
+    def filter_fn(state_dict, model):
+        state_dict = unwrap_state_dict(state_dict)
+        if not any(k in state_dict for k in layout_keys):
+            sample = ", ".join(sorted(state_dict)[:5])
+            raise CheckpointError(
+                f"unrecognised checkpoint layout for {type(model).__name__}: expected one of the keys "
+                f"{', '.join(layout_keys)}; got {sample} ... Is this a checkpoint of another family?")
+        try:
+            out = timm_filter(dict(state_dict), model)
+        except KeyError as e:
+            raise CheckpointError(
+                f"checkpoint key {e} has no counterpart in {type(model).__name__}: the checkpoint is of another "
+                f"family or variant (check depths/dims). Nothing was loaded.") from None
+        return validate_state_dict(out, model, source="checkpoint (official layout)")
+
+    return filter_fn
+
+
+def _pool_v1_to_official(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """timm PoolFormer v1 -> sail-sg/poolformer layout (``patch_embed.proj``, ``network.{0..6}``, ``layer_scale_1``)."""
+    rules = (
+        (r"^stem\.conv\.", "patch_embed.proj."),
+        (r"^stages\.(\d+)\.downsample\.conv\.", lambda m: f"network.{2 * int(m.group(1)) - 1}.proj."),
+        (r"^stages\.(\d+)\.blocks\.(\d+)\.", lambda m: f"network.{2 * int(m.group(1))}.{m.group(2)}."),
+        (r"layer_scale(\d)\.scale$", r"layer_scale_\1"),
+        (r"^head\.norm\.", "norm."),
+        (r"^head\.fc\.", "head."),
+    )
+    return {k: v.clone() for k, v in remap_keys(model.state_dict(), rules).items()}
+
+
+def _mambaout_to_official(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """timm MambaOut -> yuweihao/MambaOut layout (``downsample_layers``, ``stages.i.j``, MLP head fc1/norm/fc2)."""
+    rules = (
+        (r"^stem\.", "downsample_layers.0."),
+        (r"^stages\.(\d+)\.downsample\.", r"downsample_layers.\1."),
+        (r"^stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2."),
+        (r"^head\.norm\.", "norm."),
+        (r"^head\.fc\.", "head.fc2."),
+        (r"^head\.pre_logits\.fc\.", "head.fc1."),
+        (r"^head\.pre_logits\.norm\.", "head.norm."),
+    )
+    return {k: v.clone() for k, v in remap_keys(model.state_dict(), rules).items()}
+
+
+def _timm_protocols() -> Dict[str, FamilyProtocol]:
+    from timm.models import mambaout as timm_mambaout
+    from timm.models import metaformer as timm_metaformer
+
+    from .models._baselines import official_state_dict as baselines_to_official  # same layout as sail-sg/metaformer
+    meta = _timm_filter(timm_metaformer.checkpoint_filter_fn,
+                        ("stem.conv.weight", "downsample_layers.0.conv.weight", "patch_embed.proj.weight"))
+    return {
+        "poolformer": FamilyProtocol("poolformer", meta, _pool_v1_to_official, None, None),
+        "poolformerv2": FamilyProtocol("poolformerv2", meta, baselines_to_official, None, None),
+        "convformer": FamilyProtocol("convformer", meta, baselines_to_official, None, None),
+        "caformer": FamilyProtocol("caformer", meta, baselines_to_official, None, None),
+        "mambaout": FamilyProtocol("mambaout", _timm_filter(
+            timm_mambaout.checkpoint_filter_fn, ("stem.conv1.weight", "downsample_layers.0.conv1.weight")),
+            _mambaout_to_official, None, None),
+    }
+
+
+def _family_module(fam: Family):
+    import timm
+    for name in fam.variants:
+        if timm.models.is_model(name):
+            return sys.modules.get(timm.models.model_entrypoint(name).__module__)
+    return None
+
+
+def family_protocol(family: Union[str, Family]) -> Optional[FamilyProtocol]:
+    """The conversion protocol of a catalogue family (a name, a variant name or a ``Family``); None if it has none."""
+    if isinstance(family, str):
+        from .zoo import list_families
+        fam = next((f for f in list_families() if f.name == family), None) or family_of(family)
+    else:
+        fam = family
+    extra = fam.extra or {}
+    if extra.get("filter_fn") is not None:
+        module = _family_module(fam)
+        loader = (extra.get("load_official_checkpoint") or extra.get("official_loader")
+                  or getattr(module, "load_official_checkpoint", None))
+        return FamilyProtocol(fam.name, extra["filter_fn"], extra.get("to_official"), extra.get("official_wrapper"),
+                              loader)
+    if fam.owner == "timm":
+        return _timm_protocols().get(fam.name)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# conversion
+
+
+def load_official_file(path: str, protocol: Optional[FamilyProtocol] = None) -> Any:
+    """Read an official checkpoint file (the family's own loader if it has one), errors as ``CheckpointError``."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if protocol is not None and protocol.load_official is not None:
+        try:
+            return protocol.load_official(path)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"cannot read {protocol.family} checkpoint {path} ({os.path.getsize(path)} bytes): "
+                                  f"{type(e).__name__}: {e}. The file may be truncated or corrupt.") from e
+    return load_checkpoint_file(path)
+
+
+def _classifier_keys(model: nn.Module) -> List[str]:
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    return [f"{c}.{p}" for c in classifier for p in ("weight", "bias")]
+
+
+def convert_checkpoint(model_name: str, checkpoint: Union[str, Mapping[str, Any]], **model_kwargs) -> nn.Module:
+    """Build ``model_name`` (no pretrained download) and load an official checkpoint (path or loaded object) into it.
+
+    The family's filter maps the official layout to the zoo's, strictly: missing / unexpected / mis-shaped keys,
+    unreadable files and checkpoints of another family raise ``CheckpointError`` and nothing is loaded. A checkpoint
+    whose classifier has another number of classes than the model is refused too (pass ``num_classes=``).
+    """
+    import timm
+    fam = family_of(model_name)
+    protocol = family_protocol(fam)
+    if protocol is None:
+        raise CheckpointError(f"family {fam.name!r} of {model_name} has no official checkpoint converter")
+    raw = load_official_file(checkpoint, protocol) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    source = str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "checkpoint"
+    model = timm.create_model(model_name, pretrained=False, **model_kwargs)
+    try:
+        state_dict = protocol.filter_fn(raw, model)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source} -> {model_name}: {e}") from None
+    except (KeyError, IndexError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(
+            f"{source} -> {model_name}: the {fam.name} checkpoint filter failed with {type(e).__name__}: {e}. The file "
+            f"is probably not an official {fam.name} checkpoint of this variant. Nothing was loaded.") from e
+    target = model.state_dict()
+    for k in _classifier_keys(model):
+        if k in state_dict and k in target and tuple(state_dict[k].shape) != tuple(target[k].shape):
+            raise CheckpointError(
+                f"{source} -> {model_name}: the checkpoint classifier {k} has shape {tuple(state_dict[k].shape)}, the "
+                f"model {tuple(target[k].shape)}: create the model with num_classes={state_dict[k].shape[0]} "
+                f"(tools/convert.py --num-classes {state_dict[k].shape[0]}).")
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{source} -> {model_name}: {e}") from None
+    return model.eval()
+
+
+def make_official_checkpoint(model: nn.Module, path: Optional[str] = None, model_name: Optional[str] = None):
+    """The model's weights as its family's official file would hold them (layout + wrapper); saved if ``path``.
+
+    Used for synthetic official checkpoints in tests. Raises ``CheckpointError`` for families without official code.
+    """
+    name = model_name or model.pretrained_cfg["architecture"]
+    protocol = family_protocol(family_of(name))
+    if protocol is None or protocol.to_official is None:
+        raise CheckpointError(f"{name}: its family has no official checkpoint layout (to_official is None)")
+    sd = protocol.to_official(model)
+    obj = {protocol.official_wrapper: sd} if protocol.official_wrapper else sd
+    if path is not None:
+        torch.save(obj, path)
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# export / verify / push
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _json_default(o):
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def export_folder(model: nn.Module, out_dir: str, model_name: Optional[str] = None, source: Optional[str] = None,
+                  card: Optional[str] = None, model_args: Optional[dict] = None, extra_info: Optional[dict] = None
+                  ) -> Dict[str, str]:
+    """Write a timm Hub folder: ``config.json``, ``model.safetensors``, ``README.md`` (model card).
+
+    Loads back offline with ``timm.create_model("local-dir:" + out_dir, pretrained=True)`` (after
+    ``import metaformer_zoo``) or with ``pretrained_cfg_overlay=dict(file=out_dir + "/model.safetensors")``.
+    ``card`` replaces the generated model card text; ``source`` (the official file) is recorded with its sha256.
+    """
+    from timm.models import save_for_hf
+    name = model_name or model.pretrained_cfg["architecture"]
+    arch = name.split(".")[0]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    args = dict(num_classes=model.num_classes, **(model_args or {}))
+    save_for_hf(model, str(out), model_args=args, safe_serialization=True)
+
+    cfg_path = out / "config.json"
+    config = json.loads(cfg_path.read_text())
+    config["architecture"] = arch
+    config["num_classes"] = model.num_classes
+    config.setdefault("model_args", {}).update(args)
+    pcfg = config.setdefault("pretrained_cfg", {})
+    pcfg["num_classes"] = model.num_classes
+    for k in ("url", "hf_hub_id", "file", "source", "state_dict", "hf_hub_filename"):
+        pcfg.pop(k, None)  # the folder itself is the source
+    from .version import __version__
+    zoo_info = {"converted_by": f"metaformer_zoo {__version__}", "family": family_of(arch).name}
+    if source:
+        zoo_info["source_checkpoint"] = os.path.basename(str(source))
+        if os.path.isfile(str(source)):
+            zoo_info["source_sha256"] = _sha256(str(source))
+    orig = getattr(model, "pretrained_cfg", {}) or {}
+    if orig.get("url") or orig.get("hf_hub_id"):
+        zoo_info["official_weights"] = orig.get("url") or orig.get("hf_hub_id")
+    zoo_info.update(extra_info or {})
+    config["metaformer_zoo"] = zoo_info
+    cfg_path.write_text(json.dumps(config, indent=2, default=_json_default) + "\n")
+
+    text = card if card is not None else model_card(model, name, source=source, extra_info=zoo_info)
+    (out / "README.md").write_text(text)
+    return {"dir": str(out), "config": str(cfg_path), "weights": str(out / "model.safetensors"),
+            "card": str(out / "README.md")}
+
+
+def sample_input(model: nn.Module, batch: int = 2, seed: int = 0, max_size: int = 64) -> torch.Tensor:
+    """A deterministic small input the model accepts (its fixed size, else ``max_size`` rounded to its constraints)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    in_chans = int(getattr(model, "in_chans", 0) or cfg.get("input_size", (3,))[0])
+    if cfg.get("fixed_input_size"):
+        h, w = cfg["input_size"][1:]
+    else:
+        size = max(max_size, int(getattr(model, "min_input_size", 0) or 0))
+        div = int(getattr(model, "input_divisor", 1) or 1)
+        size = -(-size // div) * div
+        h = w = size
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, in_chans, h, w, generator=g)
+
+
+@torch.no_grad()
+def _max_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    return (a.eval()(x) - b.eval()(x)).abs().max().item()
+
+
+def verify_folder(folder: str, reference: nn.Module, atol: float = 1e-5, x: Optional[torch.Tensor] = None
+                  ) -> Dict[str, float]:
+    """Load ``folder`` through ``local-dir:`` and through a ``file`` overlay; compare both with ``reference``.
+
+    Returns the max abs logit differences; raises ``AssertionError`` when one exceeds ``atol``.
+    """
+    import timm
+    folder = str(Path(folder).resolve())
+    config = json.loads((Path(folder) / "config.json").read_text())
+    x = sample_input(reference) if x is None else x
+    via_dir = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    overlay = dict(file=os.path.join(folder, "model.safetensors"), num_classes=config["num_classes"])
+    via_file = timm.create_model(config["architecture"], pretrained=True, pretrained_cfg_overlay=overlay,
+                                 **config.get("model_args", {}))
+    diffs = {"local-dir": _max_diff(reference, via_dir, x), "file-overlay": _max_diff(reference, via_file, x)}
+    bad = {k: v for k, v in diffs.items() if not v <= atol}
+    if bad:
+        raise AssertionError(f"outputs of {folder} differ from the converted model: {bad} (atol {atol})")
+    return diffs
+
+
+def push_folder(folder: str, repo_id: str, private: bool = False, token: Optional[str] = None,
+                commit_message: str = "Add model (converted with metaformer_zoo)") -> str:
+    """Upload an exported folder to the Hugging Face Hub (creates the repo); returns the repo URL."""
+    from huggingface_hub import HfApi
+    api = HfApi(token=token, library_name="timm")
+    url = api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+    return str(url)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# model cards
+
+CITATIONS = {
+    "2111.11418": """@inproceedings{yu2022metaformer,
+  title={MetaFormer is Actually What You Need for Vision},
+  author={Yu, Weihao and Luo, Mi and Zhou, Pan and Si, Chenyang and Zhou, Yichen and Wang, Xinchao and Feng, Jiashi and Yan, Shuicheng},
+  booktitle={Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  pages={10819--10829},
+  year={2022}
+}""",
+    "2210.13452": """@article{yu2024metaformer,
+  title={MetaFormer Baselines for Vision},
+  author={Yu, Weihao and Si, Chenyang and Zhou, Pan and Luo, Mi and Zhou, Yichen and Feng, Jiashi and Yan, Shuicheng and Wang, Xinchao},
+  journal={IEEE Transactions on Pattern Analysis and Machine Intelligence},
+  volume={46},
+  number={2},
+  pages={896--912},
+  year={2024}
+}""",
+    "2405.07992": """@article{yu2024mambaout,
+  title={MambaOut: Do We Really Need Mamba for Vision?},
+  author={Yu, Weihao and Wang, Xinchao},
+  journal={arXiv preprint arXiv:2405.07992},
+  year={2024}
+}""",
+}
+
+
+def official_results(path: Optional[str] = None) -> Dict[str, Tuple[float, str]]:
+    """``model_cards/results.csv`` as {model: (top1, source)}; empty if the file is absent (installed wheel)."""
+    p = Path(path) if path else RESULTS_CSV
+    if not p.is_file():
+        return {}
+    out = {}
+    with open(p, newline="") as f:
+        for row in csv.DictReader(line for line in f if not line.startswith("#")):
+            try:
+                out[row["model"].strip()] = (float(row["top1"]), row.get("source", "").strip())
+            except (KeyError, ValueError):
+                continue
+    return out
+
+
+def _arxiv_id(text: str) -> str:
+    m = re.search(r"(\d{4}\.\d{4,5})", text or "")
+    return m.group(1) if m else ""
+
+
+def model_card(model: nn.Module, model_name: Optional[str] = None, source: Optional[str] = None,
+               extra_info: Optional[dict] = None, macs: Optional[int] = None) -> str:
+    """Hub model card (README.md) with YAML front matter (library_name: timm, tags, license, datasets, metrics)."""
+    import timm
+    name = model_name or model.pretrained_cfg["architecture"]
+    arch = name.split(".")[0]
+    fam = family_of(arch)
+    cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    tag = cfg.get("tag") or (name.split(".", 1)[1] if "." in name else "")
+    input_size = tuple(cfg.get("input_size", (3, 224, 224)))
+    total, trainable = count_params(model)
+    if macs is None:
+        try:
+            meta = timm.create_model(arch, device="meta", num_classes=model.num_classes)
+            macs = count_macs(meta, input_size, device="meta")
+        except Exception:  # noqa: BLE001 - MACs are informative only
+            macs = None
+    license_ = cfg.get("license") or "apache-2.0"
+    in22k = "22k" in tag or "21k" in tag or model.num_classes in (21841, 21843, 11821)
+    datasets = ["imagenet-1k"] + (["imagenet-22k"] if in22k else [])
+    top1 = official_results().get(arch) if model.num_classes == 1000 and not in22k else None
+    paper_id = _arxiv_id(cfg.get("paper_ids", "")) or _arxiv_id(fam.paper)
+    repo_id = (extra_info or {}).get("repo_id") or f"<org>/{name}"
+
+    lines = ["---", "library_name: timm", f"license: {license_}", "tags:", "- image-classification", "- timm",
+             "- metaformer-zoo", f"- {fam.name}", "datasets:"] + [f"- {d}" for d in datasets]
+    lines += ["metrics:", "- accuracy", "pipeline_tag: image-classification"]
+    if top1 is not None:
+        lines += ["model-index:", f"- name: {arch}", "  results:", "  - task:", "      type: image-classification",
+                  "    dataset:", "      name: ImageNet-1k", "      type: imagenet-1k", "    metrics:",
+                  "    - type: accuracy", "      name: top-1 accuracy (official, not re-evaluated)",
+                  f"      value: {top1[0]}"]
+    lines += ["---", "", f"# Model card for {name}", ""]
+    desc = f"{fam.name} image classification model, converted from the official checkpoint to the timm layout of " \
+           f"metaformer-zoo (`import metaformer_zoo` registers the architecture with timm)."
+    lines += [desc, "", "## Model Details", "",
+              f"- **Model Type:** image classification / feature backbone",
+              f"- **Architecture:** `{arch}` (family `{fam.name}`)",
+              f"- **Params (M):** {total / 1e6:.2f}" + (f" ({trainable / 1e6:.2f} trainable)" if trainable != total
+                                                         else ""),
+              (f"- **GMACs:** {macs / 1e9:.3f} (FlopCounterMode / 2, matmul/conv/SDPA only)" if macs else
+               "- **GMACs:** n/a"),
+              f"- **Image size:** {input_size[1]} x {input_size[2]}" + (" (fixed)" if cfg.get("fixed_input_size")
+                                                                         else ""),
+              f"- **Preprocessing:** {cfg.get('interpolation', 'bicubic')} resize, crop_pct {cfg.get('crop_pct')}, "
+              f"mean {tuple(cfg.get('mean', ()))}, std {tuple(cfg.get('std', ()))}",
+              f"- **Dataset:** {', '.join(datasets)}"]
+    if fam.paper:
+        lines.append(f"- **Paper:** {fam.paper}" + (f" https://arxiv.org/abs/{paper_id}" if paper_id else ""))
+    if fam.code or cfg.get("origin_url"):
+        lines.append(f"- **Original:** {fam.code or cfg.get('origin_url')}")
+    info = extra_info or {}
+    if info.get("official_weights"):
+        lines.append(f"- **Official weights:** {info['official_weights']}")
+    if source:
+        lines.append(f"- **Converted from:** `{os.path.basename(str(source))}`"
+                     + (f" (sha256 `{info['source_sha256']}`)" if info.get("source_sha256") else ""))
+    if info.get("max_abs_diff") is not None:
+        lines.append(f"- **Conversion check:** max |logit diff| {info['max_abs_diff']:.3g} vs the converted model")
+    if top1 is not None:
+        lines.append(f"- **ImageNet-1k top-1 (official):** {top1[0]} ({top1[1]})")
+    lines += ["", "## Model Usage", "", "```python", "import timm, torch", "import metaformer_zoo  # registers the zoo",
+              "", f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True)  # or 'local-dir:/path/to/folder'",
+              "model = model.eval()",
+              "cfg = timm.data.resolve_data_config({}, model=model)",
+              "transform = timm.data.create_transform(**cfg)",
+              f"logits = model(torch.randn(1, {input_size[0]}, {input_size[1]}, {input_size[2]}))",
+              "features = timm.create_model(model.pretrained_cfg['architecture'], features_only=True)  # 4 stages",
+              "```", ""]
+    if fam.card:
+        lines += [f"See `model_cards/{fam.card}.md` in metaformer-zoo for all variants and known deviations.", ""]
+    cite = CITATIONS.get(paper_id)
+    if cite:
+        lines += ["## Citation", "", "```bibtex", cite, "```", ""]
+    return "\n".join(lines)

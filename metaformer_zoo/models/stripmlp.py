@@ -1,0 +1,375 @@
+"""Strip-MLP (Cao et al., "Strip-MLP: Efficient Token Interaction for Vision MLP", ICCV 2023, arXiv 2307.11458;
+official code Med-Process/Strip_MLP ``models/strip_mlp.py``, class ``StripMLPNet``).
+
+Conv 4x4 s4 stem (no bias, no norm); four stages of ``BasicBlock`` = ``x + dp(TokenMixing(x))``,
+``x + dp(ChannelMixing(x))`` with a hard-coded constant drop path of 0.1; conv 2x2 s2 merging between stages;
+cross-stage shortcuts (grouped 2x2 s2 convs ``conv_s1_28``, ``conv_s1_14``, ``conv_s2_14``) from the stage-2 and
+stage-3 inputs into the stage-3 and stage-4 inputs; head BatchNorm2d -> global mean -> Linear. Token mixers in
+``metaformer_zoo.mixers.strip`` (``"strip"``, ``"cgsmm"``, ``"lsmm"``).
+
+Sizes: the official model only runs at 224 px (square; the dense strip weights are tied to 56/28/14/7 maps). Here
+any size >= 32 px works: at other feature sizes the strip matrices are resampled (see ``metaformer_zoo.mixers.strip``,
+a zoo extension; exact at the trained size). ``strict_size=True`` gives the official behaviour with a clear error.
+Maps are floored by the stride-4 stem and stride-2 merges as in the official convs.
+
+Checkpoints: the official files are Swin-style dicts ``{"model", "optimizer", "lr_scheduler", "max_accuracy",
+"epoch", "config", ...}`` whose ``config`` is a pickled yacs ``CfgNode``. ``load_official_checkpoint`` reads them
+without executing arbitrary pickles: ``torch.load(weights_only=True)`` with the yacs ``CfgNode`` class allow-listed
+by name: ``torch.serialization.safe_globals([(ctor, "yacs.config.CfgNode")])`` where ``ctor`` builds a plain
+``OrderedDict``, so the config comes back as nested dicts and yacs need not be installed (allow-listing yacs' own
+class fails: the weights-only unpickler only fills exact dict types). The dense outputs: the official code has no dense wrapper; the zoo puts no
+norm on the stride 4/8/16/32 stage outputs (``DENSE_OUT_NORMS``).
+"""
+from typing import List, Optional, Sequence, Tuple, Union
+
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath
+from timm.models import checkpoint, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from ..builder import build_zoo_model
+from ..checkpoint import CheckpointError, remap_keys, unwrap_state_dict, validate_state_dict
+from ..mixers.strip import StripTokenMixing
+from ..skeleton import MetaFormerBase, MetaFormerHead, MetaFormerStage
+from ..zoo import register_family
+
+__all__ = ["StripMLP", "checkpoint_filter_fn", "official_state_dict", "load_official_checkpoint", "DENSE_OUT_NORMS",
+           "dense_out_norm"]
+
+ARCHS = {
+    # name: (embed_dim, layers)  -- official __main__ comments / configs
+    "light_t": (80, (2, 2, 6, 2)),
+    "t": (80, (2, 2, 12, 2)),
+    "s": (96, (2, 2, 18, 2)),
+    "b": (112, (2, 2, 18, 2)),
+}
+
+DENSE_OUT_NORMS = (None, None, None, None)
+
+
+def dense_out_norm(index: int, num_chs: int) -> Optional[nn.Module]:
+    """Norm for dense output ``index``: none (no official dense code; stage outputs are used raw)."""
+    return None
+
+
+class GRN(nn.Module):
+    """ConvNeXt-V2 global response norm on NHWC (official: gamma/beta (1, 1, 1, C), zero init)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
+
+    def forward(self, x):
+        Gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
+        Nx = Gx / (Gx.mean(dim=-1, keepdim=True) + 1e-6)
+        return self.gamma * (x * Nx) + self.beta + x
+
+
+class ChannelMixing(nn.Module):
+    """DWConv 7x7 -> NHWC -> LayerNorm -> Linear(C, aC) -> GELU -> GRN -> Linear(aC, C) -> NCHW."""
+
+    def __init__(self, dim: int, alpha: int = 3, drop: float = 0.):
+        super().__init__()
+        self.conv_77 = nn.Conv2d(dim, dim, 7, 1, 3, groups=dim, bias=False)
+        self.layer_norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, alpha * dim)
+        self.activation = nn.GELU()
+        self.grn = GRN(alpha * dim)
+        self.drop = nn.Dropout(drop)
+        self.fc2 = nn.Linear(alpha * dim, dim)
+
+    def forward(self, x):
+        x = self.conv_77(x).permute(0, 2, 3, 1)
+        x = self.grn(self.activation(self.fc1(self.layer_norm(x))))
+        x = self.drop(self.fc2(x))
+        return x.permute(0, 3, 1, 2)
+
+
+class StripBlock(nn.Module):
+    def __init__(self, dim: int, feat_size: Tuple[int, int], alpha: int = 3, drop: float = 0.,
+                 drop_path: float = 0.1, strict_size: bool = False):
+        super().__init__()
+        self.token_mixing = StripTokenMixing(dim, feat_size, strict_size)
+        self.channel_mixing = ChannelMixing(dim, alpha, drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x):
+        x = x + self.drop_path(self.token_mixing(x))
+        return x + self.drop_path(self.channel_mixing(x))
+
+
+class Stem(nn.Module):
+    def __init__(self, in_chans: int, dim: int, patch_size: int = 4):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chans, dim, patch_size, patch_size, bias=False)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class StripMLP(MetaFormerBase):
+    """Strip-MLP. Stage i has width ``embed_dim * 2**i`` and feature size ``img_size / 4 / 2**i``.
+
+    Args:
+        embed_dim, layers: official ``EMBED_DIM`` / ``LAYERS``. alpha: channel-MLP ratio (3).
+        img_size: size the strip weights are built for (224). strict_size: raise at other sizes (official behaviour)
+            instead of resampling the strip weights.
+        drop_path_rate: constant drop path of every residual (official: hard-coded 0.1; not linear).
+    """
+    supports_torchscript = False
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = "avg",
+            img_size: Union[int, Tuple[int, int]] = 224,
+            embed_dim: int = 80,
+            layers: Sequence[int] = (2, 2, 12, 2),
+            alpha: int = 3,
+            strict_size: bool = False,
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            drop_path_rate: float = 0.1,
+    ):
+        super().__init__()
+        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if img_size[0] != img_size[1]:
+            raise ValueError(f"Strip-MLP strip weights are square (official assert H == W): build with a square "
+                             f"img_size, not {img_size}; other input sizes still run (strip weights are resampled)")
+        if len(layers) != 4:
+            raise ValueError("Strip-MLP has 4 stages (cross-stage shortcuts are wired for 4)")
+        self.img_size = img_size
+        dims = [embed_dim * 2 ** i for i in range(4)]
+        res = img_size[0] // 4
+        self.stem = Stem(in_chans, embed_dim, 4)
+        stages = []
+        for i in range(4):
+            feat = int(res / 2 ** i)
+            blocks = [StripBlock(dims[i], (feat, feat), alpha, proj_drop_rate, drop_path_rate, strict_size)
+                      for _ in range(layers[i])]
+            merge = None if i == 0 else nn.Conv2d(dims[i - 1], dims[i], 2, 2, bias=False)
+            stages.append(MetaFormerStage(blocks, merge))
+        self.stages = nn.Sequential(*stages)
+        # cross-stage shortcuts (official names)
+        self.conv_s1_28 = nn.Conv2d(dims[1], dims[2], 2, 2, 0, groups=dims[1], bias=False)
+        self.conv_s1_14 = nn.Conv2d(dims[2], dims[3], 2, 2, 0, groups=dims[2], bias=False)
+        self.conv_s2_14 = nn.Conv2d(dims[2], dims[3], 2, 2, 0, groups=dims[2], bias=False)
+        self._init_interface(in_chans, num_classes, dims)
+        self.min_input_size = 32
+        self.head = MetaFormerHead(dims[-1], num_classes, global_pool=global_pool, norm_layer=nn.BatchNorm2d,
+                                   norm_first=True, drop_rate=drop_rate)
+
+    def _blocks(self, stage: MetaFormerStage, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(stage.blocks, x)
+        return stage.blocks(x)
+
+    def _forward_stages(self, x: torch.Tensor, take: Sequence[int] = (), last: int = 3):
+        feats = []
+        s1_14 = s1_7 = s2_7 = None
+        for i, stage in enumerate(self.stages):
+            if i > last:
+                break
+            x = stage.downsample(x)
+            if i == 1:
+                s1_14 = self.conv_s1_28(x)  # merging1 output -> stage-3 input
+                s1_7 = self.conv_s1_14(s1_14)  # -> stage-4 input
+            elif i == 2:
+                s2_7 = self.conv_s2_14(x)  # merging2 output -> stage-4 input
+                x = x + s1_14
+            elif i == 3:
+                x = x + s1_7 + s2_7
+            x = self._blocks(stage, x)
+            if i in take:
+                feats.append(x)
+        return x, feats
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        x = self.stem(x)
+        x, _ = self._forward_stages(x, (), len(self.stages) - 1)
+        return x
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ):
+        """Stage outputs at strides 4/8/16/32 (after the cross-stage shortcuts are added to the stage inputs)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt {output_fmt!r} is not supported; zoo models return NCHW intermediates")
+        self.check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last = max_index if stop_early else len(self.stages) - 1
+        x = self.stem(x)
+        x, feats = self._forward_stages(x, take_indices, last)
+        if intermediates_only:
+            return feats
+        return x, feats
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        if max_index < 3:
+            self.conv_s1_14 = self.conv_s2_14 = nn.Identity()
+        if max_index < 2:
+            self.conv_s1_28 = nn.Identity()
+        return super().prune_intermediate_layers(indices, prune_norm, prune_head)
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------------
+
+_CGSMM = r"(proj_h|proj_w|fuse_h|fuse_w|BN|relate_pos_h|relate_pos_w)"
+OFFICIAL_RULES = (
+    (r"^patch_embed\.", "stem.conv."),
+    (r"^blocks([1-4])\.(\d+)\.", lambda m: f"stages.{int(m.group(1)) - 1}.blocks.{m.group(2)}."),
+    (r"^merging([1-3])\.", r"stages.\1.downsample."),
+    (r"\.smlp_block\." + _CGSMM + r"\.", r".smlp_block.cgsmm.\1."),
+    (r"\.smlp_block\.(fc_h|fc_w|reweight)\.", r".smlp_block.lsmm.\1."),
+    (r"^norm\.", "head.norm."),
+    (r"^head\.(weight|bias)$", r"head.fc.\1"),
+)
+_TO_OFFICIAL = (
+    (r"^stem\.conv\.", "patch_embed."),
+    (r"^stages\.(\d)\.blocks\.(\d+)\.", lambda m: f"blocks{int(m.group(1)) + 1}.{m.group(2)}."),
+    (r"^stages\.(\d)\.downsample\.", r"merging\1."),
+    (r"\.smlp_block\.(cgsmm|lsmm)\.", ".smlp_block."),
+    (r"^head\.norm\.", "norm."),
+    (r"^head\.fc\.(weight|bias)$", r"head.\1"),
+)
+
+
+def checkpoint_filter_fn(state_dict, model: StripMLP):
+    """Official Strip-MLP checkpoint (``{"model": ...}`` or a flat dict, optional ``module.`` prefix) -> zoo layout.
+
+    Key moves only (no reshapes): ``patch_embed`` -> ``stem.conv``, ``blocksN.j`` -> ``stages.{N-1}.blocks.j``,
+    ``mergingN`` -> ``stages.N.downsample``, the CGSMM / LSMM parameters of ``smlp_block`` into its ``cgsmm`` /
+    ``lsmm`` sub-modules, ``norm`` -> ``head.norm``, ``head`` -> ``head.fc``. Validated strictly.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    if "stem.conv.weight" not in state_dict:
+        if "patch_embed.weight" not in state_dict:
+            sample = ", ".join(sorted(state_dict)[:5])
+            raise CheckpointError(
+                f"unrecognised checkpoint layout for Strip-MLP: expected official Med-Process/Strip_MLP keys "
+                f"('patch_embed.weight', 'blocks1.0.token_mixing.smlp_block.proj_h.weight', ...) or zoo keys "
+                f"('stem.conv.weight'), got {sample} ... Is this a checkpoint of another family?")
+        state_dict = remap_keys(state_dict, OFFICIAL_RULES)
+    return validate_state_dict(state_dict, model, source="checkpoint (Med-Process/Strip_MLP layout)")
+
+
+def official_state_dict(model: StripMLP):
+    """The model's weights in the official layout (inverse of ``checkpoint_filter_fn``); wrap as ``{"model": sd}``."""
+    sd = {k: v for k, v in model.state_dict().items()}
+    return remap_keys(sd, _TO_OFFICIAL)
+
+
+class _CfgNodeAsDict:
+    """Allow-listed under the name ``yacs.config.CfgNode``: "constructing" it yields a plain ``OrderedDict``, which
+    the weights-only unpickler then fills with the config items (and whose ``__dict__`` receives yacs' two flags).
+    Allow-listing yacs' real ``CfgNode`` does not work: torch's weights-only unpickler only fills exact
+    dict/OrderedDict/Counter objects, and a CfgNode is a dict subclass."""
+
+    def __new__(cls, *args, **kwargs):
+        return OrderedDict()
+
+
+_SAFE_GLOBALS = [(_CfgNodeAsDict, "yacs.config.CfgNode")]
+
+
+def load_official_checkpoint(path: str, model: Optional[StripMLP] = None):
+    """Read an official Strip-MLP ``.pth`` safely and (with ``model``) convert + strictly load it.
+
+    The file is a Swin-style dict whose ``config`` entry is a pickled yacs ``CfgNode``, which plain
+    ``torch.load(weights_only=True)`` rejects. It is read with ``weights_only=True`` and exactly one extra global
+    allow-listed (``torch.serialization.safe_globals``) under the name ``yacs.config.CfgNode``: a constructor that
+    returns a plain ``OrderedDict``, so the config comes back as nested dicts and no yacs (or any other) code runs.
+    yacs' own class cannot be allow-listed instead (the weights-only unpickler only fills exact dict types), and
+    yacs need not be installed. ``weights_only=False`` is never used; any other pickled object raises.
+    Returns the converted state dict (the raw tensors of ``model``/flat dict when ``model`` is None).
+    """
+    import os
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(
+            f"cannot read Strip-MLP checkpoint {path} with weights_only=True (+ yacs CfgNode allow-listed): "
+            f"{type(e).__name__}: {e}. The file may be truncated, or hold objects other than tensors and the yacs "
+            f"config.") from e
+    sd = unwrap_state_dict(obj)
+    if model is None:
+        return sd
+    sd = checkpoint_filter_fn(sd, model)
+    model.load_state_dict(sd, strict=True)
+    return sd
+
+
+# --- registration --------------------------------------------------------------------------------------------------
+
+_URLS = {  # Baidu Pan (extraction code 1234): not directly downloadable; kept for provenance
+    "light_t": "https://pan.baidu.com/s/15SQy1MxY5RQlybNVpuFQcg?pwd=1234",
+    "t": "https://pan.baidu.com/s/1mUDavm3Y8pmW8p7QmypnNQ?pwd=1234",
+    "s": "https://pan.baidu.com/s/1uXoPzrhptbA8FBuQcaOrVg?pwd=1234",
+    "b": "https://pan.baidu.com/s/1t4iQuMqUR8yfAO0kRS1EFg?pwd=1234",
+}
+
+
+def _cfg(variant: str, **kwargs):
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+        "crop_pct": 0.875, "interpolation": "bicubic",  # Swin-style eval: resize 256 (bicubic) + center crop 224
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.conv", "classifier": "head.fc", "license": "mit",
+        "paper_ids": "arXiv:2307.11458", "paper_name": "Strip-MLP: Efficient Token Interaction for Vision MLP",
+        "origin_url": _URLS[variant], **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({f"stripmlp_{v}.in1k": _cfg(v) for v in ARCHS})
+
+register_family(
+    "stripmlp", [f"stripmlp_{v}" for v in ARCHS],
+    paper="Strip-MLP: Efficient Token Interaction for Vision MLP (ICCV 2023, arXiv 2307.11458)",
+    code="https://github.com/Med-Process/Strip_MLP", filter_fn=checkpoint_filter_fn, to_official=official_state_dict,
+    official_wrapper="model",
+    notes="official weights on Baidu Pan (code 1234); yacs config in the file: see load_official_checkpoint",
+)
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> StripMLP:
+    embed_dim, layers = ARCHS[variant[len("stripmlp_"):]]
+    return build_zoo_model(StripMLP, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                           feature_cfg=dict(feature_cls="getter"),
+                           **dict(dict(embed_dim=embed_dim, layers=layers), **kwargs))
+
+
+@register_model
+def stripmlp_light_t(pretrained=False, **kwargs) -> StripMLP:
+    return _create("stripmlp_light_t", pretrained, **kwargs)
+
+
+@register_model
+def stripmlp_t(pretrained=False, **kwargs) -> StripMLP:
+    return _create("stripmlp_t", pretrained, **kwargs)
+
+
+@register_model
+def stripmlp_s(pretrained=False, **kwargs) -> StripMLP:
+    return _create("stripmlp_s", pretrained, **kwargs)
+
+
+@register_model
+def stripmlp_b(pretrained=False, **kwargs) -> StripMLP:
+    return _create("stripmlp_b", pretrained, **kwargs)

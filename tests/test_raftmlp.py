@@ -1,0 +1,167 @@
+"""RaftMLP: parameter counts / MACs vs the official code, raft channel grouping, checkpoint conversion, sizes."""
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import metaformer_zoo  # noqa: F401
+from metaformer_zoo.checkpoint import CheckpointError
+from metaformer_zoo.mixers.raft import RaftTokenMLP, raft_ln_from_official, raft_ln_to_official
+from metaformer_zoo.models import raftmlp as R
+from metaformer_zoo.zoo import count_macs, count_params
+
+# measured on the official code (reference/mlp_freq.md §2.1)
+OFFICIAL = {
+    "raftmlp_s": (9_868_768, 2.0870e9),
+    "raftmlp_m": (21_413_632, 4.2673e9),
+    "raftmlp_l": (36_184_672, 6.5440e9),
+}
+TINY = dict(dims=(16, 32, 32, 64), depths=(1, 1, 2, 1))
+
+
+
+@pytest.fixture(autouse=True)
+def _reference_kernels(monkeypatch):
+    """Model tests run the CPU reference path of strip_mix even if a kernel test of the same session left
+    TRITON_INTERPRET=1 set (the kernels themselves are tested in tests/test_kernel_strip_mix.py)."""
+    monkeypatch.setenv("METAFORMER_ZOO_KERNELS", "reference")
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_params_and_macs(name):
+    model = timm.create_model(name, device="meta")
+    params, macs = OFFICIAL[name]
+    assert count_params(model)[0] == params
+    assert abs(count_macs(model, (3, 224, 224), device="meta") - macs) / macs < 0.01
+
+
+def test_ln_permutation():
+    # official LN index j = co * r + chw belongs to channel chw * C/r + co (C = 8, r = 2: j -> [0, 4, 1, 5, 2, 6, 3, 7])
+    w_off = torch.arange(8.)
+    channel_of_j = [0, 4, 1, 5, 2, 6, 3, 7]
+    w_nat = raft_ln_from_official(w_off, 2)
+    for j, c in enumerate(channel_of_j):
+        assert w_nat[c] == w_off[j]
+    torch.testing.assert_close(raft_ln_to_official(w_nat, 2), w_off)
+
+
+def _official_vertical(x, ln_w, ln_b, fc1, fc2, r):
+    """The official PermutedBlock(vertical) MLP branch written with reshapes (einops patterns spelled out):
+    tokens 'b (h w) (chw co)' -> LN on '(co chw)' order -> 'b (co w) (chw h)' -> Linear -> GELU -> Linear -> back."""
+    B, C, H, W = x.shape
+    M = C // r
+    t = x.permute(0, 2, 3, 1).reshape(B, H * W, r, M)  # (chw co)
+    t_ln = t.transpose(2, 3).reshape(B, H * W, C)  # (co chw): the order the official LN sees
+    t_ln = F.layer_norm(t_ln, (C,), ln_w, ln_b).reshape(B, H * W, M, r).transpose(2, 3)  # back to (chw co)
+    rows = t_ln.reshape(B, H, W, r, M).permute(0, 4, 2, 3, 1).reshape(B, M * W, r * H)  # b (co w) (chw h)
+    y = fc2(F.gelu(fc1(rows)))
+    y = y.reshape(B, M, W, r, H).permute(0, 3, 1, 4, 2).reshape(B, C, H, W)  # channel chw * M + co
+    return y
+
+
+def test_raft_grouping_matches_official_layout():
+    torch.manual_seed(0)
+    C, r, H, W = 8, 2, 5, 3
+    x = torch.randn(2, C, H, W)
+    mix = RaftTokenMLP(C, H, raft_size=r, expansion=2, axis="h")
+    ln_w_off, ln_b_off = torch.randn(C), torch.randn(C)
+    with torch.no_grad():
+        mix.norm.weight.copy_(raft_ln_from_official(ln_w_off, r))
+        mix.norm.bias.copy_(raft_ln_from_official(ln_b_off, r))
+    ref = _official_vertical(x, ln_w_off, ln_b_off, mix.fc1, mix.fc2, r)
+    torch.testing.assert_close(mix(x), ref, rtol=1e-5, atol=1e-5)
+    # a raft is the strided channel set {co, co + C/r}: perturbing channel 1 only changes channels 1 and 5
+    mix.norm = torch.nn.Identity()
+    x2 = x.clone()
+    x2[:, 1] += 1.0
+    changed = (mix(x2) - mix(x)).abs().amax(dim=(0, 2, 3)) > 1e-6
+    assert changed.nonzero().flatten().tolist() == [1, 1 + C // r]
+
+
+def test_official_checkpoint_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    src = timm.create_model("raftmlp_s", **TINY, num_classes=10).eval()
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # make LN weights non-trivial so the permutation matters
+    official = R.official_state_dict(src)
+    assert "levels.0.fn.0.fc.weight" in official and official["levels.0.fn.0.fc.weight"].shape == (16, 3 * (16 + 64))
+    assert "levels.0.fn.2.1.norm.1.weight" in official and "heads.0.1.weight" in official
+    path = tmp_path / "last_model_0.pt"
+    torch.save(official, path)
+    dst = timm.create_model("raftmlp_s", **TINY, num_classes=10).eval()
+    R.load_official_checkpoint(str(path), dst)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), src(x))
+    # the pretrained path of timm goes through the same filter
+    dst2 = timm.create_model("raftmlp_s", **TINY, num_classes=10, pretrained=True,
+                             pretrained_cfg_overlay=dict(file=str(path), num_classes=10)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dst2(x), src(x))
+
+
+def test_bad_checkpoints_raise():
+    model = timm.create_model("raftmlp_s", **TINY)
+    with pytest.raises(CheckpointError, match="unrecognised checkpoint layout"):
+        R.checkpoint_filter_fn({"foo.weight": torch.zeros(1)}, model)
+    official = R.official_state_dict(model)
+    official["levels.0.fn.99.1.fn.0.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match="does not have"):
+        R.checkpoint_filter_fn(official, model)
+    other = R.official_state_dict(timm.create_model("raftmlp_s", dims=(16, 32, 32, 48), depths=(1, 1, 2, 1)))
+    with pytest.raises(CheckpointError):
+        R.checkpoint_filter_fn(other, model)
+
+
+@pytest.mark.parametrize("size", [(224, 224), (256, 256), (224, 320), (230, 250)])
+def test_forward_sizes(size):
+    torch.manual_seed(0)
+    model = timm.create_model("raftmlp_s", **TINY, num_classes=5).eval()
+    x = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        out = model(x)
+        feats = model.forward_intermediates(x, intermediates_only=True)
+    assert out.shape == (1, 5) and torch.isfinite(out).all()
+    for f, s, c in zip(feats, (4, 8, 16, 32), TINY["dims"]):
+        assert f.shape == (1, c, -(-size[0] // s), -(-size[1] // s))
+
+
+def test_stride4_feature_is_pre_block_embedding():
+    torch.manual_seed(0)
+    model = timm.create_model("raftmlp_s", **TINY).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.forward_intermediates(x, intermediates_only=True)
+        torch.testing.assert_close(feats[0], model.stem(x))
+        torch.testing.assert_close(feats[1], model.stages[1](model.stages[0](model.stem(x))))
+    fmodel = timm.create_model("raftmlp_s", **TINY, features_only=True, out_indices=(0, 2)).eval()
+    fmodel.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("head.")}, strict=False)
+    assert fmodel.feature_info.reduction() == [4, 16]
+    assert R.DENSE_OUT_NORMS == (None, None, None, None)
+
+
+def test_zoo_metaformer_composes_raft():
+    model = timm.create_model("zoo_metaformer", token_mixers=["pooling", "raft", "raft", "attention"],
+                              depths=(1, 1, 1, 1), dims=(16, 32, 64, 64), num_classes=3, img_size=64).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+        assert model(torch.randn(1, 3, 96, 64)).shape == (1, 3)  # other sizes resample to the built grid
+
+
+def test_clear_errors():
+    model = timm.create_model("raftmlp_s", **TINY).eval()
+    with pytest.raises(ValueError, match="input channels"):
+        model(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="too small"):
+        model(torch.randn(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="divisible by raft_size"):
+        RaftTokenMLP(9, 4, raft_size=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", [(224, 224), (800, 1216)])
+def test_full_model_sizes_slow(size):
+    model = timm.create_model("raftmlp_s", features_only=True).eval()
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, *size))
+    assert [f.shape[-2:] for f in feats] == [(-(-size[0] // s), -(-size[1] // s)) for s in (4, 8, 16, 32)]

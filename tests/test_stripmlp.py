@@ -1,0 +1,219 @@
+"""Strip-MLP: parameter counts / MACs vs the official code, strip grouping vs the official conv formulation,
+official-file loading (yacs config, safely), sizes and errors."""
+import sys
+import types
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import metaformer_zoo  # noqa: F401
+from metaformer_zoo.checkpoint import CheckpointError
+from metaformer_zoo.mixers.strip import CGSMM, resize_strip_weight, strip_groups
+from metaformer_zoo.models import stripmlp as S
+from metaformer_zoo.zoo import count_macs, count_params
+
+# measured on the official code (reference/mlp_freq.md §4.1)
+OFFICIAL = {
+    "stripmlp_light_t": (18_243_920, 2.5186e9),
+    "stripmlp_t": (24_903_920, 3.6482e9),
+    "stripmlp_s": (42_568_600, 6.8031e9),
+    "stripmlp_b": (57_216_480, 9.1849e9),
+}
+TINY = dict(embed_dim=16, layers=(1, 1, 1, 1))
+
+
+
+@pytest.fixture(autouse=True)
+def _reference_kernels(monkeypatch):
+    """Model tests run the CPU reference path of strip_mix even if a kernel test of the same session left
+    TRITON_INTERPRET=1 set (the kernels themselves are tested in tests/test_kernel_strip_mix.py)."""
+    monkeypatch.setenv("METAFORMER_ZOO_KERNELS", "reference")
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_params_and_macs(name):
+    model = timm.create_model(name, device="meta")
+    params, macs = OFFICIAL[name]
+    assert count_params(model)[0] == params
+    assert abs(count_macs(model, (3, 224, 224), device="meta") - macs) / macs < 0.01
+
+
+def test_group_rule():
+    # patch = 2 when the block width is a multiple of 80, else 4; G = width / (2 * patch)
+    assert [strip_groups(c) for c in (80, 160, 96, 192, 112)] == [20, 40, 12, 24, 14]
+
+
+def _official_proj_h(x, conv, G):
+    """Official ``strip_mlp`` proj_h path, verbatim in plain torch ops (view/permute/grouped conv)."""
+    N, C, H, W = x.shape
+    C1 = C // G
+    t = x.view(N, C1, G, H, W).permute(0, 1, 3, 2, 4).contiguous().view(N, C1, H, G * W)
+    t = conv(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    return t.view(N, C1, H, G, W).permute(0, 1, 3, 2, 4).contiguous().view(N, C, H, W)
+
+
+def _official_proj_w(x, conv, G):
+    N, C, H, W = x.shape
+    C1 = C // G
+    t = conv(x.view(N, C1, H * G, W).permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
+    return t.contiguous().view(N, C1, G, H, W).view(N, C, H, W)
+
+
+def test_strips_match_official_conv_formulation():
+    torch.manual_seed(0)
+    dim, H = 12, 6
+    m = CGSMM(dim, (H, H), groups=3).eval()
+    x = torch.randn(2, dim, H, H)
+    torch.testing.assert_close(m._proj(x, m.proj_h, "w"), _official_proj_h(x, m.proj_h, 3), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m._proj(x, m.proj_w, "h"), _official_proj_w(x, m.proj_w, 3), rtol=1e-5, atol=1e-5)
+    # channel c uses strip matrix c % G: channels 1, 4, 7, 10 share one; an impulse stays in its channel and rows h-1..h+1
+    x = torch.zeros(1, dim, H, H)
+    x[0, 4, 2, 3] = 1.0
+    y = m._proj(x, m.proj_h, "w") - m._proj(torch.zeros_like(x), m.proj_h, "w")
+    nz = y.abs() > 0
+    assert nz.any(dim=(0, 2, 3)).nonzero().flatten().tolist() == [4]
+    assert nz[0, 4].any(dim=1).nonzero().flatten().tolist() == [1, 2, 3]
+
+
+def test_relative_position_is_toeplitz():
+    m = CGSMM(8, (5, 5), groups=2)
+    pos = m.relate_pos_h(torch.zeros(1, 8, 5, 7))[0]  # (C, H, W)
+    tab = m.relate_pos_h.embeddings_table
+    for i in range(5):
+        for j in range(7):
+            torch.testing.assert_close(pos[:, i, j], tab[max(-5, min(5, j - i)) + 5])
+
+
+def _install_fake_yacs():
+    """A stand-in for yacs.config.CfgNode with yacs' pickling behaviour (a dict subclass with __dict__ flags)."""
+    mod = types.ModuleType("yacs.config")
+
+    class CfgNode(dict):
+        def __init__(self, init_dict=None):
+            super().__init__(init_dict or {})
+            self.__dict__["__immutable__"] = False
+            self.__dict__["__new_allowed__"] = False
+
+    CfgNode.__module__ = "yacs.config"
+    CfgNode.__qualname__ = "CfgNode"
+    mod.CfgNode = CfgNode
+    pkg = types.ModuleType("yacs")
+    pkg.config = mod
+    sys.modules["yacs"], sys.modules["yacs.config"] = pkg, mod
+    return CfgNode
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_official_file_with_yacs_config_loads_safely(tmp_path):
+    torch.manual_seed(0)
+    src = timm.create_model("stripmlp_light_t", **TINY, num_classes=10).eval()
+    with torch.no_grad():
+        for n, p in src.named_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    official = S.official_state_dict(src)
+    assert "patch_embed.weight" in official and "blocks1.0.token_mixing.smlp_block.proj_h.weight" in official
+    assert "merging1.weight" in official and "conv_s1_28.weight" in official and "head.weight" in official
+    CfgNode = _install_fake_yacs()
+    try:
+        cfg = CfgNode({"MODEL": CfgNode({"TYPE": "strip_mlp_layer"}), "DATA": CfgNode({"IMG_SIZE": 224})})
+        path = tmp_path / "smlp.pth"
+        torch.save({"model": official, "optimizer": {}, "max_accuracy": 81.2, "epoch": 299, "config": cfg}, path)
+    finally:
+        del sys.modules["yacs"], sys.modules["yacs.config"]
+    # plain weights_only loading refuses the yacs object ...
+    with pytest.raises(Exception):
+        torch.load(path, weights_only=True)
+    # ... the family loader reads it (CfgNode rebuilt as a plain dict, yacs not needed) and loads strictly
+    dst = timm.create_model("stripmlp_light_t", **TINY, num_classes=10).eval()
+    S.load_official_checkpoint(str(path), dst)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), src(x))
+    # anything else executable in the file is refused
+    bad = tmp_path / "bad.pth"
+    torch.save({"model": official, "config": _Evil()}, bad)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        S.load_official_checkpoint(str(bad), dst)
+
+
+def test_bad_checkpoint_layout():
+    model = timm.create_model("stripmlp_light_t", **TINY)
+    with pytest.raises(CheckpointError, match="unrecognised checkpoint layout"):
+        S.checkpoint_filter_fn({"levels.0.fn.0.fc.weight": torch.zeros(1)}, model)
+    sd = S.official_state_dict(model)
+    sd.pop("conv_s1_28.weight")
+    with pytest.raises(CheckpointError, match="missing"):
+        S.checkpoint_filter_fn({"model": sd}, model)
+
+
+@pytest.mark.parametrize("size", [(224, 224), (256, 256), (224, 320), (200, 296)])
+def test_forward_sizes(size):
+    torch.manual_seed(0)
+    model = timm.create_model("stripmlp_light_t", **TINY, num_classes=5).eval()
+    x = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        out = model(x)
+        feats = model.forward_intermediates(x, intermediates_only=True)
+    assert out.shape == (1, 5) and torch.isfinite(out).all()
+    for f, s, i in zip(feats, (4, 8, 16, 32), range(4)):
+        assert f.shape == (1, 16 * 2 ** i, size[0] // s, size[1] // s)
+
+
+def test_strip_weight_resampling_exact_at_trained_size_and_strict_error():
+    w, b = torch.randn(2, 7, 7, 3), torch.randn(2, 7)
+    w2, b2 = resize_strip_weight(w, b, 7)
+    assert w2 is w and b2 is b
+    w3, b3 = resize_strip_weight(w, b, 14)
+    assert w3.shape == (2, 14, 14, 3) and b3.shape == (2, 14)
+    model = timm.create_model("stripmlp_light_t", **TINY, strict_size=True).eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+        with pytest.raises(ValueError, match="training resolution"):
+            model(torch.randn(1, 3, 256, 256))
+
+
+def test_features_and_composition():
+    model = timm.create_model("stripmlp_light_t", **TINY, features_only=True, out_indices=(1, 3)).eval()
+    assert model.feature_info.reduction() == [8, 32]
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == [32, 128]
+    assert S.DENSE_OUT_NORMS == (None, None, None, None)
+    zoo = timm.create_model("zoo_metaformer", token_mixers=["strip", "cgsmm", "lsmm", "attention"],
+                            depths=(1, 1, 1, 1), dims=(16, 32, 64, 64), num_classes=3, img_size=64).eval()
+    with torch.no_grad():
+        assert zoo(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="square"):
+        timm.create_model("stripmlp_light_t", **TINY, img_size=(224, 320))
+    model = timm.create_model("stripmlp_light_t", **TINY).eval()
+    with pytest.raises(ValueError, match="too small"):
+        model(torch.randn(1, 3, 16, 16))
+
+
+@pytest.mark.slow
+def test_full_model_detection_size_slow():
+    model = timm.create_model("stripmlp_light_t", features_only=True).eval()
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, 800, 1216))
+    assert [tuple(f.shape[-2:]) for f in feats] == [(200, 304), (100, 152), (50, 76), (25, 38)]
+
+
+def test_loader_returns_config_as_plain_dict(tmp_path):
+    CfgNode = _install_fake_yacs()
+    try:
+        path = tmp_path / "c.pth"
+        torch.save({"model": {"w": torch.ones(2)}, "config": CfgNode({"MODEL": CfgNode({"TYPE": "x"})})}, path)
+    finally:
+        del sys.modules["yacs"], sys.modules["yacs.config"]
+    with torch.serialization.safe_globals(S._SAFE_GLOBALS):
+        obj = torch.load(path, weights_only=True)
+    assert type(obj["config"]) is S.OrderedDict and obj["config"]["MODEL"]["TYPE"] == "x"
+    assert S.load_official_checkpoint(str(path))["w"].shape == (2,)
