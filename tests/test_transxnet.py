@@ -240,3 +240,25 @@ def test_pretrained_file_overlay(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(x), src(x), rtol=0, atol=0)
+
+
+def test_load_official_checkpoint_with_args_namespace(tmp_path):
+    """Official files pickle the training argparse.Namespace: the family loader reads them with weights_only."""
+    import argparse
+    torch.manual_seed(0)
+    kw = dict(depths=(1, 1, 1, 1))
+    src = _randomize(timm.create_model("transxnet_t", **kw))
+    sd = txn.official_state_dict(src)
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in sd.items()}
+    path = tmp_path / "transx-t.pth.tar"
+    torch.save({"epoch": 299, "arch": "transxnet_t", "state_dict": sd, "state_dict_ema": ema, "metric": 81.6,
+                "args": argparse.Namespace(model="transxnet_t", lr=2e-3, drop_path=0.1)}, path)
+    with pytest.raises(Exception):
+        torch.load(path, weights_only=True)  # plain safe loading refuses the Namespace
+    model = timm.create_model("transxnet_t", **kw).eval()
+    txn.load_official_checkpoint(str(path), model)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), src(x), rtol=0, atol=0)
+    loaded = txn.load_official_checkpoint(str(path), use_ema=True)
+    assert torch.equal(loaded["classifier.0.bias"], ema["classifier.0.bias"])

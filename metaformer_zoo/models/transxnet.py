@@ -28,7 +28,8 @@ from ..mixers.transxnet import ConvBN, DMixer, rel_pos_shape, resize_rel_pos
 from ..skeleton import MetaFormerBase, MetaFormerHead, drop_path_rates
 from ..zoo import register_family
 
-__all__ = ["TransXNet", "checkpoint_filter_fn", "official_state_dict", "dense_out_norm", "DENSE_OUT_NORMS"]
+__all__ = ["TransXNet", "checkpoint_filter_fn", "official_state_dict", "load_official_checkpoint", "dense_out_norm",
+           "DENSE_OUT_NORMS"]
 
 ARCHS = {
     "t": dict(depths=(3, 3, 9, 3), embed_dims=(48, 96, 224, 448), kernel_sizes=(7, 7, 7, 7), num_groups=(2, 2, 2, 2),
@@ -330,6 +331,29 @@ def official_state_dict(model: TransXNet) -> Dict[str, torch.Tensor]:
             v = v[:, :, None, None]
         out[k] = v.clone()
     return out
+
+
+def load_official_checkpoint(path: str, model: Optional[TransXNet] = None, use_ema: bool = False):
+    """Read an official TransXNet file (timm ``CheckpointSaver`` dict that also pickles the training
+    ``argparse.Namespace``) without executing arbitrary pickles: ``weights_only=True`` with ``argparse.Namespace``
+    allowed. Returns the weights under ``state_dict`` (``state_dict_ema`` if ``use_ema`` and present); when ``model``
+    is given, also converts and strictly loads them and returns the converted state dict."""
+    import argparse
+    import os
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    if use_ema:
+        if not (isinstance(obj, dict) and isinstance(obj.get("state_dict_ema"), dict)):
+            raise CheckpointError(f"{path} holds no 'state_dict_ema' (EMA weights); load it with use_ema=False")
+        obj = obj["state_dict_ema"]
+    sd = unwrap_state_dict(obj)
+    if model is None:
+        return sd
+    sd = checkpoint_filter_fn(sd, model)
+    model.load_state_dict(sd, strict=True)
+    return sd
 
 
 # --- registration ------------------------------------------------------------------------------------------------
