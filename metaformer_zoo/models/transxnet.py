@@ -64,7 +64,7 @@ def dense_out_norm(model_name: str, stage_idx: int, dim: int, start_level: int =
 class MultiScaleDWConv(nn.Module):
     """Depthwise convs with kernels 1/3/5/7 on 4 channel groups (the first takes the remainder), with bias."""
 
-    def __init__(self, dim: int, scale: Sequence[int] = (1, 3, 5, 7)):
+    def __init__(self, dim: int, scale: Tuple[int, ...] = (1, 3, 5, 7)):
         super().__init__()
         self.channels = []
         self.proj = nn.ModuleList()
