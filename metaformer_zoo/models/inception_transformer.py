@@ -1,0 +1,347 @@
+"""iFormer: Inception Transformer (Si et al., NeurIPS 2022, arXiv 2205.12956; https://github.com/sail-sg/iFormer).
+
+Not to be confused with timm's own ``iformer_t/s/m/l/h`` (``timm.models.iformer``: "iFormer: Integrating ConvNet and
+Transformer for Mobile Application", ICLR 2025), which this module neither touches nor shadows. The zoo registers the
+Inception Transformer under its official names ``iformer_{small,base,large}`` and ``iformer_{small,base,large}_384``.
+
+Architecture (official ``models/inception_transformer.py``): a two-conv stem (3x3 s2 conv -> BN -> GELU -> 3x3 s2 conv
+-> BN), 3x3 s2 conv + BN downsampling, one learned absolute positional embedding per stage (added after the
+downsampling, bilinearly resized to the feature map), pre-norm blocks ``x + ls1 * InceptionMixer(LN(x))``,
+``x + ls2 * Mlp(LN(x))`` (LayerNorm eps 1e-6, GELU MLP x4, layer scale 1e-6 only in stages 3-4) and a head that
+normalises every token before averaging (``LN -> mean -> Linear``). The share of attention heads ramps up with depth,
+changing once inside stage 3 (``attention_heads`` below, one entry per block).
+
+The zoo model is NCHW between and inside blocks (the official one is channels-last); the block LayerNorm is a channel
+LayerNorm over the same axis and the MLP 1x1 convs hold the official Linear weights, so outputs agree to float
+rounding. It runs at any input size (see ``metaformer_zoo.mixers.inception_transformer`` for the non-square and
+odd-size fixes); the positional embeddings are resized on the fly as in the official code, and the checkpoint filter
+resizes them when a checkpoint was trained at another ``img_size`` (e.g. 224 weights into an ``_384`` model).
+"""
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import trunc_normal_
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model, register_notrace_function
+
+from ..builder import build_zoo_model
+from ..checkpoint import CheckpointError, linear_to_conv1x1, remap_keys, unwrap_state_dict, validate_state_dict
+from ..mixers.inception_transformer import InceptionMixer
+from ..skeleton import MetaFormerBase, MetaFormerBlock, MetaFormerHead, MetaFormerStage, drop_path_rates, make_mlp
+from ..zoo import register_family
+
+__all__ = ["InceptionTransformer", "checkpoint_filter_fn", "official_state_dict", "dense_out_norm",
+           "DENSE_OUT_NORMS", "resize_pos_embed"]
+
+# name: (depths, dims, num_heads, attention_heads (one per block, over all stages))
+ARCHS = {
+    "small": ((3, 3, 9, 3), (96, 192, 320, 384), (3, 6, 10, 12),
+              [1] * 3 + [3] * 3 + [7] * 4 + [9] * 5 + [11] * 3),
+    "base": ((4, 6, 14, 6), (96, 192, 384, 512), (3, 6, 12, 16),
+             [1] * 4 + [3] * 6 + [8] * 7 + [10] * 7 + [15] * 6),
+    "large": ((4, 6, 18, 8), (96, 192, 448, 640), (3, 6, 14, 20),
+              [1] * 4 + [3] * 6 + [10] * 9 + [12] * 9 + [19] * 8),
+}
+
+# Dense prediction: the official repo has no detection/segmentation code, hence no per-output norms. The zoo's
+# feature pyramid is the raw stage outputs (strides 4/8/16/32), so the dense adapter adds no norm.
+DENSE_OUT_NORMS: Dict[str, Optional[dict]] = {f"iformer_{a}{s}": None for a in ARCHS for s in ("", "_384")}
+
+
+def dense_out_norm(model_name: str, stage_idx: int, dim: int) -> Optional[nn.Module]:
+    """The per-output norm the official dense-prediction backbone puts on stage ``stage_idx``: none for iFormer."""
+    arch = model_name.split(".")[0]
+    if arch not in DENSE_OUT_NORMS:
+        raise ValueError(f"{model_name!r} is not an iFormer (Inception Transformer) variant")
+    return None
+
+
+@register_notrace_function
+def resize_pos_embed(pos_embed: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """NHWC positional table (1, S_h, S_w, C) -> NCHW (1, C, H, W), bilinearly resized if the grid differs.
+
+    The official code resizes when ``H * W != S * S`` with ``F.interpolate(mode='bilinear')`` (align_corners False);
+    comparing the shapes instead gives the same results wherever the official code runs and also handles non-square
+    maps whose area happens to equal S * S.
+    """
+    pos = pos_embed.permute(0, 3, 1, 2)
+    if pos.shape[-2] == H and pos.shape[-1] == W:
+        return pos
+    return F.interpolate(pos, size=(H, W), mode="bilinear", align_corners=False)
+
+
+class FirstPatchEmbed(nn.Module):
+    """Stem: 3x3 s2 conv (C/2) -> BN -> GELU -> 3x3 s2 conv (C) -> BN (official ``FirstPatchEmbed``), NCHW out."""
+
+    def __init__(self, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.proj1 = nn.Conv2d(in_chans, embed_dim // 2, kernel_size=3, stride=2, padding=1)
+        self.norm1 = nn.BatchNorm2d(embed_dim // 2)
+        self.gelu1 = nn.GELU()
+        self.proj2 = nn.Conv2d(embed_dim // 2, embed_dim, kernel_size=3, stride=2, padding=1)
+        self.norm2 = nn.BatchNorm2d(embed_dim)
+
+    def forward(self, x):
+        return self.norm2(self.proj2(self.gelu1(self.norm1(self.proj1(x)))))
+
+
+class PatchEmbed(nn.Module):
+    """Downsampling: 3x3 s2 conv (bias) -> BN, no activation (official ``PatchEmbed``), NCHW out."""
+
+    def __init__(self, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=3, stride=2, padding=1)
+        self.norm = nn.BatchNorm2d(embed_dim)
+
+    def forward(self, x):
+        return self.norm(self.proj(x))
+
+
+class IFormerStage(MetaFormerStage):
+    """``downsample`` -> ``+ pos_embed`` (NHWC table, resized to the map) -> ``blocks``; NCHW in and out."""
+
+    no_weight_decay_keys = ("pos_embed",)
+
+    def __init__(self, blocks, downsample: Optional[nn.Module], dim: int, pos_size: Tuple[int, int]):
+        super().__init__(blocks, downsample)
+        self.pos_embed = nn.Parameter(torch.zeros(1, pos_size[0], pos_size[1], dim))
+
+    def forward(self, x):
+        x = self.downsample(x)
+        x = x + resize_pos_embed(self.pos_embed, x.shape[-2], x.shape[-1])
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return x
+
+
+class InceptionTransformer(MetaFormerBase):
+    """iFormer (Inception Transformer) on the zoo skeleton.
+
+    Args:
+        img_size: size the positional embeddings are built for (224 or 384 for the official weights); any input size
+            runs, the embeddings are resized on the fly.
+        depths, embed_dims, num_heads: per stage (head dim 32 in every official variant).
+        attention_heads: low-frequency (attention) heads of every block, over all stages (``sum(depths)`` entries).
+        mlp_ratio, qkv_bias: MLP expansion and qkv bias (official 4, True).
+        layer_scale_init_value / layer_scale_stages: layer scale init and the stages that have it (official: 1e-6 in
+            stages 3-4 only; stages 1-2 have no layer-scale parameters).
+        drop_rate: dropout inside the MLPs (the official ``drop_rate``); attn_drop_rate: attention dropout;
+        drop_path_rate: stochastic depth, linear over all blocks.
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = "avg",
+            depths: Sequence[int] = (3, 3, 9, 3),
+            embed_dims: Sequence[int] = (96, 192, 320, 384),
+            num_heads: Sequence[int] = (3, 6, 10, 12),
+            attention_heads: Optional[Sequence[int]] = None,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            layer_scale_init_value: Optional[float] = 1e-6,
+            layer_scale_stages: Sequence[int] = (2, 3),
+            drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+    ):
+        super().__init__()
+        if attention_heads is None:
+            attention_heads = ARCHS["small"][3]
+        if len(attention_heads) != sum(depths):
+            raise ValueError(f"attention_heads has {len(attention_heads)} entries, expected one per block "
+                             f"({sum(depths)} for depths {tuple(depths)})")
+        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.img_size = img_size
+        self.stem = FirstPatchEmbed(in_chans, embed_dims[0])
+        pos = (img_size[0] // 4, img_size[1] // 4)
+        dpr = drop_path_rates(drop_path_rate, depths)
+        stages, idx = [], 0
+        for i, depth in enumerate(depths):
+            if i > 0:
+                pos = (pos[0] // 2, pos[1] // 2)
+            ls = layer_scale_init_value if i in layer_scale_stages else None
+            blocks = []
+            for j in range(depth):
+                mixer = InceptionMixer(
+                    embed_dims[i], num_heads=num_heads[i], attention_head=attention_heads[idx],
+                    pool_size=2 if i < 2 else 1, qkv_bias=qkv_bias, attn_drop=attn_drop_rate)
+                mlp = make_mlp(embed_dims[i], mlp_ratio, "gelu", bias=True, drop=drop_rate)
+                blocks.append(MetaFormerBlock(embed_dims[i], mixer, mlp, norm_layer="layernorm2d",
+                                              drop_path=dpr[i][j], layer_scale_init_value=ls))
+                idx += 1
+            downsample = PatchEmbed(embed_dims[i - 1], embed_dims[i]) if i > 0 else None
+            stages.append(IFormerStage(blocks, downsample, embed_dims[i], pos))
+        self.stages = nn.Sequential(*stages)
+        self._init_interface(in_chans, num_classes, embed_dims)
+        # any size >= 32 px runs (every map size is computed with ceil); instance attributes for TorchScript
+        self.min_input_size = 32
+        self.input_divisor = 1
+        self.head = MetaFormerHead(self.num_features, num_classes, global_pool=global_pool,
+                                   norm_layer="layernorm2d", norm_first=True)
+        self.apply(self._init_weights)
+        for stage in self.stages:
+            trunc_normal_(stage.pos_embed, std=.02)
+
+    @staticmethod
+    def _init_weights(m):
+        # official ``_init_vit_weights`` without a name: every Linear/Conv (the head included) trunc-normal 0.02
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.(downsample|pos_embed)", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^head\.norm", (99999,)),
+            ],
+        )
+
+
+# --- official checkpoint layout ----------------------------------------------------------------------------------
+_OFFICIAL_RULES = [
+    (r"^patch_embed\.", "stem."),
+    *[(rf"^patch_embed{i + 1}\.", f"stages.{i}.downsample.") for i in (1, 2, 3)],
+    *[(rf"^pos_embed{i + 1}$", f"stages.{i}.pos_embed") for i in range(4)],
+    *[(rf"^blocks{i + 1}\.(\d+)\.", rf"stages.{i}.blocks.\1.") for i in range(4)],
+    (r"\.attn\.", ".token_mixer."),
+    (r"\.layer_scale_([12])$", r".layer_scale\1.scale"),
+    (r"^norm\.", "head.norm."),
+    (r"^head\.(weight|bias)$", r"head.fc.\1"),
+]
+
+_TO_OFFICIAL = [
+    (r"^stem\.", "patch_embed."),
+    *[(rf"^stages\.{i}\.downsample\.", f"patch_embed{i + 1}.") for i in (1, 2, 3)],
+    *[(rf"^stages\.{i}\.pos_embed$", f"pos_embed{i + 1}") for i in range(4)],
+    *[(rf"^stages\.{i}\.blocks\.(\d+)\.", rf"blocks{i + 1}.\1.") for i in range(4)],
+    (r"\.token_mixer\.", ".attn."),
+    (r"\.layer_scale([12])\.scale$", r".layer_scale_\1"),
+    (r"^head\.norm\.", "norm."),
+    (r"^head\.fc\.", "head."),
+]
+
+
+def _resize_pos_tables(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    target = model.state_dict()
+    for k, v in list(state_dict.items()):
+        t = target.get(k)
+        if not k.endswith("pos_embed") or t is None or v.dim() != 4 or t.dim() != 4:
+            continue
+        if v.shape != t.shape and v.shape[0] == t.shape[0] and v.shape[-1] == t.shape[-1]:
+            # the same bilinear NHWC resize the forward pass applies, done once at load time
+            pos = F.interpolate(v.float().permute(0, 3, 1, 2), size=tuple(t.shape[1:3]), mode="bilinear",
+                                align_corners=False)
+            state_dict[k] = pos.permute(0, 2, 3, 1).to(v.dtype).contiguous()
+    return state_dict
+
+
+def checkpoint_filter_fn(state_dict, model: InceptionTransformer) -> Dict[str, torch.Tensor]:
+    """Official sail-sg/iFormer checkpoint (raw state dict, channels-last Linear MLPs) -> zoo layout, validated.
+
+    Positional embeddings of another ``img_size`` (224 weights into an ``_384`` model) are resized bilinearly, exactly
+    as the forward pass would resize them; zoo-layout state dicts pass through (pos tables resized likewise).
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    if "stem.proj1.weight" not in state_dict:
+        if "patch_embed.proj1.weight" not in state_dict:
+            sample = ", ".join(sorted(state_dict)[:5])
+            raise CheckpointError(
+                f"unrecognised checkpoint layout for InceptionTransformer (iFormer): expected official sail-sg/iFormer "
+                f"keys ('patch_embed.proj1.weight', 'blocks1.0.attn.high_mixer.conv1.weight', ...) or zoo keys "
+                f"('stem.proj1.weight'), got {sample} ... Is this a checkpoint of another family (timm's unrelated "
+                f"iformer_t/s/m/l are a different model)?")
+        state_dict = remap_keys(state_dict, _OFFICIAL_RULES)
+    state_dict = linear_to_conv1x1(dict(state_dict), model)
+    state_dict = _resize_pos_tables(state_dict, model)
+    return validate_state_dict(state_dict, model, source="checkpoint (sail-sg/iFormer layout)")
+
+
+def official_state_dict(model: InceptionTransformer) -> Dict[str, torch.Tensor]:
+    """The model's weights in the official sail-sg/iFormer layout (raw state dict, Linear MLP weights)."""
+    out = {}
+    for k, v in remap_keys(model.state_dict(), _TO_OFFICIAL).items():
+        if v.dim() == 4 and v.shape[2:] == (1, 1) and ".mlp.fc" in k:
+            v = v.flatten(1)
+        out[k] = v.clone()
+    return out
+
+
+# --- registration ------------------------------------------------------------------------------------------------
+def _cfg(url: str = "", **kwargs):
+    return {
+        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+        "crop_pct": 0.9, "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.proj1", "classifier": "head.fc", "license": "apache-2.0",
+        "paper_ids": "arXiv:2205.12956", "paper_name": "Inception Transformer",
+        "origin_url": "https://github.com/sail-sg/iFormer", **kwargs,
+    }
+
+
+_URL = "https://huggingface.co/sail/dl2/resolve/main/iformer/{}.pth"
+
+default_cfgs = generate_default_cfgs({
+    **{f"iformer_{a}.sail_in1k": _cfg(url=_URL.format(f"iformer_{a}")) for a in ARCHS},
+    **{f"iformer_{a}_384.sail_in1k": _cfg(url=_URL.format(f"iformer_{a}_384"), input_size=(3, 384, 384),
+                                          pool_size=(12, 12), crop_pct=1.0) for a in ARCHS},
+})
+
+VARIANTS = [f"iformer_{a}{s}" for a in ARCHS for s in ("", "_384")]
+
+register_family(
+    "iformer", VARIANTS,
+    paper="Inception Transformer (NeurIPS 2022, arXiv 2205.12956)", code="https://github.com/sail-sg/iFormer",
+    notes="Inception Transformer, not timm's iformer_t/s/m/l/h (ICLR 2025 mobile iFormer); any input size",
+    filter_fn=checkpoint_filter_fn, to_official=official_state_dict, official_wrapper=None,
+    dense_out_norm=dense_out_norm,
+)
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> InceptionTransformer:
+    arch = variant.split("_")[1]
+    depths, dims, heads, attention_heads = ARCHS[arch]
+    model_args = dict(img_size=384 if variant.endswith("_384") else 224, depths=depths, embed_dims=dims,
+                      num_heads=heads, attention_heads=list(attention_heads), layer_scale_init_value=1e-6)
+    return build_zoo_model(InceptionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                           **dict(model_args, **kwargs))
+
+
+@register_model
+def iformer_small(pretrained=False, **kwargs) -> InceptionTransformer:
+    return _create("iformer_small", pretrained, **kwargs)
+
+
+@register_model
+def iformer_base(pretrained=False, **kwargs) -> InceptionTransformer:
+    return _create("iformer_base", pretrained, **kwargs)
+
+
+@register_model
+def iformer_large(pretrained=False, **kwargs) -> InceptionTransformer:
+    return _create("iformer_large", pretrained, **kwargs)
+
+
+@register_model
+def iformer_small_384(pretrained=False, **kwargs) -> InceptionTransformer:
+    return _create("iformer_small_384", pretrained, **kwargs)
+
+
+@register_model
+def iformer_base_384(pretrained=False, **kwargs) -> InceptionTransformer:
+    return _create("iformer_base_384", pretrained, **kwargs)
+
+
+@register_model
+def iformer_large_384(pretrained=False, **kwargs) -> InceptionTransformer:
+    return _create("iformer_large_384", pretrained, **kwargs)

@@ -1,0 +1,414 @@
+"""TransXNet (Lou et al., IEEE TNNLS 2025, arXiv 2310.19380; https://github.com/LMMMEng/TransXNet).
+
+Architecture (official ``models/transxnet.py``): a 7x7 s4 conv stem (padding 3, no bias) + BN, 3x3 s2 conv + BN
+downsampling, blocks ``x = x + dw7x7(x)`` (per-block conditional positional encoding, outside the residual scaling),
+``x = x + DP(LS1(DMixer(GN(x), rel_pos)))``, ``x = x + DP(LS2(MSFFN(GN(x))))`` with ``GroupNorm(1, C)`` (eps 1e-5)
+norms and a LayerScale that is a per-channel affine (weight (C, 1, 1, 1) init 1e-5 AND bias), one zero-initialised
+relative position bias per stage shared by all its blocks, and a ``GN(1) -> avgpool -> 1x1 conv`` classifier (a Linear
+here). The D-Mixer lives in ``metaformer_zoo.mixers.transxnet``.
+
+Any input size runs (every size is computed with ceil, as in the official code); the relative position bias is
+resized with the official "bicubic on the flattened (Nq, Nk) matrix" rule, once per stage instead of once per block
+(same values). The checkpoint filter applies the same rule when a checkpoint was built for another ``img_size``.
+Training at batch size 1 works (see the IDConv note in the mixer module); eval outputs are the official ones.
+"""
+import math
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath
+from timm.models import checkpoint, generate_default_cfgs, register_model
+
+from ..builder import build_zoo_model
+from ..checkpoint import CheckpointError, remap_keys, unwrap_state_dict, validate_state_dict
+from ..mixers.transxnet import ConvBN, DMixer, rel_pos_shape, resize_rel_pos
+from ..skeleton import MetaFormerBase, MetaFormerHead, drop_path_rates
+from ..zoo import register_family
+
+__all__ = ["TransXNet", "checkpoint_filter_fn", "official_state_dict", "load_official_checkpoint", "dense_out_norm",
+           "DENSE_OUT_NORMS"]
+
+ARCHS = {
+    "t": dict(depths=(3, 3, 9, 3), embed_dims=(48, 96, 224, 448), kernel_sizes=(7, 7, 7, 7), num_groups=(2, 2, 2, 2),
+              sr_ratios=(8, 4, 2, 1), num_heads=(1, 2, 4, 8), mlp_ratios=(4, 4, 4, 4)),
+    "s": dict(depths=(4, 4, 12, 4), embed_dims=(64, 128, 320, 512), kernel_sizes=(7, 7, 7, 7),
+              num_groups=(2, 2, 3, 4), sr_ratios=(8, 4, 2, 1), num_heads=(1, 2, 5, 8), mlp_ratios=(6, 6, 4, 4)),
+    "b": dict(depths=(4, 4, 21, 4), embed_dims=(76, 152, 336, 672), kernel_sizes=(7, 7, 7, 7),
+              num_groups=(2, 2, 4, 4), sr_ratios=(8, 4, 2, 1), num_heads=(2, 4, 8, 16), mlp_ratios=(8, 8, 4, 4)),
+}
+
+# Dense prediction (official ``fork_feat=True``): every output of stages 1-4 (official ``network`` indices 0/2/4/6)
+# goes through its own ``GroupNorm(1, C)``, eps 1e-5, affine, named ``norm0/norm2/norm4/norm6``; ``start_level=k``
+# replaces the first k with Identity (the official RetinaNet configs use start_level=1, Mask R-CNN / Semantic FPN 0).
+DENSE_OUT_NORMS: Dict[str, dict] = {
+    f"transxnet_{a}": dict(type="GroupNorm", num_groups=1, eps=1e-5, affine=True,
+                           official_keys=("norm0", "norm2", "norm4", "norm6"), start_level=0)
+    for a in ARCHS
+}
+
+
+def dense_out_norm(model_name: str, stage_idx: int, dim: int, start_level: int = 0) -> Optional[nn.Module]:
+    """The official per-output norm for stage ``stage_idx`` (0-3): ``nn.GroupNorm(1, dim, eps=1e-5)``, or None for
+    stages below ``start_level`` (official Identity)."""
+    arch = model_name.split(".")[0]
+    if arch not in DENSE_OUT_NORMS:
+        raise ValueError(f"{model_name!r} is not a TransXNet variant ({', '.join(DENSE_OUT_NORMS)})")
+    if stage_idx < start_level:
+        return None
+    return nn.GroupNorm(1, dim, eps=1e-5)
+
+
+class MultiScaleDWConv(nn.Module):
+    """Depthwise convs with kernels 1/3/5/7 on 4 channel groups (the first takes the remainder), with bias."""
+
+    def __init__(self, dim: int, scale: Tuple[int, ...] = (1, 3, 5, 7)):
+        super().__init__()
+        self.channels = []
+        self.proj = nn.ModuleList()
+        for i, k in enumerate(scale):
+            c = dim - dim // len(scale) * (len(scale) - 1) if i == 0 else dim // len(scale)
+            self.channels.append(c)
+            self.proj.append(nn.Conv2d(c, c, kernel_size=k, padding=k // 2, groups=c))
+
+    def forward(self, x):
+        xs = torch.split(x, self.channels, dim=1)
+        out = []
+        for i, conv in enumerate(self.proj):
+            if conv.kernel_size[0] == 1:
+                # a depthwise 1x1 conv is a per-channel affine; PyTorch's CPU conv takes a very slow per-group path
+                # for it, so compute it elementwise (same values up to float rounding)
+                b = conv.bias
+                assert b is not None
+                out.append(xs[i] * conv.weight.view(1, -1, 1, 1) + b.view(1, -1, 1, 1))
+            else:
+                out.append(conv(xs[i]))
+        return torch.cat(out, dim=1)
+
+
+class MSFFN(nn.Module):
+    """MS-FFN: 1x1 (no bias) -> GELU -> BN; ``x + MultiScaleDWConv(x)``; GELU -> BN -> drop; 1x1 (no bias) -> BN -> drop."""
+
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.):
+        super().__init__()
+        self.fc1 = nn.Sequential(
+            nn.Conv2d(in_features, hidden_features, kernel_size=1, bias=False),
+            nn.GELU(),
+            nn.BatchNorm2d(hidden_features),
+        )
+        self.dwconv = MultiScaleDWConv(hidden_features)
+        self.act = nn.GELU()
+        self.norm = nn.BatchNorm2d(hidden_features)
+        self.fc2 = nn.Sequential(
+            nn.Conv2d(hidden_features, in_features, kernel_size=1, bias=False),
+            nn.BatchNorm2d(in_features),
+        )
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        x = self.fc1(x)
+        x = self.dwconv(x) + x
+        x = self.drop(self.norm(self.act(x)))
+        return self.drop(self.fc2(x))
+
+
+class LayerScale(nn.Module):
+    """Per-channel affine ``weight * x + bias`` as a grouped 1x1 conv (weight (C, 1, 1, 1) init ``init_value``, bias 0)."""
+
+    no_weight_decay_keys = ("weight", "bias")
+
+    def __init__(self, dim: int, init_value: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, 1, 1, 1) * init_value)
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        # official: F.conv2d(x, weight, bias, groups=C); elementwise gives the same values (up to float rounding)
+        # without the slow per-group CPU path of depthwise 1x1 convs
+        return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+class TransXNetBlock(nn.Module):
+    def __init__(self, dim: int, kernel_size: int = 7, sr_ratio: int = 1, num_groups: int = 2, num_heads: int = 1,
+                 mlp_ratio: float = 4., drop: float = 0., drop_path: float = 0.,
+                 layer_scale_init_value: Optional[float] = 1e-5):
+        super().__init__()
+        self.pos_embed = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm1 = nn.GroupNorm(1, dim, eps=1e-5)
+        self.token_mixer = DMixer(dim, kernel_size=kernel_size, num_groups=num_groups, num_heads=num_heads,
+                                  sr_ratio=sr_ratio, rel_pos=False)
+        self.norm2 = nn.GroupNorm(1, dim, eps=1e-5)
+        self.mlp = MSFFN(dim, int(dim * mlp_ratio), drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        if layer_scale_init_value is not None:
+            self.layer_scale_1 = LayerScale(dim, layer_scale_init_value)
+            self.layer_scale_2 = LayerScale(dim, layer_scale_init_value)
+        else:
+            self.layer_scale_1 = nn.Identity()
+            self.layer_scale_2 = nn.Identity()
+
+    def forward(self, x: torch.Tensor, relative_pos_enc: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.pos_embed(x)
+        x = x + self.drop_path(self.layer_scale_1(self.token_mixer(self.norm1(x), relative_pos_enc)))
+        x = x + self.drop_path(self.layer_scale_2(self.mlp(self.norm2(x))))
+        return x
+
+
+class TransXNetStage(nn.Module):
+    """``downsample`` -> blocks, all sharing the stage's relative position bias (resized once to the map)."""
+
+    no_weight_decay_keys = ("relative_pos_enc",)
+
+    def __init__(self, blocks: Sequence[TransXNetBlock], downsample: Optional[nn.Module],
+                 rel_pos_size: Tuple[int, int, int, int], sr_ratio: int):
+        super().__init__()
+        self.grad_checkpointing = False
+        self.sr_ratio = sr_ratio
+        self.downsample = downsample if downsample is not None else nn.Identity()
+        self.blocks = nn.Sequential(*blocks)  # called one by one with the shared bias
+        self.relative_pos_enc = nn.Parameter(torch.zeros(rel_pos_size))
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.grad_checkpointing = enable
+
+    def forward(self, x):
+        x = self.downsample(x)
+        H, W = x.shape[-2], x.shape[-1]
+        sr = self.sr_ratio
+        if sr > 1:  # keys grid of OSRA's conv (kernel sr+3, stride sr, padding (sr+3)//2)
+            pad, k = (sr + 3) // 2, sr + 3
+            kh, kw = (H + 2 * pad - k) // sr + 1, (W + 2 * pad - k) // sr + 1
+        else:
+            kh, kw = H, W
+        rel = resize_rel_pos(self.relative_pos_enc, H * W, kh * kw)
+        for blk in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, rel)
+            else:
+                x = blk(x, rel)
+        return x
+
+
+class TransXNet(MetaFormerBase):
+    """TransXNet on the zoo skeleton.
+
+    Args:
+        img_size: size the relative position biases are built for (official ``image_size``, 224); any input runs.
+        depths, embed_dims, kernel_sizes, num_groups, sr_ratios, num_heads, mlp_ratios: per stage (``ARCHS``).
+        layer_scale_init_value: LayerScale init (official 1e-5; None disables it).
+        drop_rate: dropout inside the MS-FFN (official ``drop_rate``); drop_path_rate: stochastic depth, linear over
+            all blocks.
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = "avg",
+            depths: Sequence[int] = (3, 3, 9, 3),
+            embed_dims: Sequence[int] = (48, 96, 224, 448),
+            kernel_sizes: Sequence[int] = (7, 7, 7, 7),
+            num_groups: Sequence[int] = (2, 2, 2, 2),
+            sr_ratios: Sequence[int] = (8, 4, 2, 1),
+            num_heads: Sequence[int] = (1, 2, 4, 8),
+            mlp_ratios: Sequence[float] = (4, 4, 4, 4),
+            layer_scale_init_value: Optional[float] = 1e-5,
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+    ):
+        super().__init__()
+        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.img_size = img_size
+        self.stem = ConvBN(in_chans, embed_dims[0], kernel_size=7, stride=4, padding=3)
+        feat = [math.ceil(img_size[0] / 4), math.ceil(img_size[1] / 4)]
+        dpr = drop_path_rates(drop_path_rate, depths)
+        stages = []
+        for i, depth in enumerate(depths):
+            downsample = None
+            if i > 0:
+                downsample = ConvBN(embed_dims[i - 1], embed_dims[i], kernel_size=3, stride=2, padding=1)
+                feat = [math.ceil(feat[0] / 2), math.ceil(feat[1] / 2)]
+            blocks = [
+                TransXNetBlock(embed_dims[i], kernel_size=kernel_sizes[i], sr_ratio=sr_ratios[i],
+                               num_groups=num_groups[i], num_heads=num_heads[i], mlp_ratio=mlp_ratios[i],
+                               drop=drop_rate, drop_path=dpr[i][j], layer_scale_init_value=layer_scale_init_value)
+                for j in range(depth)
+            ]
+            stages.append(TransXNetStage(blocks, downsample, rel_pos_shape(feat, num_heads[i], sr_ratios[i]),
+                                         sr_ratios[i]))
+        self.stages = nn.Sequential(*stages)
+        self._init_interface(in_chans, num_classes, embed_dims)
+        # any size >= 32 px runs (every map size is computed with ceil); instance attributes for TorchScript
+        self.min_input_size = 32
+        self.input_divisor = 1
+        self.head = MetaFormerHead(self.num_features, num_classes, global_pool=global_pool, norm_layer="groupnorm1",
+                                   norm_first=True)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        # official: every nn.Conv2d trunc-normal 0.02 / zero bias (the classifier conv too: Linear here)
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.(downsample|relative_pos_enc)", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^head\.norm", (99999,)),
+            ],
+        )
+
+
+# --- official checkpoint layout ----------------------------------------------------------------------------------
+_OFFICIAL_RULES = [
+    (r"^patch_embed\.proj\.", "stem."),
+    *[(rf"^network\.{2 * i}\.(\d+)\.", rf"stages.{i}.blocks.\1.") for i in range(4)],
+    *[(rf"^network\.{2 * i - 1}\.proj\.", f"stages.{i}.downsample.") for i in (1, 2, 3)],
+    (r"^relative_pos_enc\.(\d)$", r"stages.\1.relative_pos_enc"),
+    (r"^classifier\.0\.", "head.norm."),
+    (r"^classifier\.2\.", "head.fc."),
+]
+
+_TO_OFFICIAL = [
+    (r"^stem\.", "patch_embed.proj."),
+    *[(rf"^stages\.{i}\.blocks\.(\d+)\.", rf"network.{2 * i}.\1.") for i in range(4)],
+    *[(rf"^stages\.{i}\.downsample\.", f"network.{2 * i - 1}.proj.") for i in (1, 2, 3)],
+    (r"^stages\.(\d)\.relative_pos_enc$", r"relative_pos_enc.\1"),
+    (r"^head\.norm\.", "classifier.0."),
+    (r"^head\.fc\.", "classifier.2."),
+]
+
+
+def checkpoint_filter_fn(state_dict, model: TransXNet) -> Dict[str, torch.Tensor]:
+    """Official LMMMEng/TransXNet checkpoint (timm ``CheckpointSaver`` file: weights under ``state_dict``; a raw state
+    dict works too) -> zoo layout, validated.
+
+    The classifier 1x1 conv becomes the Linear head; relative position biases built for another ``image_size`` are
+    resized with the official runtime rule (so e.g. 224-built weights in an ``img_size=384`` model give the outputs of
+    the 224-built model at 384 px).
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    if "stem.conv.weight" not in state_dict:
+        if "patch_embed.proj.conv.weight" not in state_dict:
+            sample = ", ".join(sorted(state_dict)[:5])
+            raise CheckpointError(
+                f"unrecognised checkpoint layout for TransXNet: expected official LMMMEng/TransXNet keys "
+                f"('patch_embed.proj.conv.weight', 'network.0.0.token_mixer...', ...) or zoo keys ('stem.conv.weight'),"
+                f" got {sample} ... Is this a checkpoint of another family?")
+        if any(k.startswith(("norm0.", "norm2.", "norm4.", "norm6.")) for k in state_dict):
+            raise CheckpointError(
+                "this is a TransXNet dense-prediction backbone (fork_feat: per-output norm0/2/4/6, no classifier); "
+                "load it through the dense adapter (metaformer_zoo.dense), not into the classification model")
+        state_dict = remap_keys(state_dict, _OFFICIAL_RULES)
+    state_dict = dict(state_dict)
+    target = model.state_dict()
+    for k, v in list(state_dict.items()):
+        t = target.get(k)
+        if t is None:
+            continue
+        if k.startswith("head.fc.weight") and v.dim() == 4 and t.dim() == 2:
+            state_dict[k] = v.flatten(1)
+        elif k.endswith("relative_pos_enc") and v.dim() == 4 and v.shape != t.shape and v.shape[:2] == t.shape[:2]:
+            state_dict[k] = resize_rel_pos(v.float(), int(t.shape[2]), int(t.shape[3])).to(v.dtype)
+    return validate_state_dict(state_dict, model, source="checkpoint (LMMMEng/TransXNet layout)")
+
+
+def official_state_dict(model: TransXNet) -> Dict[str, torch.Tensor]:
+    """The model's weights in the official LMMMEng/TransXNet layout (the tensors under ``state_dict``)."""
+    out = {}
+    for k, v in remap_keys(model.state_dict(), _TO_OFFICIAL).items():
+        if k == "classifier.2.weight" and v.dim() == 2:
+            v = v[:, :, None, None]
+        out[k] = v.clone()
+    return out
+
+
+def load_official_checkpoint(path: str, model: Optional[TransXNet] = None, use_ema: bool = False):
+    """Read an official TransXNet file (timm ``CheckpointSaver`` dict that also pickles the training
+    ``argparse.Namespace``) without executing arbitrary pickles: ``weights_only=True`` with ``argparse.Namespace``
+    allowed. Returns the weights under ``state_dict`` (``state_dict_ema`` if ``use_ema`` and present); when ``model``
+    is given, also converts and strictly loads them and returns the converted state dict."""
+    import argparse
+    import os
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    if use_ema:
+        if not (isinstance(obj, dict) and isinstance(obj.get("state_dict_ema"), dict)):
+            raise CheckpointError(f"{path} holds no 'state_dict_ema' (EMA weights); load it with use_ema=False")
+        obj = obj["state_dict_ema"]
+    sd = unwrap_state_dict(obj)
+    if model is None:
+        return sd
+    sd = checkpoint_filter_fn(sd, model)
+    model.load_state_dict(sd, strict=True)
+    return sd
+
+
+# --- registration ------------------------------------------------------------------------------------------------
+def _cfg(url: str = "", **kwargs):
+    return {
+        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+        "crop_pct": 0.9, "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.conv", "classifier": "head.fc", "license": "apache-2.0",
+        "paper_ids": "arXiv:2310.19380", "paper_name": "TransXNet: Learning Both Global and Local Dynamics with a "
+                                                       "Dual Dynamic Token Mixer for Visual Recognition",
+        "origin_url": "https://github.com/LMMMEng/TransXNet", **kwargs,
+    }
+
+
+_URL = "https://github.com/LMMMEng/TransXNet/releases/download/v1.0/{}.pth.tar"
+
+default_cfgs = generate_default_cfgs({
+    "transxnet_t.in1k": _cfg(url=_URL.format("transx-t"), crop_pct=0.9),
+    "transxnet_s.in1k": _cfg(url=_URL.format("transx-s"), crop_pct=0.9),
+    "transxnet_b.in1k": _cfg(url=_URL.format("transx-b"), crop_pct=0.95),
+    # README: B fine-tuned at 384 (85.5); whether the file holds 224- or 384-sized relative position tables is
+    # unknown: the filter resizes them to the model's img_size either way (create with img_size=384 to keep them)
+    "transxnet_b.in1k_384": _cfg(url=_URL.format("transx-b-384"), input_size=(3, 384, 384), pool_size=(12, 12),
+                                 crop_pct=1.0),
+})
+
+VARIANTS = [f"transxnet_{a}" for a in ARCHS]
+
+register_family(
+    "transxnet", VARIANTS,
+    paper="TransXNet: Learning Both Global and Local Dynamics with a Dual Dynamic Token Mixer for Visual "
+          "Recognition (IEEE TNNLS 2025, arXiv 2310.19380)",
+    code="https://github.com/LMMMEng/TransXNet",
+    notes="any input size; batch-1 training supported",
+    filter_fn=checkpoint_filter_fn, to_official=official_state_dict, official_wrapper="state_dict",
+    dense_out_norm=dense_out_norm,
+)
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> TransXNet:
+    model_args = dict(ARCHS[variant.split("_")[-1]], layer_scale_init_value=1e-5)
+    return build_zoo_model(TransXNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                           **dict(model_args, **kwargs))
+
+
+@register_model
+def transxnet_t(pretrained=False, **kwargs) -> TransXNet:
+    return _create("transxnet_t", pretrained, **kwargs)
+
+
+@register_model
+def transxnet_s(pretrained=False, **kwargs) -> TransXNet:
+    return _create("transxnet_s", pretrained, **kwargs)
+
+
+@register_model
+def transxnet_b(pretrained=False, **kwargs) -> TransXNet:
+    return _create("transxnet_b", pretrained, **kwargs)
