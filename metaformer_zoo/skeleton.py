@@ -225,6 +225,9 @@ class MetaFormerBase(nn.Module):
     def _init_interface(self, in_chans: int, num_classes: int, dims: Sequence[int],
                         reductions: Sequence[int] = (4, 8, 16, 32), head_hidden_size: Optional[int] = None):
         self.arch_name = type(self).__name__
+        # instance copies of the class defaults, so TorchScript sees them as module attributes
+        self.min_input_size = int(self.min_input_size)
+        self.input_divisor = int(self.input_divisor)
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.num_features = dims[-1]

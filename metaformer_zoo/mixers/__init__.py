@@ -1,6 +1,6 @@
 """Token mixer registry.
 
-Every token mixer in the zoo is an ``nn.Module`` built as ``mixer(dim, **kwargs)`` that maps a (B, C, H, W) feature
+Every token mixer in the zoo is an ``nn.Module`` built as ``mixer(dim=dim, **kwargs)`` that maps a (B, C, H, W) feature
 map to a (B, C, H, W) feature map. Registering a mixer under a name makes it usable in every family built on the
 shared skeleton, e.g. ``timm.create_model("zoo_metaformer", token_mixers=["pooling", "sepconv", "aff", "ss2d"])``.
 
@@ -69,7 +69,7 @@ def create_mixer(
         for k, v in context.items():
             if k in accepted and k not in kwargs:
                 kwargs[k] = v
-    return fn(dim, **kwargs)
+    return fn(dim=dim, **kwargs)
 
 
 def _import_all():

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import register_notrace_module
-from timm.models.metaformer import Attention, Pooling, SepConv
+from timm.models.metaformer import Pooling, SepConv
 
 from . import register_mixer
 
@@ -27,15 +27,31 @@ register_mixer("sepconv", SepConv)  # pw(2C) -> StarReLU -> dw7x7 -> pw(C), no b
 
 
 @register_mixer("attention")
-class Attention2d(Attention):
+class Attention2d(nn.Module):
     """Global multi-head self-attention (CAFormer): head_dim 32, no qkv/proj bias, no positional information.
 
-    Applied to a (B, C, H, W) map by flattening the H*W tokens (row-major), as the official NHWC code does.
+    Applied to a (B, C, H, W) map by flattening the H*W tokens (row-major), as the official NHWC code does. Keys
+    (``qkv``, ``proj``) match the official code and timm's ``Attention``.
     """
+
+    def __init__(self, dim: int, head_dim: int = 32, num_heads: Optional[int] = None, qkv_bias: bool = False,
+                 attn_drop: float = 0., proj_drop: float = 0., proj_bias: bool = False):
+        super().__init__()
+        self.head_dim = head_dim
+        self.num_heads = max(1, num_heads if num_heads else dim // head_dim)
+        self.attention_dim = self.num_heads * head_dim
+        self.qkv = nn.Linear(dim, self.attention_dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(self.attention_dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x):
         B, C, H, W = x.shape
-        y = super().forward(x.flatten(2).transpose(1, 2))
+        N = H * W
+        qkv = self.qkv(x.flatten(2).transpose(1, 2)).reshape(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.)
+        y = self.proj_drop(self.proj(y.transpose(1, 2).reshape(B, N, self.attention_dim)))
         return y.transpose(1, 2).reshape(B, C, H, W)
 
 

@@ -1,0 +1,107 @@
+"""IdentityFormer and RandFormer: exact official parameter counts and MACs, checkpoint conversion, RandFormer size."""
+import pytest
+import timm
+import torch
+
+import metaformer_zoo
+from metaformer_zoo.checkpoint import CheckpointError
+from metaformer_zoo.models._baselines import checkpoint_filter_fn, official_state_dict
+from metaformer_zoo.zoo import count_macs, count_params
+
+# reference/metaformer.md section 2.2 (measured on the official sail-sg/metaformer code)
+PARAMS = {
+    "s12": 11_891_712, "s24": 21_341_464, "s36": 30_791_216, "m36": 56_077_168, "m48": 73_346_056,
+}
+FROZEN = {"s12": 235_298, "s24": 470_596, "s36": 705_894, "m36": 705_894, "m48": 941_192}
+TRUNK = {"s12": 11_377_688, "s24": 20_827_440, "s36": 30_277_192, "m36": 55_306_632, "m48": 72_575_520}
+
+
+@pytest.mark.parametrize("size", list(PARAMS))
+def test_param_counts(size):
+    total, trainable = count_params(timm.create_model(f"identityformer_{size}", device="meta"))
+    assert total == trainable == PARAMS[size]
+    total, trainable = count_params(timm.create_model(f"randformer_{size}", device="meta"))
+    assert trainable == PARAMS[size] and total == PARAMS[size] + FROZEN[size]
+    fm = timm.create_model(f"identityformer_{size}", features_only=True, device="meta")
+    assert count_params(fm)[0] == TRUNK[size]
+
+
+def test_macs_match_reference():
+    assert count_macs(timm.create_model("identityformer_s12", device="meta"), device="meta") == 1_812_267_008
+    assert count_macs(timm.create_model("randformer_s12", device="meta"), device="meta") == 1_888_484_352
+
+
+def test_random_matrices_are_frozen_row_stochastic_and_distinct():
+    m = timm.create_model("randformer_s12")
+    mats = [b.token_mixer.random_matrix for b in m.stages[2].blocks]
+    assert all(not r.requires_grad and r.shape == (196, 196) for r in mats)
+    torch.testing.assert_close(mats[0].sum(-1), torch.ones(196))
+    assert not torch.equal(mats[0], mats[1])
+    assert m.stages[3].blocks[0].token_mixer.random_matrix.shape == (49, 49)
+
+
+@pytest.mark.parametrize("name", ["identityformer_s12", "randformer_s12"])
+def test_official_checkpoint_converts_strictly(name, tmp_path):
+    torch.manual_seed(0)
+    src = timm.create_model(name).eval()
+    with torch.no_grad():  # move norms / scales / StarReLU off their init values
+        for p in src.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    official = official_state_dict(src)
+    # official layout facts: NHWC Linear MLP weights, downsample_layers.* naming, plain state dict
+    assert official["stages.0.0.mlp.fc1.weight"].dim() == 2
+    assert "downsample_layers.0.post_norm.weight" in official and "head.weight" in official
+    path = tmp_path / "official.pth"
+    torch.save(official, path)
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), src(x))
+    # the same file through a 10-class model keeps the trunk and re-initialises the head
+    m10 = timm.create_model(name, pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=str(path)))
+    torch.testing.assert_close(m10.stem.conv.weight, src.stem.conv.weight)
+
+
+def test_mismatched_checkpoints_fail_loudly():
+    model = timm.create_model("identityformer_s12")
+    official = official_state_dict(model)
+    broken = dict(official)
+    broken.pop("stages.1.0.norm1.weight")
+    broken["stages.1.0.extra.weight"] = torch.zeros(3)
+    with pytest.raises(CheckpointError, match="missing key.*\n.*unexpected key"):
+        checkpoint_filter_fn(broken, model)
+    with pytest.raises(CheckpointError, match="mis-shaped"):
+        checkpoint_filter_fn(official_state_dict(timm.create_model("identityformer_m36")), model)
+    with pytest.raises(CheckpointError, match="unrecognised checkpoint layout"):
+        checkpoint_filter_fn({"conv1.weight": torch.zeros(1)}, model)
+    with pytest.raises(CheckpointError, match="mis-shaped"):  # RandFormer matrices of another img_size
+        checkpoint_filter_fn(official_state_dict(timm.create_model("randformer_s12", img_size=64)),
+                             timm.create_model("randformer_s12"))
+
+
+def test_randformer_size_is_fixed_unless_resize_requested():
+    model = timm.create_model("randformer_s12").eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+        assert model(torch.randn(1, 3, 211, 211)).shape == (1, 1000)  # same token grid, as the official code
+        with pytest.raises(ValueError, match="random_mixing_resize=True"):
+            model(torch.randn(1, 3, 256, 256))
+    resized = timm.create_model("randformer_s12", random_mixing_resize=True).eval()
+    resized.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(resized(x), model(x))  # exact at the built size
+        feats = resized.forward_intermediates(torch.randn(1, 3, 256, 320), intermediates_only=True)
+    assert [tuple(f.shape[-2:]) for f in feats] == [(64, 80), (32, 40), (16, 20), (8, 10)]
+    r = resized.stages[2].blocks[0].token_mixer._matrix_for(16, 20)
+    torch.testing.assert_close(r.sum(-1), torch.ones(320))
+
+
+def test_identity_mixer_branch_is_not_skipped():
+    """IdentityFormer blocks add norm1(x): a zero norm1 weight must change the output."""
+    model = timm.create_model("identityformer_s12").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        model.stages[0].blocks[0].norm1.weight.zero_()
+        assert not torch.allclose(model(x), ref)

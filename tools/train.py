@@ -1,0 +1,481 @@
+#!/usr/bin/env python3
+"""ImageNet-style training for metaformer-zoo models, assembled from timm's factories.
+
+Single process::
+
+    python tools/train.py --recipe digits                         # the bundled default dataset (no download)
+    python tools/train.py --recipe identityformer --model identityformer_s12 --data-dir /data/imagenet
+
+More processes / GPUs / nodes with torchrun (DDP; NCCL on CUDA, Gloo on CPU)::
+
+    torchrun --nproc_per_node=8 tools/train.py --recipe caformer --model caformer_s18 --data-dir /data/imagenet
+
+Recipes are YAML files in configs/train/ (``--recipe NAME`` or ``--recipe path.yaml``) whose keys are this script's
+argument names; a ``variants:`` mapping holds per-model overrides. Precedence: defaults < recipe < command line.
+timm pieces used: create_dataset / create_loader (RandAugment, random erasing), Mixup/CutMix, create_optimizer_v2
+(incl. layer decay), create_scheduler_v2, ModelEmaV3, CheckpointSaver, NativeScaler (AMP), resume.
+"""
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from typing import Dict, List
+
+import numpy as np
+import torch
+import torch.nn as nn
+import yaml
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, _REPO)
+
+import timm  # noqa: E402
+from timm.data import Mixup, create_dataset, create_loader, resolve_data_config  # noqa: E402
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
+from timm.optim import create_optimizer_v2  # noqa: E402
+from timm.scheduler import create_scheduler_v2  # noqa: E402
+from timm.utils import CheckpointSaver, ModelEmaV3, NativeScaler, accuracy, dispatch_clip_grad  # noqa: E402
+from timm.utils.model import get_state_dict, unwrap_model  # noqa: E402
+
+import metaformer_zoo  # noqa: E402,F401  (registers the zoo models)
+
+_logger = logging.getLogger("train")
+RECIPE_DIR = os.path.join(_REPO, "configs", "train")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("recipe / data")
+    g.add_argument("--recipe", default=None, help="configs/train/<NAME>.yaml or a YAML path")
+    g.add_argument("-c", "--config", default=None, help="extra YAML of argument defaults (applied after --recipe)")
+    g.add_argument("--data-dir", default=None, help="ImageFolder root (train/ and validation/ or val/); "
+                                                   "default: the bundled digits dataset")
+    g.add_argument("--dataset", default="", help="timm dataset spec (e.g. torch/cifar10); default ImageFolder")
+    g.add_argument("--train-split", default="train")
+    g.add_argument("--val-split", default="validation")
+    g.add_argument("--digits-size", type=int, default=64, help="side of the generated digits images")
+    g.add_argument("--num-classes", type=int, default=None)
+    g.add_argument("--img-size", type=int, default=None)
+    g.add_argument("--crop-pct", type=float, default=None)
+    g.add_argument("--interpolation", default="")
+    g.add_argument("--train-interpolation", default="random")
+    g.add_argument("--mean", type=float, nargs=3, default=None)
+    g.add_argument("--std", type=float, nargs=3, default=None)
+    g.add_argument("-j", "--workers", type=int, default=2)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="zoo_metaformer")
+    g.add_argument("--model-kwargs", type=yaml.safe_load, default=None, help="YAML/JSON dict of create_model kwargs")
+    g.add_argument("--pretrained", action="store_true")
+    g.add_argument("--initial-checkpoint", default="", help="weights to start from (not a resume)")
+    g.add_argument("--drop", type=float, default=0.0)
+    g.add_argument("--drop-path", type=float, default=None)
+    g.add_argument("--grad-checkpointing", action="store_true")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("-b", "--batch-size", type=int, default=64, help="per process")
+    g.add_argument("--lr", type=float, default=None, help="absolute lr; default lr_base * global_batch / lr_base_size")
+    g.add_argument("--lr-base", type=float, default=1e-3)
+    g.add_argument("--lr-base-size", type=int, default=1024)
+    g.add_argument("--opt", default="adamw")
+    g.add_argument("--opt-eps", type=float, default=None)
+    g.add_argument("--opt-betas", type=float, nargs="+", default=None)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--layer-decay", type=float, default=None)
+    g.add_argument("--clip-grad", type=float, default=None)
+    g.add_argument("--sched", default="cosine")
+    g.add_argument("--warmup-epochs", type=int, default=1)
+    g.add_argument("--warmup-lr", type=float, default=1e-6)
+    g.add_argument("--min-lr", type=float, default=1e-5)
+    g.add_argument("--cooldown-epochs", type=int, default=0)
+    g.add_argument("--smoothing", type=float, default=0.1)
+    g = p.add_argument_group("augmentation")
+    g.add_argument("--aa", default=None, help="RandAugment spec, e.g. rand-m9-mstd0.5-inc1")
+    g.add_argument("--reprob", type=float, default=0.0)
+    g.add_argument("--remode", default="pixel")
+    g.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0))
+    g.add_argument("--ratio", type=float, nargs=2, default=(3.0 / 4.0, 4.0 / 3.0))
+    g.add_argument("--hflip", type=float, default=0.5)
+    g.add_argument("--color-jitter", type=float, default=0.4)
+    g.add_argument("--mixup", type=float, default=0.0)
+    g.add_argument("--cutmix", type=float, default=0.0)
+    g.add_argument("--mixup-prob", type=float, default=1.0)
+    g.add_argument("--mixup-switch-prob", type=float, default=0.5)
+    g = p.add_argument_group("runtime")
+    g.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, --amp-dtype on CUDA)")
+    g.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"))
+    g.add_argument("--channels-last", action="store_true")
+    g.add_argument("--torchcompile", nargs="?", const="inductor", default=None)
+    g.add_argument("--model-ema", action="store_true")
+    g.add_argument("--model-ema-decay", type=float, default=0.9998)
+    g.add_argument("--resume", default="", help="training checkpoint to resume (e.g. OUTPUT/last.pth.tar)")
+    g.add_argument("--output", default="output/train", help="checkpoint / log directory")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    g.add_argument("--max-steps-per-epoch", type=int, default=None, help="truncate epochs (smoke tests)")
+    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--eval-only", action="store_true")
+    return p
+
+
+def _recipe_path(name: str) -> str:
+    if os.path.isfile(name):
+        return name
+    path = os.path.join(RECIPE_DIR, f"{name}.yaml")
+    if not os.path.isfile(path):
+        known = sorted(f[:-5] for f in os.listdir(RECIPE_DIR) if f.endswith(".yaml"))
+        raise SystemExit(f"unknown recipe {name!r}: no {path}. Recipes: {', '.join(known)}")
+    return path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Defaults < recipe (+ its per-variant overrides) < --config < command line."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    defaults: Dict = {}
+    dests = {a.dest for a in parser._actions}
+    for path in filter(None, [pre.recipe and _recipe_path(pre.recipe), pre.config]):
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        variants = data.pop("variants", {}) or {}
+        data.pop("notes", None)
+        cli_model = pre.model if pre.model != parser.get_default("model") else None
+        model = cli_model or data.get("model", defaults.get("model"))
+        data.update(variants.get(model, {}) or {})
+        unknown = set(data) - dests
+        if unknown:
+            raise SystemExit(f"{path}: unknown keys {sorted(unknown)} (keys are tools/train.py argument names)")
+        defaults.update(data)
+    parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+def init_distributed(args):
+    args.world_size = int(os.environ.get("WORLD_SIZE", 1))
+    args.rank = int(os.environ.get("RANK", 0))
+    args.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    args.distributed = args.world_size > 1
+    use_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(args.local_rank)
+        device = torch.device("cuda", args.local_rank)
+    else:
+        device = torch.device("cpu")
+    if args.distributed:
+        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return device
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+class TrainCheckpointSaver(CheckpointSaver):
+    """timm's CheckpointSaver storing plain data (args as a dict, the global step), so checkpoints load with
+    ``torch.load(weights_only=True)`` and a resume continues at the same step."""
+
+    def __init__(self, *a, extra_state=None, **kw):
+        super().__init__(*a, **kw)
+        self.extra_state = extra_state or (lambda: {})
+
+    def _save(self, save_path, epoch, metric=None):
+        state = {
+            "epoch": epoch, "arch": self.args.model, "args": {k: v for k, v in vars(self.args).items()
+                                                             if isinstance(v, (int, float, str, bool, list, tuple,
+                                                                               dict, type(None)))},
+            "optimizer": self.optimizer.state_dict(), "version": 2,
+            "state_dict": get_state_dict(self.model, self.unwrap_fn),
+        }
+        if self.model_ema is not None:
+            state["state_dict_ema"] = get_state_dict(self.model_ema, self.unwrap_fn)
+        if self.amp_scaler is not None:
+            state[self.amp_scaler.state_dict_key] = self.amp_scaler.state_dict()
+        if metric is not None:
+            state["metric"] = metric
+        state["saver"] = self.state_dict(epoch, metric)
+        state.update(self.extra_state())
+        torch.save(state, save_path)
+
+
+def make_loaders(args, data_config, device):
+    if args.data_dir is None and not args.dataset:
+        from metaformer_zoo.data import prepare_digits
+        args.data_dir = prepare_digits(size=args.digits_size)
+    val_split = args.val_split
+    if not args.dataset and args.data_dir and not os.path.isdir(os.path.join(args.data_dir, val_split)):
+        for alt in ("val", "validation", "eval"):
+            if os.path.isdir(os.path.join(args.data_dir, alt)):
+                val_split = alt
+    ds_train = create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
+                              batch_size=args.batch_size, seed=args.seed)
+    ds_eval = create_dataset(args.dataset, root=args.data_dir, split=val_split, is_training=False,
+                             batch_size=args.batch_size)
+    common = dict(input_size=data_config["input_size"], mean=data_config["mean"], std=data_config["std"],
+                  num_workers=args.workers, distributed=args.distributed, device=device, use_prefetcher=False,
+                  persistent_workers=False)
+    loader_train = create_loader(
+        ds_train, batch_size=args.batch_size, is_training=True, re_prob=args.reprob, re_mode=args.remode,
+        scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, color_jitter=args.color_jitter,
+        auto_augment=args.aa, interpolation=args.train_interpolation, **common)
+    loader_eval = create_loader(
+        ds_eval, batch_size=args.batch_size, is_training=False, interpolation=data_config["interpolation"],
+        crop_pct=data_config["crop_pct"], **common)
+    return loader_train, loader_eval
+
+
+def _num_classes(args) -> int:
+    if args.num_classes:
+        return args.num_classes
+    if args.data_dir and not args.dataset:
+        split = os.path.join(args.data_dir, args.train_split)
+        if os.path.isdir(split):
+            return len([d for d in os.listdir(split) if os.path.isdir(os.path.join(split, d))])
+    return 1000
+
+
+def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_scheduler, amp_ctx, loss_scaler,
+                    model_ema, mixup_fn, step):
+    model.train()
+    losses, n = 0.0, 0
+    steps = len(loader) if args.max_steps_per_epoch is None else min(len(loader), args.max_steps_per_epoch)
+    progress = _progress(steps, f"epoch {epoch + 1}/{args.epochs}", args)
+    for i, (x, y) in enumerate(loader):
+        if i >= steps:
+            break
+        x, y = x.to(device), y.to(device)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if mixup_fn is not None:
+            x, y = mixup_fn(x, y)
+        with amp_ctx():
+            loss = loss_fn(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        if loss_scaler is not None:
+            loss_scaler(loss, optimizer, clip_grad=args.clip_grad, parameters=model.parameters())
+        else:
+            loss.backward()
+            if args.clip_grad is not None:
+                dispatch_clip_grad(model.parameters(), args.clip_grad)
+            optimizer.step()
+        if model_ema is not None:
+            model_ema.update(model, step=step)
+        step += 1
+        lr_scheduler.step_update(num_updates=step)
+        losses += loss.item() * x.shape[0]
+        n += x.shape[0]
+        if progress is not None:
+            progress.set_postfix(loss=f"{losses / n:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            progress.update(1)
+    if progress is not None:
+        progress.close()
+    total = torch.tensor([losses, n], dtype=torch.float64, device=device)
+    if args.distributed:
+        torch.distributed.all_reduce(total)
+    return (total[0] / total[1]).item(), step
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, args, amp_ctx) -> Dict[str, float]:
+    model.eval()
+    crit = nn.CrossEntropyLoss(reduction="sum")
+    stats = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, n
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with amp_ctx():
+            out = model(x)
+        top1, top5 = accuracy(out.float(), y, topk=(1, min(5, out.shape[-1])))
+        b = x.shape[0]
+        stats += torch.tensor([crit(out.float(), y).item(), top1.item() * b / 100, top5.item() * b / 100, b],
+                              dtype=torch.float64, device=device)
+    if args.distributed:
+        torch.distributed.all_reduce(stats)
+    loss, c1, c5, n = stats.tolist()
+    return dict(loss=loss / n, top1=100 * c1 / n, top5=100 * c5 / n, n=int(n))
+
+
+def _progress(total, desc, args):
+    if args.no_progress or args.rank != 0:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+
+
+def print_table(rows: List[Dict], file=sys.stdout):
+    header = ["epoch", "train_loss", "val_loss", "top1", "top5", "lr", "time_s"]
+    print("| " + " | ".join(header) + " |", file=file)
+    print("|" + "|".join("---" for _ in header) + "|", file=file)
+    for r in rows:
+        print(f"| {r['epoch']} | {r['train_loss']:.4f} | {r['val_loss']:.4f} | {r['top1']:.2f} | {r['top5']:.2f} "
+              f"| {r['lr']:.2e} | {r['time_s']:.1f} |", file=file)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("timm").setLevel(logging.WARNING)
+    device = init_distributed(args)
+    seed_everything(args.seed + args.rank)
+    is_main = args.rank == 0
+    if args.data_dir is None and not args.dataset and is_main:
+        from metaformer_zoo.data import prepare_digits
+        args.data_dir = prepare_digits(size=args.digits_size)
+    if args.distributed:
+        torch.distributed.barrier()
+    if args.data_dir is None and not args.dataset:
+        from metaformer_zoo.data import prepare_digits
+        args.data_dir = prepare_digits(size=args.digits_size)
+
+    kwargs = dict(args.model_kwargs or {})
+    if args.img_size and "img_size" not in kwargs and _accepts_img_size(args.model):
+        kwargs["img_size"] = args.img_size
+    model = timm.create_model(
+        args.model, pretrained=args.pretrained, num_classes=_num_classes(args), drop_rate=args.drop,
+        drop_path_rate=args.drop_path, checkpoint_path=args.initial_checkpoint or None, **kwargs)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    data_config = resolve_data_config(vars(args), model=model, verbose=is_main)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    if args.lr is None:
+        args.lr = args.lr_base * args.batch_size * args.world_size / args.lr_base_size
+    opt_kwargs = {}
+    if args.opt_eps is not None:
+        opt_kwargs["eps"] = args.opt_eps
+    if args.opt_betas is not None:
+        opt_kwargs["betas"] = tuple(args.opt_betas)
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum, layer_decay=args.layer_decay, **opt_kwargs)
+
+    amp_dtype = torch.bfloat16 if (args.amp_dtype == "bfloat16" or device.type == "cpu") else torch.float16
+    amp_ctx = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if args.amp else contextlib.nullcontext
+    loss_scaler = NativeScaler(device=device.type) if (args.amp and amp_dtype == torch.float16) else None
+
+    start_epoch, step, history = 0, 0, []
+    model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+    if args.resume:
+        start_epoch, step, history = resume(args.resume, model, optimizer, loss_scaler, model_ema, is_main)
+
+    train_model = model
+    if args.torchcompile:
+        train_model = torch.compile(model, backend=args.torchcompile)
+    if args.distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[args.local_rank] if device.type == "cuda" else None)
+
+    loader_train, loader_eval = make_loaders(args, data_config, device)
+    steps_per_epoch = len(loader_train) if args.max_steps_per_epoch is None else min(len(loader_train),
+                                                                                        args.max_steps_per_epoch)
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.warmup_lr, min_lr=args.min_lr, cooldown_epochs=args.cooldown_epochs,
+        updates_per_epoch=steps_per_epoch)
+    if start_epoch > 0:
+        lr_scheduler.step(start_epoch, metric=None)
+
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                         switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing,
+                         num_classes=model.num_classes)
+        loss_fn = SoftTargetCrossEntropy()
+    elif args.smoothing:
+        loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        loss_fn = nn.CrossEntropyLoss()
+
+    saver = None
+    if is_main:
+        os.makedirs(args.output, exist_ok=True)
+        saver = TrainCheckpointSaver(
+            model, optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler, checkpoint_dir=args.output,
+            recovery_dir=args.output, max_history=2,
+            extra_state=lambda: dict(step=step_box[0], history=list(history)))
+        if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(args.output):
+            saver.load_state_dict_from_checkpoint(args.resume)
+    step_box = [step]
+
+    if args.eval_only:
+        metrics = evaluate(model, loader_eval, device, args, amp_ctx)
+        if is_main:
+            print(json.dumps(metrics))
+        return metrics
+
+    if is_main:
+        n_params = sum(p.numel() for p in model.parameters())
+        _logger.info(f"model {args.model}: {n_params / 1e6:.2f}M params; {len(loader_train.dataset)} train / "
+                     f"{len(loader_eval.dataset)} val images from {args.data_dir}; {num_epochs} epochs x "
+                     f"{steps_per_epoch} steps, lr {args.lr:.2e}, world size {args.world_size}, device {device}")
+    metrics = {}
+    for epoch in range(start_epoch, num_epochs):
+        # reseed per epoch: data order, augmentation, mixup and drop-path are a function of (seed, epoch), so a
+        # resumed run continues exactly like an uninterrupted one
+        seed_everything(args.seed + 1000 * epoch + args.rank)
+        if args.distributed and hasattr(loader_train.sampler, "set_epoch"):
+            loader_train.sampler.set_epoch(epoch)
+        t0 = time.time()
+        train_loss, step = train_one_epoch(epoch, train_model, loader_train, optimizer, loss_fn, args, device,
+                                           lr_scheduler, amp_ctx, loss_scaler, model_ema, mixup_fn, step)
+        step_box[0] = step
+        eval_model = model_ema.module if model_ema is not None else model
+        metrics = evaluate(eval_model, loader_eval, device, args, amp_ctx)
+        lr_scheduler.step(epoch + 1, metrics["top1"])
+        row = dict(epoch=epoch + 1, train_loss=train_loss, val_loss=metrics["loss"], top1=metrics["top1"],
+                   top5=metrics["top5"], lr=optimizer.param_groups[0]["lr"], time_s=time.time() - t0, step=step)
+        history.append(row)
+        if is_main:
+            _logger.info(f"epoch {epoch + 1}/{num_epochs}  step {step}  train_loss {train_loss:.4f}  "
+                         f"val_loss {metrics['loss']:.4f}  top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  "
+                         f"({row['time_s']:.1f}s)")
+            saver.save_checkpoint(epoch, metric=metrics["top1"])
+    if is_main and history:
+        print()
+        print_table(history)
+        best = max(history, key=lambda r: r["top1"])
+        print(f"\nfinal top-1 {history[-1]['top1']:.2f}% (best {best['top1']:.2f}% at epoch {best['epoch']}) on "
+              f"{metrics.get('n', 0)} held-out images; checkpoints in {os.path.abspath(args.output)} "
+              f"(last.pth.tar, model_best.pth.tar)")
+        with open(os.path.join(args.output, "summary.json"), "w") as f:
+            json.dump(dict(model=args.model, history=history, final=history[-1]), f, indent=1)
+    if args.distributed:
+        torch.distributed.destroy_process_group()
+    return metrics
+
+
+def _accepts_img_size(name: str) -> bool:
+    cfg = timm.models.get_pretrained_cfg(name)
+    return bool(cfg and cfg.fixed_input_size)
+
+
+def resume(path, model, optimizer, loss_scaler, model_ema, is_main):
+    from metaformer_zoo.checkpoint import load_checkpoint_file
+    ckpt = load_checkpoint_file(path)
+    for key in ("state_dict", "optimizer", "epoch"):
+        if key not in ckpt:
+            raise SystemExit(f"{path} is not a training checkpoint of tools/train.py (no {key!r}); use "
+                             f"--initial-checkpoint for plain weights")
+    unwrap_model(model).load_state_dict(ckpt["state_dict"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if loss_scaler is not None and loss_scaler.state_dict_key in ckpt:
+        loss_scaler.load_state_dict(ckpt[loss_scaler.state_dict_key])
+    if model_ema is not None and "state_dict_ema" in ckpt:
+        model_ema.module.load_state_dict(ckpt["state_dict_ema"])
+    epoch = ckpt["epoch"] + 1
+    if is_main:
+        _logger.info(f"resumed {path}: continuing at epoch {epoch + 1}, step {ckpt.get('step', 0)}")
+    return epoch, int(ckpt.get("step", 0)), list(ckpt.get("history", []))
+
+
+if __name__ == "__main__":
+    main()

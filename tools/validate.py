@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Evaluate a zoo model: a tools/train.py checkpoint, a weights file, a local Hub folder, or pretrained weights.
+
+    python tools/validate.py --checkpoint output/digits/model_best.pth.tar            # model and data from the run
+    python tools/validate.py --model identityformer_s12 --pretrained --data-dir /data/imagenet --split validation
+    python tools/validate.py --model local-dir:converted/identityformer_s12 --pretrained --data-dir /data/imagenet
+
+Uses timm's create_dataset / create_loader / resolve_data_config (the model's eval transform: crop_pct,
+interpolation, mean/std) and prints top-1 / top-5 and a one-row table.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+import timm  # noqa: E402
+from timm.data import create_dataset, create_loader, resolve_data_config  # noqa: E402
+from timm.utils import accuracy  # noqa: E402
+
+import metaformer_zoo  # noqa: E402,F401
+from metaformer_zoo.checkpoint import load_checkpoint_file  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="", help="tools/train.py checkpoint or a weights file")
+    p.add_argument("--model", default=None, help="model name (default: the checkpoint's)")
+    p.add_argument("--pretrained", action="store_true")
+    p.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights of a training checkpoint")
+    p.add_argument("--data-dir", default=None, help="ImageFolder root (default: the checkpoint's, or the digits)")
+    p.add_argument("--split", default="validation")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--crop-pct", type=float, default=None)
+    p.add_argument("-b", "--batch-size", type=int, default=64)
+    p.add_argument("-j", "--workers", type=int, default=2)
+    p.add_argument("--amp", action="store_true")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--results-file", default="")
+    args = p.parse_args(argv)
+
+    train_args, state = {}, None
+    if args.checkpoint:
+        ckpt = load_checkpoint_file(args.checkpoint)
+        train_args = ckpt.get("args", {}) if isinstance(ckpt.get("args"), dict) else {}
+        key = "state_dict_ema" if args.use_ema and "state_dict_ema" in ckpt else "state_dict"
+        state = ckpt.get(key, ckpt)
+    name = args.model or train_args.get("model")
+    if not name:
+        raise SystemExit("give --model (the checkpoint does not record one)")
+    data_dir = args.data_dir or train_args.get("data_dir")
+    if data_dir is None:
+        from metaformer_zoo.data import prepare_digits
+        data_dir = prepare_digits(size=train_args.get("digits_size", 64))
+    split_dir = os.path.join(data_dir, args.split)
+    if not os.path.isdir(split_dir):
+        alts = [s for s in ("val", "validation", "eval") if os.path.isdir(os.path.join(data_dir, s))]
+        if not alts:
+            raise SystemExit(f"no split {args.split!r} under {data_dir}")
+        args.split = alts[0]
+    num_classes = args.num_classes or train_args.get("num_classes") or (
+        len(os.listdir(os.path.join(data_dir, args.split))) if state is not None else None)
+    kwargs = dict(train_args.get("model_kwargs") or {})
+    if num_classes:
+        kwargs["num_classes"] = num_classes
+    model = timm.create_model(name, pretrained=args.pretrained, **kwargs)
+    if state is not None:
+        model.load_state_dict(state)
+    data_config = resolve_data_config(
+        dict(img_size=args.img_size or train_args.get("img_size"), crop_pct=args.crop_pct or train_args.get("crop_pct")),
+        model=model)
+    device = torch.device(args.device)
+    model.to(device).eval()
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    ds = create_dataset("", root=data_dir, split=args.split, is_training=False)
+    loader = create_loader(ds, input_size=data_config["input_size"], batch_size=args.batch_size,
+                           interpolation=data_config["interpolation"], mean=data_config["mean"], std=data_config["std"],
+                           crop_pct=data_config["crop_pct"], num_workers=args.workers, device=device,
+                           use_prefetcher=False, persistent_workers=False)
+    from tqdm import tqdm
+    c1 = c5 = n = 0
+    t0 = time.time()
+    with torch.no_grad():
+        for x, y in tqdm(loader, desc=f"validate {name}", file=sys.stderr, leave=False):
+            x, y = x.to(device), y.to(device)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, enabled=args.amp, dtype=torch.bfloat16):
+                out = model(x)
+            a1, a5 = accuracy(out.float(), y, topk=(1, min(5, out.shape[-1])))
+            c1 += a1.item() * x.shape[0] / 100
+            c5 += a5.item() * x.shape[0] / 100
+            n += x.shape[0]
+    res = dict(model=name, top1=round(100 * c1 / n, 3), top5=round(100 * c5 / n, 3), images=n,
+               img_size=data_config["input_size"][-1], crop_pct=data_config["crop_pct"],
+               seconds=round(time.time() - t0, 1))
+    print("| model | top1 | top5 | images | img_size | crop_pct |\n|---|---|---|---|---|---|")
+    print(f"| {name} | {res['top1']:.2f} | {res['top5']:.2f} | {n} | {res['img_size']} | {res['crop_pct']} |")
+    if args.results_file:
+        with open(args.results_file, "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()
