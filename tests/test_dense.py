@@ -381,6 +381,13 @@ def test_mm_backbone_registry_and_init_cfg_errors(tmp_path):
                           init_cfg=dict(type="Pretrained", checkpoint=str(corrupt))))
     with pytest.raises(CheckpointError, match="corrupt"):
         b.init_weights()
+    # through a whole segmentor: the top-level init_weights() (what the mmengine Runner calls) loads it strictly
+    _mm()
+    cfg = _load_cfg(os.path.join(ROOT, "configs", "mmseg", "fpn_identityformer_s12_8xb4-40k_ade20k-512x512.py"))
+    cfg.model.backbone.init_cfg.checkpoint = path
+    seg = _build(cfg, "mmseg")
+    seg.init_weights()
+    assert all(torch.equal(seg.backbone.model.state_dict()[k], v) for k, v in good.items() if not k.startswith("head."))
     # resolves from the mmdet / mmseg scopes through the root registry
     from mmengine.registry import DefaultScope
     for scope in ("mmdet", "mmseg"):
