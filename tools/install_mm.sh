@@ -35,7 +35,8 @@ if [[ -z "${PYTHON:-}" ]]; then
         PYTHON="$(command -v python3 || true)"
     fi
 fi
-[[ -n "$PYTHON" && -x "$(command -v "$PYTHON" || echo "$PYTHON")" ]] || die "no python interpreter found; set PYTHON=/path/to/venv/bin/python"
+[[ -n "$PYTHON" ]] || die "no python interpreter found; set PYTHON=/path/to/venv/bin/python"
+command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON is not an executable interpreter; set PYTHON=/path/to/venv/bin/python"
 log "target interpreter: $PYTHON ($("$PYTHON" -c 'import sys; print(sys.prefix)'))"
 
 check() { "$PYTHON" - <<'EOF' 2>/dev/null
