@@ -2,7 +2,7 @@
 """Build every mmdet / mmseg config of the zoo and print its parameter counts.
 
     python tools/dense_params.py                    # all configs whose backbone is registered
-    python tools/dense_params.py -k poolformer      # only configs whose file name contains 'poolformer'
+    python tools/dense_params.py -k poolformer,vim2 # only configs whose file name contains one of these
     python tools/dense_params.py --markdown         # a Markdown table (model_cards/dense.md)
 
 Needs the mm stack (``bash tools/install_mm.sh``). Counts are of the built detector / segmentor (80 COCO or 150
@@ -65,7 +65,7 @@ def build(path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("-k", "--filter", default="", help="substring of the config file name")
+    ap.add_argument("-k", "--filter", default="", help="comma-separated substrings of the config file name")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -79,7 +79,8 @@ def main():
     import metaformer_zoo  # noqa: F401
     paths = sorted(glob.glob(os.path.join(ROOT, "configs", "mmdet", "*.py"))
                    + glob.glob(os.path.join(ROOT, "configs", "mmseg", "*.py")))
-    paths = [p for p in paths if args.filter in os.path.basename(p)]
+    keys = [k for k in args.filter.split(",") if k] or [""]
+    paths = [p for p in paths if any(k in os.path.basename(p) for k in keys)]
     rows = []
     t0 = time.time()
     for p in paths:
