@@ -5,7 +5,8 @@ with compiled mmcv ops (``bash tools/install_mm.sh``); run them with ``pytest -m
 
 mm selection (to stay within ~25 min on 2 cores): every config in configs/mmdet and configs/mmseg is parsed and
 built (params counted, neck / head channels checked against the backbone); one training step (loss + backward) and
-one prediction run on a synthetic batch for the FIRST config of each family and task (``_selected``: one variant per
+one prediction run on a synthetic batch of 2 images (detection 128x160 + 112x150, segmentation 2 x 128x128; half
+that for ViM2, whose CPU path is a sequential scan over every token) for the FIRST config of each family and task (``_selected``: one variant per
 family x {Mask R-CNN, RetinaNet, Semantic FPN, UperNet}); the other variants of a family (PoolFormer S24/S36/M36/M48)
 differ only in depth/width and are build-only. Configs whose model is not registered (a family not merged yet) skip.
 """
@@ -282,20 +283,29 @@ def _build(cfg, fw):
         return MODELS.build(cfg.model)
 
 
-def _det_batch(model, with_mask, train):
+# families whose CPU path is a sequential scan over every token (ViM2's reference selective scan): smaller images
+SMALL_IMAGES = ("vim2_",)
+
+
+def _small(name):
+    return name.startswith(SMALL_IMAGES)
+
+
+def _det_batch(model, with_mask, train, small=False):
     from mmdet.testing import demo_mm_inputs
     torch.manual_seed(0)
-    packed = demo_mm_inputs(batch_size=2, image_shapes=[(3, 128, 160), (3, 112, 150)], num_items=[3, 2],
-                            num_classes=80, with_mask=with_mask)
+    shapes = [(3, 64, 80), (3, 56, 75)] if small else [(3, 128, 160), (3, 112, 150)]
+    packed = demo_mm_inputs(batch_size=2, image_shapes=shapes, num_items=[3, 2], num_classes=80, with_mask=with_mask)
     return model.data_preprocessor(packed, train)
 
 
-def _seg_batch(model, train):
+def _seg_batch(model, train, small=False):
     from mmengine.structures import PixelData
     from mmseg.structures import SegDataSample
     torch.manual_seed(0)
     inputs, samples = [], []
-    for h, w in ((128, 128), (128, 128)):
+    size = 64 if small else 128
+    for h, w in ((size, size), (size, size)):
         inputs.append(torch.randint(0, 256, (3, h, w), dtype=torch.uint8))
         s = SegDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w)))
         s.gt_sem_seg = PixelData(data=torch.randint(0, 150, (1, h, w)))
@@ -315,9 +325,11 @@ def test_mm_config(path):
     assert cfg.custom_imports["imports"] == ["metaformer_zoo.dense"]
     bb = cfg.model.backbone
     assert bb.type == "MetaFormerZooBackbone" and bb.init_cfg["type"] == "Pretrained"
+    small = _small(name)
+    size = 64 if small else 128
     if fw == "mmseg":
         assert cfg.model.pretrained is None
-        cfg.model.data_preprocessor.size = (128, 128)  # pad to the test size, not the 512 crop
+        cfg.model.data_preprocessor.size = (size, size)  # pad to the test size, not the 512 crop
     t0 = time.time()
     model = _build(cfg, fw)
     backbone = model.backbone
@@ -335,9 +347,9 @@ def test_mm_config(path):
         return
     model.train()
     if fw == "mmdet":
-        data = _det_batch(model, with_mask="mask-rcnn" in path, train=True)
+        data = _det_batch(model, with_mask="mask-rcnn" in path, train=True, small=small)
     else:
-        data = _seg_batch(model, train=True)
+        data = _seg_batch(model, train=True, small=small)
     losses = model(**data, mode="loss")
     loss, _ = model.parse_losses(losses)
     assert torch.isfinite(loss)
@@ -347,15 +359,15 @@ def test_mm_config(path):
     model.eval()
     with torch.no_grad():
         if fw == "mmdet":
-            data = _det_batch(model, with_mask="mask-rcnn" in path, train=False)
+            data = _det_batch(model, with_mask="mask-rcnn" in path, train=False, small=small)
         else:
-            data = _seg_batch(model, train=False)
+            data = _seg_batch(model, train=False, small=small)
         preds = model(**data, mode="predict")
     assert len(preds) == 2
     if fw == "mmdet":
         assert hasattr(preds[0], "pred_instances")
     else:
-        assert preds[0].pred_sem_seg.data.shape[-2:] == (128, 128)
+        assert preds[0].pred_sem_seg.data.shape[-2:] == (size, size)
     print(f"{os.path.basename(path)}: {time.time() - t0:.1f}s")
 
 
