@@ -432,3 +432,12 @@ def test_mm_layer_decay_constructor():
             assert lr == pytest.approx(1e-3)
         assert wd == (0.0 if p.ndim == 1 else 0.05)
     assert len(lr_of) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_import_zoo_does_not_import_dense_or_mm():
+    import subprocess
+    import sys
+    code = ("import sys, metaformer_zoo; bad = [m for m in ('metaformer_zoo.dense', 'mmengine', 'mmdet', 'mmseg', "
+            "'mmcv') if m in sys.modules]; assert not bad, bad")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT)
