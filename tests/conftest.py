@@ -1,21 +1,29 @@
 """Test-session setup.
 
-Kernel test modules (``test_kernel_*.py``) set ``TRITON_INTERPRET=1`` when they are imported, so their Triton kernels
-compile for the CPU interpreter. That variable would otherwise stay set for the rest of the session and route every
-``backend="auto"`` call of the model tests through the (slow) interpreter: outside the kernel modules it is removed for
-the duration of each test, so models see the normal dispatch (the PyTorch reference on CPU tensors).
+Triton's interpreter (``TRITON_INTERPRET=1``) runs the kernels on CPU, but only if the variable is set before
+``triton`` is first imported: ``triton.language``'s own helpers (``tl.zeros``, ``tl.sum`` ...) are compiled for one
+mode at import, and ``import timm`` already imports triton. So on a machine without CUDA the whole session starts in
+interpreter mode, set here before any test module is imported.
+
+The kernel tests (``test_kernel_*.py``) need the variable while they run; every other test must see the normal
+dispatch (``backend="auto"`` -> the PyTorch reference on CPU tensors, not the slow interpreter), so the variable is
+removed for the duration of each test outside the kernel modules.
 """
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(autouse=True)
 def _kernel_dispatch_env(request, monkeypatch):
     if request.node.path.name.startswith("test_kernel_"):
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        if not torch.cuda.is_available():
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
     else:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     yield
