@@ -29,7 +29,7 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model, r
 from ..builder import build_zoo_model
 from ..checkpoint import CheckpointError, linear_to_conv1x1, remap_keys, unwrap_state_dict, validate_state_dict
 from ..mixers.inception_transformer import InceptionMixer
-from ..skeleton import MetaFormerBase, MetaFormerBlock, MetaFormerHead, MetaFormerStage, drop_path_rates, make_mlp
+from ..skeleton import MetaFormer, MetaFormerBase, MetaFormerBlock, MetaFormerHead, MetaFormerStage, drop_path_rates, make_mlp
 from ..zoo import register_family
 
 __all__ = ["InceptionTransformer", "checkpoint_filter_fn", "official_state_dict", "dense_out_norm",
@@ -189,13 +189,9 @@ class InceptionTransformer(MetaFormerBase):
         for stage in self.stages:
             trunc_normal_(stage.pos_embed, std=.02)
 
-    @staticmethod
-    def _init_weights(m):
-        # official ``_init_vit_weights`` without a name: every Linear/Conv (the head included) trunc-normal 0.02
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+    # official ``_init_vit_weights`` without a name: every Linear/Conv (the head included) trunc-normal 0.02, zero bias,
+    # i.e. the skeleton's MetaFormer init
+    _init_weights = staticmethod(MetaFormer._init_weights)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):
