@@ -1,77 +1,136 @@
-"""tools/benchmark.py and the dependency-free PNG plot."""
+"""tools/benchmark.py: table, CSV, library timers, timm's kwargs parser and the matplotlib top-1 figure."""
 import importlib.util
-import struct
-import zlib
+import time
+import types
 from pathlib import Path
 
-import numpy as np
+import matplotlib.image
 import pytest
+import timm
+import torch
 
-from metaformer_zoo.plot import nice_ticks, read_png_header, scatter_png, write_png
+import metaformer_zoo  # noqa: F401
+from metaformer_zoo import hub, zoo
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model-kwargs", "depths=(1,1,1,1)", "dims=(8,16,24,32)"]
+FAST = ["--device", "cpu", "--img-size", "32", "-b", "1", "--num-warmup", "0", "--min-run-time", "0.01",
+        "--threads", "1", "--no-progress"]
 
 
-def _png_chunks(data):
-    """Independent minimal PNG parser: (kind, body) for every chunk, CRCs checked."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, out = 8, []
-    while pos < len(data):
-        (n,) = struct.unpack(">I", data[pos:pos + 4])
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
-        assert struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(kind + body) & 0xFFFFFFFF
-        out.append((kind, body))
-        pos += 12 + n
-    return out
-
-
-def test_write_png_roundtrip(tmp_path):
-    img = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
-    write_png(str(tmp_path / "a.png"), img, text={"Title": "t"})
-    chunks = _png_chunks((tmp_path / "a.png").read_bytes())
-    assert chunks[0][0] == b"IHDR" and chunks[-1] == (b"IEND", b"")
-    w, h, depth, ctype = struct.unpack(">IIBB", chunks[0][1][:10])
-    assert (w, h, depth, ctype) == (5, 7, 8, 2)
-    raw = zlib.decompress(b"".join(b for k, b in chunks if k == b"IDAT"))
-    rows = np.frombuffer(raw, np.uint8).reshape(7, 1 + 15)
-    assert np.array_equal(rows[:, 1:].reshape(7, 5, 3), img)
-    with pytest.raises(ValueError, match="H, W, 3"):
-        write_png(str(tmp_path / "b.png"), np.zeros((4, 4), np.uint8))
-
-
-def test_nice_ticks():
-    assert nice_ticks(0.0, 10.0, 6) == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
-    ticks = nice_ticks(74.3, 85.9)
-    assert ticks[0] >= 74.3 and ticks[-1] <= 85.9 and len(ticks) >= 3
-
-
-def test_scatter_png_size_and_content(tmp_path):
-    path = tmp_path / "s.png"
-    scatter_png(str(path), [100, 1000, 5000], [74.6, 80.0, 83.6], [12, 56, 26], labels=["a", "b", "c"],
-                groups=["x", "x", "y"], width=400, height=300, log_x=True, title="t", xlabel="img/s", ylabel="top-1")
-    info = read_png_header(str(path))
-    assert (info["width"], info["height"], info["bit_depth"], info["color_type"]) == (400, 300, 8, 2)
-    px = info["pixels"]
-    # both group colours are drawn (blended fill of the first two palette colours)
-    assert (np.abs(px.astype(int) - [255, 255, 255]).sum(-1) > 0).mean() > 0.02
-    assert len({tuple(c) for c in px.reshape(-1, 3)}) > 4
-
-
-def test_benchmark_tool_table_and_plot(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def bench():
     spec = importlib.util.spec_from_file_location("zoo_benchmark_cli", ROOT / "tools" / "benchmark.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()  # FAST sets --threads 1 (tiny models; a shared CPU host)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_benchmark_tool_table_and_plot(bench, tmp_path, capsys):
     plot = tmp_path / "p.png"
-    rows = bench.main(["--models", "identityformer_s12", "--model-kwargs", "depths=(1,1,1,1)", "dims=(8,16,24,32)",
-                       "--device", "cpu", "--img-size", "32", "-b", "1", "--num-warmup", "0", "--num-iters", "1",
-                       "--plot", str(plot), "--plot-size", "320x240", "--csv", str(tmp_path / "r.csv"),
-                       "--no-progress"])
-    (row,) = rows
+    rows = bench.main(["--models", "identityformer_s12", "zoo_metaformer", *TINY, *FAST, "--plot", str(plot),
+                       "--plot-size", "640x400", "--csv", str(tmp_path / "r.csv")])
+    row, composed = rows
     assert row["infer_img_s"] > 0 and row["train_ms"] > 0 and row["peak_mem_mb"] >= 0
-    assert row["top1"] == 74.6  # model_cards/results.csv
-    assert 0 < row["params_m"] < 1 and row["gmacs"] > 0
+    assert row["infer_img_s"] == pytest.approx(1e3 / row["infer_ms"])
+    assert (row["top1"], row["top1_source"]) == hub.official_results()["identityformer_s12"]
+    assert 0 < row["params_m"] < 1 and row["gmacs"] > 0  # the kwargs reached create_model (tiny model)
+    assert composed["top1"] is None and composed["infer_ms"] > 0
     out = capsys.readouterr().out
     assert "identityformer_s12" in out and "infer_img_s" in out
-    info = read_png_header(str(plot))
-    assert (info["width"], info["height"]) == (320, 240)
+    # the composed family has no published top-1: named, not silently dropped
+    assert "no published top-1 (not drawn): composed (zoo_metaformer)" in out
+    assert "plot: " in out and "(1 models of 1 families, x = infer_img_s)" in out
+    assert matplotlib.image.imread(plot).shape[:2] == (400, 640)
     assert (tmp_path / "r.csv").read_text().startswith("model,family,params_m")
+
+
+def test_model_kwargs_use_timm_parser(bench, capsys):
+    action = next(a for a in bench.build_parser()._actions if a.dest == "model_kwargs")
+    assert isinstance(action, timm.utils.ParseKwargs)
+    args = bench.build_parser().parse_args(["--models", "m", "--model-kwargs", "dims=(8,16)", "act=gelu", "x=1.5"])
+    assert args.model_kwargs == {"dims": (8, 16), "act": "gelu", "x": 1.5}
+    with pytest.raises(SystemExit):
+        bench.build_parser().parse_args(["--models", "m", "--model-kwargs", "dims"])
+    assert "expected key=value" in capsys.readouterr().err
+
+
+def test_measure_ms_cpu_uses_torch_benchmark(bench, monkeypatch):
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.02)
+
+    blocked = []
+    real = torch.utils.benchmark.Timer.blocked_autorange
+    monkeypatch.setattr(torch.utils.benchmark.Timer, "blocked_autorange",
+                        lambda self, **kw: blocked.append(kw) or real(self, **kw))
+    ms = bench.measure_ms(fn, torch.device("cpu"), warmup=2, min_run_time=0.05)
+    assert blocked == [dict(min_run_time=0.05)]
+    assert 19.0 <= ms < 200.0  # a 20 ms sleep, median per call
+    assert len(calls) >= 2 + 2  # the warm-up calls, the block-size estimate and at least one timed block
+
+
+def test_measure_ms_cuda_uses_do_bench(bench, monkeypatch):
+    seen = {}
+
+    def do_bench(fn, rep, return_mode):
+        fn()
+        seen.update(rep=rep, return_mode=return_mode)
+        return 1.25
+
+    fake = types.SimpleNamespace(testing=types.SimpleNamespace(do_bench=do_bench))
+    monkeypatch.setattr(bench, "triton", fake)
+    calls = []
+    assert bench.measure_ms(lambda: calls.append(1), torch.device("cuda"), warmup=3, min_run_time=0.2) == 1.25
+    assert seen == dict(rep=200.0, return_mode="median") and len(calls) == 4
+
+
+def test_plot_every_family_with_a_published_top1(bench, tmp_path):
+    """One row per catalogued family: every family with a published top-1 is drawn, the others are listed."""
+    results = hub.official_results()
+    rows = []
+    for i, fam in enumerate(zoo.list_families()):
+        name = fam.variants[0]
+        top1 = results.get(name)
+        rows.append(dict(model=name, family=fam.name, params_m=5.0 + i, gmacs=1.0 + i, batch=8,
+                         infer_img_s=100.0 * (i + 1), top1=top1[0] if top1 else None,
+                         top1_source=top1[1] if top1 else None))
+    published = [f.name for f in zoo.list_families() if f.variants[0] in results]
+    assert {"affnet", "raftmlp", "msmlp", "stripmlp", "vim2"} <= set(published)
+    summary = bench.plot_results(rows, str(tmp_path / "f.png"), size=(900, 600))
+    assert summary["x"] == "infer_img_s" and summary["families"] == published
+    assert summary["points"] == len(published) and summary["not_measured"] == []
+    assert summary["without_top1"] == ["composed (zoo_metaformer)"]
+    assert matplotlib.image.imread(tmp_path / "f.png").shape[:2] == (600, 900)
+
+
+def test_plot_macs_without_timing(bench, tmp_path, capsys):
+    """--no-infer --no-train: models are only built on the meta device and the figure is top-1 vs MACs."""
+    plot = tmp_path / "m.png"
+    rows = bench.main(["--models", "affnet_et", "raftmlp_s", "--no-infer", "--no-train", "--no-progress",
+                       "--plot", str(plot), "--csv", str(tmp_path / "m.csv")])
+    assert [r["infer_ms"] for r in rows] == [None, None] and all(r["gmacs"] > 0 for r in rows)
+    assert rows[1]["top1_source"].startswith("paper arXiv")  # drawn hollow: paper-only number
+    out = capsys.readouterr().out
+    assert "(2 models of 2 families, x = gmacs)" in out and "no published top-1" not in out
+    assert plot.is_file()
+    with pytest.raises(SystemExit, match="gmacs|throughput"):
+        bench.plot_results([dict(rows[0], top1=None)], str(tmp_path / "none.png"))
+
+
+def test_plot_without_matplotlib_says_how_to_install(bench, monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "Figure", None)
+    with pytest.raises(SystemExit, match=r"pip install 'metaformer-zoo\[plot\]'"):
+        bench.main(["--models", "identityformer_s12", "--plot", str(tmp_path / "p.png"), *FAST])
+    assert not (tmp_path / "p.png").exists()
+    bench.main(["--models", "identityformer_s12", *TINY, *FAST, "--no-train"])  # the table needs no matplotlib
+

@@ -4,44 +4,72 @@
     python tools/benchmark.py --models identityformer_s12 caformer_s18 --batch-size 32
     python tools/benchmark.py --family randformer --device cuda --amp --plot randformer.png
     python tools/benchmark.py --all --no-train --img-size 224 --csv zoo.csv --plot zoo.png
+    python tools/benchmark.py --all --no-infer --no-train --plot zoo_macs.png      # top-1 vs MACs, no timing
 
 Models: ``--models`` (zoo or timm names), ``--family`` (catalogue family, repeatable) or ``--all`` (every catalogue
-variant). Fixed-size models (e.g. RandFormer) always run at their own size. MACs are FlopCounterMode FLOPs / 2 at the
-benchmark resolution (matmul / conv / SDPA; the reference tables' rule). Peak memory: CUDA ``max_memory_allocated``, or
-on CPU the peak resident-set growth sampled during the run. ``--plot`` draws throughput vs official top-1
-(``model_cards/results.csv``), bubble area = params, with matplotlib if installed, else a built-in PNG writer.
+variant); ``--model-kwargs key=value ...`` go to ``timm.create_model`` (timm's ``ParseKwargs``). Fixed-size models
+(e.g. RandFormer) always run at their own size. MACs are FlopCounterMode FLOPs / 2 at the benchmark resolution
+(matmul / conv / SDPA; the reference tables' rule).
+
+Timing: ``--num-warmup`` untimed calls, then the median time per call over ``--min-run-time`` seconds of timed calls:
+``torch.utils.benchmark.Timer.blocked_autorange`` on CPU, ``triton.testing.do_bench`` (CUDA events) on GPU. Peak
+memory: CUDA ``max_memory_allocated``, or on CPU the peak resident-set growth sampled during the run.
+
+``--plot`` (needs matplotlib: ``pip install 'metaformer-zoo[plot]'``) draws the published ImageNet-1k top-1
+(``model_cards/results.csv``) against inference throughput, or against MACs when nothing was timed
+(``--plot-x``); marker area = params, hollow markers = paper-only numbers. Families without a published top-1 are
+named on stdout, not silently dropped.
 """
 import argparse
-import ast
 import csv
 import json
 import os
 import sys
 import threading
 import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+import timm  # noqa: E402
 import torch  # noqa: E402
+import torch.utils.benchmark  # noqa: E402
+from timm.utils import ParseKwargs  # noqa: E402
+
+from metaformer_zoo import zoo  # noqa: E402
+from metaformer_zoo.hub import official_results  # noqa: E402
+
+try:  # optional: figures (`pip install 'metaformer-zoo[plot]'`)
+    import matplotlib
+    import matplotlib.ticker
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+except ImportError:  # pragma: no cover - reported by --plot
+    matplotlib = Figure = Line2D = None
+try:  # optional: GPU timing with device events
+    import triton.testing
+except ImportError:  # pragma: no cover
+    triton = None
 
 COLUMNS = ("model", "family", "params_m", "gmacs", "img_size", "batch", "infer_img_s", "infer_ms", "train_img_s",
-           "train_ms", "peak_mem_mb", "top1", "device")
+           "train_ms", "peak_mem_mb", "top1", "top1_source", "device")
+TABLE_COLUMNS = tuple(c for c in COLUMNS if c not in ("top1_source", "device"))
+PLOT_X = ("auto", "throughput", "gmacs")
+MATPLOTLIB_MISSING = ("--plot needs matplotlib, which is not installed: pip install 'metaformer-zoo[plot]' "
+                      "(or pip install matplotlib)")
 
 
-def _kv(items):
-    out = {}
-    for item in items or ():
-        k, v = item.split("=", 1)
-        try:
-            out[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            out[k] = v
-    return out
+def key_value(text: str) -> str:
+    """argparse ``type`` of one ``--model-kwargs`` item: it must be ``key=value`` (then parsed by ParseKwargs)."""
+    if "=" not in text or not text.split("=", 1)[0]:
+        raise argparse.ArgumentTypeError(f"expected key=value (e.g. drop_path_rate=0.1 or dims=(8,16,24,32)), "
+                                         f"got {text!r}")
+    return text
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sel = p.add_argument_group("models")
@@ -52,26 +80,29 @@ def build_parser():
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     p.add_argument("--batch-size", "-b", type=int, default=None, help="default 64 on GPU, 8 on CPU")
     p.add_argument("--img-size", type=int, default=None, help="input size (default: each model's cfg size)")
-    p.add_argument("--num-warmup", type=int, default=2)
-    p.add_argument("--num-iters", type=int, default=5)
+    p.add_argument("--num-warmup", type=int, default=1, help="untimed calls before each measurement (default 1)")
+    p.add_argument("--min-run-time", type=float, default=1.0,
+                   help="seconds of timed calls per measurement; the median per call is reported (default 1)")
     p.add_argument("--no-infer", action="store_true", help="skip the inference benchmark")
     p.add_argument("--no-train", action="store_true", help="skip the training-step benchmark")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (torch.set_num_threads)")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--model-kwargs", nargs="*", default=None, metavar="K=V", help="extra create_model kwargs")
+    p.add_argument("--model-kwargs", nargs="*", type=key_value, action=ParseKwargs, default={}, metavar="K=V",
+                   help="extra create_model kwargs, values as Python literals (timm ParseKwargs)")
     p.add_argument("--results", default=os.path.join(_ROOT, "model_cards", "results.csv"),
-                   help="CSV of official top-1 (model,top1,source)")
+                   help="CSV of published top-1 (model,top1,source)")
     p.add_argument("--csv", default=None, help="write the table as CSV")
     p.add_argument("--json", default=None, help="write the rows as JSON")
-    p.add_argument("--plot", default=None, help="write a PNG: throughput vs top-1, bubble size = params")
-    p.add_argument("--plot-size", default="900x600", help="WIDTHxHEIGHT of the plot")
+    p.add_argument("--plot", default=None, help="write a PNG: published top-1 vs throughput or MACs (matplotlib)")
+    p.add_argument("--plot-x", choices=PLOT_X, default="auto",
+                   help="x axis: throughput (measured img/s), gmacs, or auto (throughput if timed, else gmacs)")
+    p.add_argument("--plot-size", default="1500x950", help="WIDTHxHEIGHT of the plot in pixels (150 dpi)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
-def select_models(args):
-    from metaformer_zoo import zoo
+def select_models(args) -> List[str]:
     names = list(args.models or [])
     for fam in args.family or ():
         names += zoo.list_variants(fam)
@@ -80,7 +111,6 @@ def select_models(args):
     names = list(dict.fromkeys(names))
     if not names:
         raise SystemExit("error: no models selected (use --models, --family or --all)")
-    import timm
     unknown = [n for n in names if not timm.models.is_model(n.split(".")[0])]
     if unknown:
         raise SystemExit(f"error: unknown model(s): {', '.join(unknown)}")
@@ -138,31 +168,30 @@ class _RssSampler:
         return max(self.peak - self.base, 0) / 2 ** 20
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def measure_ms(fn: Callable[[], object], device: torch.device, warmup: int = 1, min_run_time: float = 1.0) -> float:
+    """Median milliseconds per call of ``fn`` after ``warmup`` untimed calls.
 
-
-def _timeit(fn, device, warmup, iters):
+    CUDA: ``triton.testing.do_bench`` (device events, ``min_run_time`` seconds of repetitions); elsewhere
+    ``torch.utils.benchmark.Timer.blocked_autorange(min_run_time)`` (at the current ``torch.get_num_threads()``).
+    """
     for _ in range(warmup):
         fn()
-    _sync(device)
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 2]  # median
+    if device.type == "cuda":
+        if triton is None:
+            raise RuntimeError("GPU timing needs triton (pip install 'metaformer-zoo[triton]')")
+        return float(triton.testing.do_bench(fn, rep=min_run_time * 1e3, return_mode="median"))
+    timer = torch.utils.benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
-def bench_model(name, device, batch_size, img_size=None, warmup=2, iters=5, infer=True, train=True, amp=False,
-                channels_last=False, model_kwargs=None, top1=None):
-    """One row of the benchmark table (dict with COLUMNS)."""
-    import timm
+def bench_model(name: str, device: torch.device, batch_size: int, img_size: Optional[int] = None, warmup: int = 1,
+                min_run_time: float = 1.0, infer: bool = True, train: bool = True, amp: bool = False,
+                channels_last: bool = False, model_kwargs: Optional[Dict] = None,
+                top1: Optional[Tuple[float, str]] = None) -> Dict:
+    """One row of the benchmark table (dict with COLUMNS). ``top1`` is ``(top1, source)`` or None.
 
-    from metaformer_zoo import zoo
+    Without ``infer`` and ``train`` nothing is timed and the model is only built on the meta device (params, MACs).
+    """
     try:
         family = zoo.family_of(name).name
     except ValueError:
@@ -180,15 +209,17 @@ def bench_model(name, device, batch_size, img_size=None, warmup=2, iters=5, infe
         macs = zoo.count_macs(timm.create_model(name, **kwargs), size)
     del meta
     row = dict(model=name, family=family, params_m=total / 1e6, gmacs=macs / 1e9, img_size=size[1], batch=batch_size,
-               infer_img_s=None, infer_ms=None, train_img_s=None, train_ms=None, peak_mem_mb=None, top1=top1,
-               device=str(device))
+               infer_img_s=None, infer_ms=None, train_img_s=None, train_ms=None, peak_mem_mb=None,
+               top1=top1[0] if top1 else None, top1_source=top1[1] if top1 else None, device=str(device))
+    if not (infer or train):
+        row["batch"] = None
+        return row
     model = timm.create_model(name, **kwargs).to(device)
     x = torch.randn(batch_size, *size, device=device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
-    peak = 0.0
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -204,7 +235,7 @@ def bench_model(name, device, batch_size, img_size=None, warmup=2, iters=5, infe
                 with torch.no_grad(), autocast:
                     model(x)
 
-            t = _timeit(step_infer, device, warmup, iters)
+            t = measure_ms(step_infer, device, warmup, min_run_time) / 1e3
             row.update(infer_ms=t * 1e3, infer_img_s=batch_size / t)
         if train:
             model.train()
@@ -218,7 +249,7 @@ def bench_model(name, device, batch_size, img_size=None, warmup=2, iters=5, infe
                 loss.backward()
                 opt.step()
 
-            t = _timeit(step_train, device, max(warmup, 1), iters)
+            t = measure_ms(step_train, device, max(warmup, 1), min_run_time) / 1e3
             row.update(train_ms=t * 1e3, train_img_s=batch_size / t)
     finally:
         if sampler:
@@ -231,7 +262,7 @@ def bench_model(name, device, batch_size, img_size=None, warmup=2, iters=5, infe
     return row
 
 
-def format_table(rows):
+def format_table(rows: Sequence[Dict]) -> str:
     def fmt(v, col):
         if v is None:
             return "-"
@@ -241,61 +272,111 @@ def format_table(rows):
             return f"{v:.1f}"
         return str(v)
 
-    cols = [c for c in COLUMNS if c != "device"]
-    table = [cols] + [[fmt(r.get(c), c) for c in cols] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
+    table = [list(TABLE_COLUMNS)] + [[fmt(r.get(c), c) for c in TABLE_COLUMNS] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(TABLE_COLUMNS))]
     lines = [" | ".join(v.ljust(w) for v, w in zip(line, widths)) for line in table]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def write_plot(rows, path, size=(900, 600), device="cpu"):
-    """Throughput (x, log) vs official top-1 (y), bubble area = params. Returns the number of points drawn."""
-    pts = [r for r in rows if r.get("top1") is not None and (r.get("infer_img_s") or r.get("train_img_s"))]
-    if not pts:
-        raise SystemExit("error: --plot needs models with an official top-1 in the results CSV and a measured "
-                         "throughput (do not combine --plot with --no-infer --no-train)")
-    key = "infer_img_s" if all(r.get("infer_img_s") for r in pts) else "train_img_s"
-    xs = [r[key] for r in pts]
-    ys = [r["top1"] for r in pts]
-    ps = [r["params_m"] for r in pts]
-    width, height = size
-    xlabel = f"{'inference' if key == 'infer_img_s' else 'training'} img/s ({device}, bs {pts[0]['batch']})"
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        plt = None
-    if plt is not None:
-        fig, ax = plt.subplots(figsize=(width / 100, height / 100), dpi=100)
-        fams = list(dict.fromkeys(r["family"] for r in pts))
-        for f in fams:
-            sel = [r for r in pts if r["family"] == f]
-            ax.scatter([r[key] for r in sel], [r["top1"] for r in sel], s=[r["params_m"] * 8 for r in sel],
-                       alpha=0.55, label=f or "other")
-        for r in pts:
-            ax.annotate(r["model"], (r[key], r["top1"]), fontsize=7)
-        ax.set_xscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("ImageNet-1k top-1 (%)")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        fig.savefig(path)
-        plt.close(fig)
+def _group(row: Dict) -> str:
+    return row.get("family") or row["model"]
+
+
+def plot_results(rows: Sequence[Dict], path: str, x: str = "auto", size: Tuple[int, int] = (1500, 950),
+                 device: str = "cpu") -> Dict:
+    """Published top-1 (y) vs inference throughput or MACs (x, log), marker area = params; writes a PNG.
+
+    One colour and marker per family; hollow markers are paper-only numbers (their source names no README). Returns
+    ``dict(x=..., points=n, families=[drawn], without_top1=[family (models)], not_measured=[models])``: families
+    in ``rows`` without any published top-1 and models with a top-1 but no value on the x axis are not drawn, and
+    are returned (``main`` prints them) instead of being dropped silently.
+    """
+    if Figure is None:
+        raise SystemExit(f"error: {MATPLOTLIB_MISSING}")
+    if x not in PLOT_X:
+        raise ValueError(f"x must be one of {PLOT_X}, got {x!r}")
+    measured = [r for r in rows if r.get("infer_img_s") or r.get("train_img_s")]
+    if x == "auto":
+        x = "throughput" if measured else "gmacs"
+    if x == "throughput":
+        key = "infer_img_s" if any(r.get("infer_img_s") for r in rows) else "train_img_s"
     else:
-        from metaformer_zoo.plot import scatter_png
-        scatter_png(path, xs, ys, ps, labels=[r["model"] for r in pts], groups=[r["family"] or "other" for r in pts],
-                    width=width, height=height, title="top-1 vs throughput (bubble area = params)", xlabel=xlabel,
-                    ylabel="ImageNet-1k top-1 (%)", log_x=True)
-    return len(pts)
+        key = "gmacs"
+    groups = list(dict.fromkeys(_group(r) for r in rows))
+    with_top1 = [r for r in rows if r.get("top1") is not None]
+    pts = [r for r in with_top1 if r.get(key)]
+    drawn = list(dict.fromkeys(_group(r) for r in pts))
+    without = [g for g in groups if not any(_group(r) == g for r in with_top1)]
+    summary = dict(x=key, points=len(pts), families=drawn, not_measured=[r["model"] for r in with_top1 if r not in pts],
+                   without_top1=[f"{g} ({', '.join(r['model'] for r in rows if _group(r) == g)})" for g in without])
+    if not pts:
+        raise SystemExit(f"error: --plot has nothing to draw: no selected model has both a published top-1 "
+                         f"({', '.join(summary['without_top1'])} have none) and a {key} value")
+
+    width, height = size
+    dpi = 150
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, layout="constrained")
+    ax = fig.add_subplot()
+    colors = [c for cmap in ("tab10", "Dark2") for c in matplotlib.colormaps[cmap].colors]
+    markers = "osD^vP*Xh<>p"
+    pmax = max(r["params_m"] for r in pts)
+    for i, g in enumerate(drawn):
+        sel = [r for r in pts if _group(r) == g]
+        color, marker = colors[i % len(colors)], markers[i % len(markers)]
+        xs, ys = [r[key] for r in sel], [r["top1"] for r in sel]
+        area = [30 + 270 * r["params_m"] / pmax for r in sel]
+        paper = ["README" not in (r.get("top1_source") or "README") for r in sel]
+        ax.plot(xs, ys, color=color, lw=0.8, alpha=0.5, zorder=1)
+        ax.scatter([v for v, p in zip(xs, paper) if not p], [v for v, p in zip(ys, paper) if not p],
+                   s=[a for a, p in zip(area, paper) if not p], c=[color], marker=marker, alpha=0.75,
+                   edgecolors="black", linewidths=0.4, zorder=2)
+        ax.scatter([v for v, p in zip(xs, paper) if p], [v for v, p in zip(ys, paper) if p],
+                   s=[a for a, p in zip(area, paper) if p], facecolors="none", edgecolors=[color], marker=marker,
+                   linewidths=1.4, zorder=2)
+        for r in sel:
+            ax.annotate(r["model"], (r[key], r["top1"]), xytext=(4, 3), textcoords="offset points", fontsize=5.5,
+                        color="0.25")
+    handles = [Line2D([], [], color=colors[i % len(colors)], marker=markers[i % len(markers)], ls="", ms=7,
+                      label=g) for i, g in enumerate(drawn)]
+    if any("README" not in (r.get("top1_source") or "README") for r in pts):
+        handles.append(Line2D([], [], color="0.3", marker="o", ls="", ms=7, mfc="none", label="hollow: paper-only top-1"))
+    if without:
+        handles.append(Line2D([], [], color="0.5", marker="x", ls="", ms=6,
+                              label="not drawn, no published top-1:\n" + "\n".join(without)))
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False,
+              title="family", title_fontsize=8)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    ax.tick_params(axis="x", which="minor", labelsize=6)
+    if key == "gmacs":
+        ax.set_xlabel("GMACs (FlopCounterMode FLOPs / 2, each model's default input size)")
+        title = "ImageNet-1k top-1 vs MACs"
+    else:
+        what = "inference" if key == "infer_img_s" else "training"
+        batch = pts[0].get("batch")
+        ax.set_xlabel(f"{what} throughput, images/s ({device}, batch {batch})")
+        title = f"ImageNet-1k top-1 vs {what} throughput"
+    ax.set_ylabel("published ImageNet-1k top-1 (%)")
+    ax.set_title(f"{title} (marker area = params, {min(r['params_m'] for r in pts):.3g}-{pmax:.3g} M)", fontsize=9)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.grid(True, which="minor", alpha=0.1)
+    fig.savefig(path, dpi=dpi)
+    return summary
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     args = build_parser().parse_args(argv)
-    import metaformer_zoo  # noqa: F401
-    from metaformer_zoo.hub import official_results
-
+    if args.plot and Figure is None:
+        raise SystemExit(f"error: {MATPLOTLIB_MISSING}")
+    try:
+        plot_size = tuple(int(v) for v in args.plot_size.lower().split("x"))
+        if len(plot_size) != 2 or min(plot_size) < 200:
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"error: --plot-size must be WIDTHxHEIGHT in pixels (each >= 200), "
+                         f"got {args.plot_size!r}") from None
     names = select_models(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -314,14 +395,19 @@ def main(argv=None):
     for name in it:
         if hasattr(it, "set_postfix_str"):
             it.set_postfix_str(name)
-        top1 = results.get(name, (None, ""))[0]
+        top1 = results.get(name)
         try:
-            row = bench_model(name, device, batch, args.img_size, args.num_warmup, args.num_iters,
+            row = bench_model(name, device, batch, args.img_size, args.num_warmup, args.min_run_time,
                               infer=not args.no_infer, train=not args.no_train, amp=args.amp,
-                              channels_last=args.channels_last, model_kwargs=_kv(args.model_kwargs), top1=top1)
+                              channels_last=args.channels_last, model_kwargs=args.model_kwargs, top1=top1)
         except (RuntimeError, ValueError) as e:  # e.g. out of memory, unsupported size: report and go on
             print(f"\n{name}: failed: {type(e).__name__}: {str(e).splitlines()[0]}", file=sys.stderr)
-            row = dict(model=name, family="", device=str(device), top1=top1)
+            try:
+                family = zoo.family_of(name).name
+            except ValueError:
+                family = ""
+            row = dict(model=name, family=family, device=str(device), top1=top1[0] if top1 else None,
+                       top1_source=top1[1] if top1 else None)
         rows.append(row)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -337,9 +423,13 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
     if args.plot:
-        width, height = (int(v) for v in args.plot_size.lower().split("x"))
-        n = write_plot(rows, args.plot, (width, height), device=device.type)
-        print(f"plot: {args.plot} ({n} models)")
+        summary = plot_results(rows, args.plot, args.plot_x, plot_size, device=device.type)
+        print(f"plot: {args.plot} ({summary['points']} models of {len(summary['families'])} families, "
+              f"x = {summary['x']})")
+        if summary["without_top1"]:
+            print("no published top-1 (not drawn): " + "; ".join(summary["without_top1"]))
+        if summary["not_measured"]:
+            print(f"no {summary['x']} value (not drawn): " + ", ".join(summary["not_measured"]))
     return rows
 
 

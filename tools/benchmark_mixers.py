@@ -16,32 +16,47 @@ Two modes:
   comes from ``--stage-idx`` or, by default, from the shape's stride relative to a 224 input (56 -> 0, 28 -> 1,
   14 -> 2, 7 -> 3).
 
-Timing: ``--warmup`` untimed runs, then the median of ``--iters`` timed runs (``time.perf_counter``, with CUDA
-synchronisation on GPU) of the forward (under ``torch.no_grad``) and, with ``--backward``, of forward + backward
-(gradient w.r.t. the input and every parameter). Device: CUDA if available unless ``--device cpu``. On a shared
-CPU host use ``--threads 1``: multi-threaded parallel regions stall behind other processes and the times explode.
+Timing (``measure_ms`` of ``tools/benchmark.py``): ``--warmup`` untimed calls, then the median time per call over
+``--min-run-time`` seconds of timed calls (``torch.utils.benchmark.Timer.blocked_autorange`` on CPU,
+``triton.testing.do_bench`` on GPU) of the forward (under ``torch.no_grad``) and, with ``--backward``, of forward +
+backward (gradient w.r.t. the input and every parameter). Device: CUDA if available unless ``--device cpu``. On a
+shared CPU host use ``--threads 1``: multi-threaded parallel regions stall behind other processes and the times
+explode. ``--model-kwargs`` / ``--mixer-kwargs`` take ``key=value`` items (timm's ``ParseKwargs``, Python literals).
 
 Examples::
 
     python tools/benchmark_mixers.py                                   # one model per family
-    python tools/benchmark_mixers.py msmlp_tiny --batch 8 --iters 20 --backward
+    python tools/benchmark_mixers.py msmlp_tiny --batch 8 --min-run-time 2 --backward
     python tools/benchmark_mixers.py --mixers mixshift pooling --shapes 96x56x56 384x14x14 --batch 16
+    python tools/benchmark_mixers.py zoo_metaformer --model-kwargs "token_mixers=['pooling','aff','ss2d','attention']"
 """
 import argparse
 import copy
-import json
+import importlib.util
 import math
 import os
 import re
-import statistics
 import sys
-import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_TOOLS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(_TOOLS))
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+from timm.utils import ParseKwargs  # noqa: E402
+
+
+def _load_benchmark_tool():
+    """``tools/benchmark.py`` (the one implementation of the timer and the kwargs check), loaded by path."""
+    spec = importlib.util.spec_from_file_location("metaformer_zoo_tools_benchmark", os.path.join(_TOOLS, "benchmark.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_benchmark = _load_benchmark_tool()
+measure_ms, key_value = _benchmark.measure_ms, _benchmark.key_value
 
 __all__ = ["main", "find_mixers", "time_module", "default_models"]
 
@@ -177,13 +192,8 @@ def _batched(value: Any, batch: int, dtype: Optional[torch.dtype], device: torch
     return value.to(device)
 
 
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_module(module: nn.Module, args: Sequence[Any], kwargs: Dict[str, Any], batch: int, device: torch.device,
-                dtype: Optional[torch.dtype] = None, iters: int = 10, warmup: int = 2,
+                dtype: Optional[torch.dtype] = None, warmup: int = 1, min_run_time: float = 0.5,
                 backward: bool = False) -> Dict[str, float]:
     """Median milliseconds of ``module(*args, **kwargs)`` (forward) and, with ``backward``, forward + backward."""
     module = module.to(device)
@@ -198,35 +208,27 @@ def time_module(module: nn.Module, args: Sequence[Any], kwargs: Dict[str, Any], 
 
     module.eval()
     a, k = fwd_inputs(False)
-    times = []
-    with torch.no_grad():
-        for i in range(warmup + iters):
-            _sync(device)
-            t0 = time.perf_counter()
+
+    def forward():
+        with torch.no_grad():
             module(*a, **k)
-            _sync(device)
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1e3)
-    out["fwd_ms"] = statistics.median(times)
+
+    out["fwd_ms"] = measure_ms(forward, device, warmup, min_run_time)
 
     if backward:
         module.train()
-        a, k = fwd_inputs(True)
-        times = []
-        for i in range(warmup + iters):
+        ga, gk = fwd_inputs(True)
+        leaves = [v for v in list(ga) + list(gk.values()) if torch.is_tensor(v) and v.requires_grad]
+
+        def forward_backward():
             module.zero_grad(set_to_none=True)
-            _sync(device)
-            t0 = time.perf_counter()
-            y = module(*a, **k)
+            for v in leaves:
+                v.grad = None
+            y = module(*ga, **gk)
             y = y[0] if isinstance(y, (tuple, list)) else y
             y.backward(torch.ones_like(y))
-            _sync(device)
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1e3)
-            for v in list(a) + list(k.values()):
-                if torch.is_tensor(v) and v.grad is not None:
-                    v.grad = None
-        out["fwd_bwd_ms"] = statistics.median(times)
+
+        out["fwd_bwd_ms"] = measure_ms(forward_backward, device, warmup, min_run_time)
     return out
 
 
@@ -253,13 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixers", nargs="+", help="registry mode: registered mixer names (see --list-mixers)")
     p.add_argument("--shapes", nargs="+", type=_parse_shape, default=None,
                    help="registry mode: input shapes CxHxW (default 64x56x56 128x28x28 320x14x14 512x7x7)")
-    p.add_argument("--mixer-kwargs", type=json.loads, default={}, help="registry mode: JSON kwargs for every mixer")
+    p.add_argument("--mixer-kwargs", nargs="*", type=key_value, action=ParseKwargs, default={}, metavar="K=V",
+                   help="registry mode: kwargs for every mixer (key=value, Python literals)")
     p.add_argument("--stage-idx", type=int, default=None, help="registry mode: stage context (default: from H, W)")
-    p.add_argument("--model-kwargs", type=json.loads, default={}, help="model mode: JSON kwargs for create_model")
+    p.add_argument("--model-kwargs", nargs="*", type=key_value, action=ParseKwargs, default={}, metavar="K=V",
+                   help="model mode: create_model kwargs (key=value, Python literals)")
     p.add_argument("--img-size", type=int, nargs="+", default=None, help="model mode: input H [W] (default: cfg)")
     p.add_argument("--batch", type=int, default=8, help="batch size of the timed runs (default 8)")
-    p.add_argument("--iters", type=int, default=10, help="timed runs, median reported (default 10)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
+    p.add_argument("--min-run-time", type=float, default=0.5,
+                   help="seconds of timed calls per measurement; the median per call is reported (default 0.5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
     p.add_argument("--backward", action="store_true", help="also time forward + backward")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
@@ -342,14 +347,15 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
                                          disable=args.no_progress):
         if mod is not None:
             try:
-                row.update(time_module(mod, inputs, kwargs, args.batch, device, dtype, args.iters, args.warmup,
-                                       args.backward))
+                row.update(time_module(mod, inputs, kwargs, args.batch, device, dtype, args.warmup,
+                                       args.min_run_time, args.backward))
             except Exception as e:  # noqa: BLE001 - reported in the table
                 row["fwd_ms"] = f"error: {type(e).__name__}: {str(e)[:80]}"
         rows.append(row)
 
     print(f"\nper-mixer times: batch {args.batch}, device {device}, dtype {args.dtype or 'float32'}, "
-          f"median of {args.iters} (warmup {args.warmup}), torch threads {torch.get_num_threads()}")
+          f"median per call over {args.min_run_time:g} s (warmup {args.warmup}), "
+          f"torch threads {torch.get_num_threads()}")
     _print_table(rows, args.backward)
     if args.csv:
         import csv
