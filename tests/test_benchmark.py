@@ -109,6 +109,7 @@ def test_plot_every_family_with_a_published_top1(bench, tmp_path):
     summary = bench.plot_results(rows, str(tmp_path / "f.png"), size=(900, 600))
     assert summary["x"] == "infer_img_s" and summary["families"] == published
     assert summary["points"] == len(published) and summary["not_measured"] == []
+    assert summary["paper_only"] == [r["model"] for r in rows if r["family"] in ("raftmlp", "vim2")]  # hollow
     assert summary["without_top1"] == ["composed (zoo_metaformer)"]
     assert matplotlib.image.imread(tmp_path / "f.png").shape[:2] == (600, 900)
 

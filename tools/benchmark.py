@@ -23,6 +23,7 @@ named on stdout, not silently dropped.
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 import threading
@@ -283,14 +284,21 @@ def _group(row: Dict) -> str:
     return row.get("family") or row["model"]
 
 
+def _paper_only(row: Dict) -> bool:
+    """The top-1 comes from the paper alone (results.csv source ``paper arXiv ...``), not an official README."""
+    return (row.get("top1_source") or "").startswith("paper")
+
+
 def plot_results(rows: Sequence[Dict], path: str, x: str = "auto", size: Tuple[int, int] = (1500, 950),
                  device: str = "cpu") -> Dict:
     """Published top-1 (y) vs inference throughput or MACs (x, log), marker area = params; writes a PNG.
 
-    One colour and marker per family; hollow markers are paper-only numbers (their source names no README). Returns
-    ``dict(x=..., points=n, families=[drawn], without_top1=[family (models)], not_measured=[models])``: families
-    in ``rows`` without any published top-1 and models with a top-1 but no value on the x axis are not drawn, and
-    are returned (``main`` prints them) instead of being dropped silently.
+    ``device`` describes the timing conditions in the x label (e.g. ``"cpu, torch threads 1"``).
+
+    One colour and marker per family; hollow markers are paper-only numbers (source ``paper ...``). Returns
+    ``dict(x=..., points=n, families=[drawn], paper_only=[models drawn hollow], without_top1=[family (models)],
+    not_measured=[models])``: families in ``rows`` without any published top-1 and models with a top-1 but no value
+    on the x axis are not drawn, and are returned (``main`` prints them) instead of being dropped silently.
     """
     if Figure is None:
         raise SystemExit(f"error: {MATPLOTLIB_MISSING}")
@@ -308,7 +316,8 @@ def plot_results(rows: Sequence[Dict], path: str, x: str = "auto", size: Tuple[i
     pts = [r for r in with_top1 if r.get(key)]
     drawn = list(dict.fromkeys(_group(r) for r in pts))
     without = [g for g in groups if not any(_group(r) == g for r in with_top1)]
-    summary = dict(x=key, points=len(pts), families=drawn, not_measured=[r["model"] for r in with_top1 if r not in pts],
+    summary = dict(x=key, points=len(pts), families=drawn, paper_only=[r["model"] for r in pts if _paper_only(r)],
+                   not_measured=[r["model"] for r in with_top1 if r not in pts],
                    without_top1=[f"{g} ({', '.join(r['model'] for r in rows if _group(r) == g)})" for g in without])
     if not pts:
         raise SystemExit(f"error: --plot has nothing to draw: no selected model has both a published top-1 "
@@ -326,8 +335,10 @@ def plot_results(rows: Sequence[Dict], path: str, x: str = "auto", size: Tuple[i
         color, marker = colors[i % len(colors)], markers[i % len(markers)]
         xs, ys = [r[key] for r in sel], [r["top1"] for r in sel]
         area = [30 + 270 * r["params_m"] / pmax for r in sel]
-        paper = ["README" not in (r.get("top1_source") or "README") for r in sel]
-        ax.plot(xs, ys, color=color, lw=0.8, alpha=0.5, zorder=1)
+        paper = [_paper_only(r) for r in sel]
+        for res in dict.fromkeys(r.get("img_size") for r in sel):  # one line per family and input size
+            line = sorted((r[key], r["top1"]) for r in sel if r.get("img_size") == res)
+            ax.plot(*zip(*line), color=color, lw=0.8, alpha=0.5, zorder=1)
         ax.scatter([v for v, p in zip(xs, paper) if not p], [v for v, p in zip(ys, paper) if not p],
                    s=[a for a, p in zip(area, paper) if not p], c=[color], marker=marker, alpha=0.75,
                    edgecolors="black", linewidths=0.4, zorder=2)
@@ -339,8 +350,9 @@ def plot_results(rows: Sequence[Dict], path: str, x: str = "auto", size: Tuple[i
                         color="0.25")
     handles = [Line2D([], [], color=colors[i % len(colors)], marker=markers[i % len(markers)], ls="", ms=7,
                       label=g) for i, g in enumerate(drawn)]
-    if any("README" not in (r.get("top1_source") or "README") for r in pts):
-        handles.append(Line2D([], [], color="0.3", marker="o", ls="", ms=7, mfc="none", label="hollow: paper-only top-1"))
+    if any(_paper_only(r) for r in pts):
+        handles.append(Line2D([], [], color="0.3", marker="o", ls="", ms=7, mfc="none",
+                              label="hollow: paper-only top-1"))
     if without:
         handles.append(Line2D([], [], color="0.5", marker="x", ls="", ms=6,
                               label="not drawn, no published top-1:\n" + "\n".join(without)))
@@ -348,7 +360,12 @@ def plot_results(rows: Sequence[Dict], path: str, x: str = "auto", size: Tuple[i
               title="family", title_fontsize=8)
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    xs_all = [r[key] for r in pts]
+    if math.log10(max(xs_all) / min(xs_all)) < 2.5:  # few decades: label the 2x, 3x, 5x minor ticks as well
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+            lambda v, _: f"{v:g}" if round(v / 10 ** math.floor(math.log10(v))) in (2, 3, 5) else ""))
+    else:
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.tick_params(axis="x", which="minor", labelsize=6)
     if key == "gmacs":
         ax.set_xlabel("GMACs (FlopCounterMode FLOPs / 2, each model's default input size)")
@@ -423,7 +440,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
     if args.plot:
-        summary = plot_results(rows, args.plot, args.plot_x, plot_size, device=device.type)
+        label = device.type + (f", torch threads {torch.get_num_threads()}" if device.type == "cpu" else "")
+        summary = plot_results(rows, args.plot, args.plot_x, plot_size, device=label + (", bf16" if args.amp else ""))
         print(f"plot: {args.plot} ({summary['points']} models of {len(summary['families'])} families, "
               f"x = {summary['x']})")
         if summary["without_top1"]:

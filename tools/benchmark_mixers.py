@@ -49,7 +49,8 @@ from timm.utils import ParseKwargs  # noqa: E402
 
 def _load_benchmark_tool():
     """``tools/benchmark.py`` (the one implementation of the timer and the kwargs check), loaded by path."""
-    spec = importlib.util.spec_from_file_location("metaformer_zoo_tools_benchmark", os.path.join(_TOOLS, "benchmark.py"))
+    path = os.path.join(_TOOLS, "benchmark.py")
+    spec = importlib.util.spec_from_file_location("metaformer_zoo_tools_benchmark", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
