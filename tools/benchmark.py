@@ -368,7 +368,7 @@ def plot_results(rows: Sequence[Dict], path: str, x: str = "auto", size: Tuple[i
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.tick_params(axis="x", which="minor", labelsize=6)
     if key == "gmacs":
-        ax.set_xlabel("GMACs (FlopCounterMode FLOPs / 2, each model's default input size)")
+        ax.set_xlabel("GMACs (FlopCounterMode FLOPs / 2 at the benchmark input size)")
         title = "ImageNet-1k top-1 vs MACs"
     else:
         what = "inference" if key == "infer_img_s" else "training"
