@@ -92,7 +92,8 @@ def family_of(model_name: str) -> Family:
 
 def zoo_registered_models() -> List[str]:
     """Names that metaformer_zoo itself registers with timm (every catalogued zoo-owned variant + generic models)."""
-    return sorted(n for n in timm.list_models() if timm.models.model_entrypoint(n).__module__.startswith("metaformer_zoo."))
+    return sorted(n for n in timm.list_models()
+                  if timm.models.model_entrypoint(n).__module__.startswith("metaformer_zoo."))
 
 
 def count_frozen_buffers(model: torch.nn.Module) -> int:
