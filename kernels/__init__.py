@@ -5,7 +5,11 @@ the oracle), ``triton.py`` (forward and backward kernels) and an ``__init__.py``
 dispatch: Triton on CUDA tensors, the reference elsewhere. Force a backend for every op with the environment
 variable ``METAFORMER_ZOO_KERNELS=reference|triton|auto`` or per call with ``backend=``.
 """
+import contextlib
 import os
+from typing import ContextManager, Optional
+
+import torch
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -35,3 +39,21 @@ def triton_available() -> bool:
     except Exception:
         return False
     return True
+
+
+def no_autocast(device_type: str) -> ContextManager:
+    """A context that disables autocast for ``device_type``; a no-op where the device type has no autocast (``meta``).
+
+    ``torch.autocast(device_type="meta", enabled=False)`` raises ``RuntimeError: unsupported scalarType``, so every op
+    guards its float32 sections with this instead (models are counted and traced on the meta device).
+    """
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype if autocast is enabled for ``device_type``, else None (always None on ``meta``)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None

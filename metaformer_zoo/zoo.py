@@ -3,14 +3,37 @@
 Each family module calls ``register_family`` next to its ``@register_model`` functions. Families that timm already
 owns (PoolFormer v1/v2, ConvFormer, CAFormer, MambaOut) are catalogued here too (``owner="timm"``): the zoo lists and
 serves them but never re-registers their names with timm.
+
+Families are listed in ``FAMILY_ORDER`` (the order of the README's Families table: timm's MetaFormer families, then
+the zoo families from the MetaFormer baselines to the MLP / frequency / scan models, then the composed model); a
+family registered outside that list comes after them, in registration order.
+
+Counting every variant on the meta device takes about a minute on a small CPU, so params and MACs at each variant's
+default input size are precomputed in ``catalogue.json`` (next to this module; rewrite it with
+``python -m metaformer_zoo catalogue``). ``variant_info`` reads a row from there when it matches the live model
+(same name and default input size) and counts the model otherwise, or always with ``recompute=True``; a slow test
+recomputes every stored row.
 """
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import timm
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["Family", "register_family", "list_families", "list_variants", "family_of", "variant_info",
-           "count_params", "count_macs", "zoo_registered_models"]
+__all__ = ["Family", "FAMILY_ORDER", "CATALOGUE_PATH", "register_family", "list_families", "list_variants",
+           "family_of", "variant_info", "count_params", "count_frozen_buffers", "count_macs", "measure_variant",
+           "load_catalogue", "build_catalogue", "write_catalogue", "zoo_registered_models"]
+
+FAMILY_ORDER: Tuple[str, ...] = (
+    "poolformer", "poolformerv2", "convformer", "caformer", "mambaout",  # timm's own
+    "identityformer", "randformer", "iformer", "transxnet", "affnet", "raftmlp", "msmlp", "stripmlp", "vim2",
+    "composed",
+)
+
+CATALOGUE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "catalogue.json")
 
 
 @dataclass
@@ -37,20 +60,25 @@ def register_family(name: str, variants: Sequence[str], owner: str = "zoo", pape
     return fam
 
 
+def _family_rank(name: str) -> int:
+    return FAMILY_ORDER.index(name) if name in FAMILY_ORDER else len(FAMILY_ORDER)
+
+
 def list_families() -> List[Family]:
-    return list(_FAMILIES.values())
+    """Every catalogued family in ``FAMILY_ORDER``; families outside it follow in registration order."""
+    return sorted(_FAMILIES.values(), key=lambda f: _family_rank(f.name))  # sorted() is stable
 
 
 def list_variants(family: Optional[str] = None, owner: Optional[str] = None) -> List[str]:
+    if family is not None and family not in _FAMILIES:
+        raise ValueError(f"unknown family {family!r}; families: {', '.join(f.name for f in list_families())}")
     out = []
-    for fam in _FAMILIES.values():
+    for fam in list_families():
         if family is not None and fam.name != family:
             continue
         if owner is not None and fam.owner != owner:
             continue
         out.extend(fam.variants)
-    if family is not None and family not in _FAMILIES:
-        raise ValueError(f"unknown family {family!r}; families: {', '.join(_FAMILIES)}")
     return out
 
 
@@ -64,13 +92,24 @@ def family_of(model_name: str) -> Family:
 
 def zoo_registered_models() -> List[str]:
     """Names that metaformer_zoo itself registers with timm (every catalogued zoo-owned variant + generic models)."""
-    import timm
-    return sorted(n for n in timm.list_models() if timm.models.model_entrypoint(n).__module__.startswith("metaformer_zoo."))
+    return sorted(n for n in timm.list_models()
+                  if timm.models.model_entrypoint(n).__module__.startswith("metaformer_zoo."))
+
+
+def count_frozen_buffers(model: torch.nn.Module) -> int:
+    """Elements of the frozen weights a model keeps as buffers (e.g. RandFormer's random mixing matrices).
+
+    A module names such buffers in a ``frozen_buffers`` attribute (a tuple of buffer names). Other buffers (norm
+    running statistics, index tables) are not weights and are not counted.
+    """
+    return sum(mod.get_buffer(name).numel() for mod in model.modules() for name in getattr(mod, "frozen_buffers", ()))
 
 
 def count_params(model: torch.nn.Module) -> Tuple[int, int]:
-    """(total, trainable) parameter counts; frozen tensors such as RandFormer's mixing matrices count as total only."""
-    total = sum(p.numel() for p in model.parameters())
+    """(total, trainable): total = every parameter + frozen weight buffers (``count_frozen_buffers``), the official
+    ``sum(p.numel() for p in model.parameters())`` of codebases that keep frozen weights as parameters; trainable =
+    parameters with ``requires_grad``."""
+    total = sum(p.numel() for p in model.parameters()) + count_frozen_buffers(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
 
@@ -80,7 +119,6 @@ def count_macs(model: torch.nn.Module, input_size: Sequence[int] = (3, 224, 224)
 
     This is the counting rule of the reference tables (norms, pooling, activations, FFTs are not counted).
     """
-    from torch.utils.flop_counter import FlopCounterMode
     x = torch.zeros((1, *input_size), device=device)
     model = model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -88,21 +126,89 @@ def count_macs(model: torch.nn.Module, input_size: Sequence[int] = (3, 224, 224)
     return counter.get_total_flops() // 2
 
 
-def variant_info(name: str, macs: bool = True) -> Dict:
-    """Family, params, MACs at the default resolution and weight availability of one variant."""
-    import timm
-    fam = family_of(name)
-    cfg = timm.models.get_pretrained_cfg(name) if timm.models.is_model(name) else None
-    cfg = cfg.to_dict() if cfg is not None else {}
-    input_size = tuple(cfg.get("input_size", (3, 224, 224)))
+def _pretrained_cfg(name: str) -> Dict:
+    cfg = timm.models.get_pretrained_cfg(name) if timm.models.is_model(name.split(".")[0]) else None
+    return cfg.to_dict() if cfg is not None else {}
+
+
+def _default_input_size(name: str) -> Tuple[int, ...]:
+    return tuple(_pretrained_cfg(name).get("input_size", (3, 224, 224)))
+
+
+def measure_variant(name: str, macs: bool = True) -> Dict:
+    """Count one variant now: build it on the meta device, count params (``count_params``, ``count_frozen_buffers``)
+    and, with ``macs=True``, MACs (``count_macs``) at its default input size."""
+    input_size = _default_input_size(name)
     model = timm.create_model(name, device="meta")
     total, trainable = count_params(model)
-    info = dict(
-        name=name, family=fam.name, owner=fam.owner, params=total, trainable_params=trainable,
-        input_size=input_size, macs=None,
+    return dict(input_size=list(input_size), params=total, trainable_params=trainable,
+                frozen_buffers=count_frozen_buffers(model),
+                macs=count_macs(model, input_size, device="meta") if macs else None)
+
+
+_CATALOGUE: Optional[Dict[str, Dict]] = None
+
+
+def load_catalogue(path: Optional[str] = None) -> Dict[str, Dict]:
+    """The precomputed rows of ``catalogue.json`` (name -> input_size, params, trainable_params, frozen_buffers,
+    macs); an empty table if the file is missing."""
+    global _CATALOGUE
+    if path is None and _CATALOGUE is not None:
+        return _CATALOGUE
+    path = path or CATALOGUE_PATH
+    rows: Dict[str, Dict] = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            rows = json.load(f)["variants"]
+    if path == CATALOGUE_PATH:
+        _CATALOGUE = rows
+    return rows
+
+
+def build_catalogue(names: Optional[Sequence[str]] = None, progress=None) -> Dict:
+    """Recompute the rows of ``catalogue.json`` (every catalogued variant unless ``names`` is given); ``progress``
+    wraps the name list (e.g. ``tqdm``)."""
+    names = list(list_variants() if names is None else names)
+    rows = {n: measure_variant(n) for n in (progress(names) if progress else names)}
+    return {
+        "about": "params / MACs of every catalogued variant at its default input size, written by "
+                 "`python -m metaformer_zoo catalogue`; params include frozen buffers (see zoo.count_params); MACs "
+                 "are FlopCounterMode FLOPs / 2 on the meta device",
+        "versions": {"timm": timm.__version__, "torch": torch.__version__.split("+")[0]},
+        "variants": rows,
+    }
+
+
+def write_catalogue(data: Dict, path: str = CATALOGUE_PATH) -> None:
+    """Write ``build_catalogue()``'s result as JSON with one variant per line (so a diff shows which rows changed)."""
+    global _CATALOGUE
+    head = json.dumps({k: v for k, v in data.items() if k != "variants"}, indent=1)
+    body = ",\n".join(f"  {json.dumps(n)}: {json.dumps(r)}" for n, r in data["variants"].items())
+    with open(path, "w") as f:
+        f.write(head[:-2] + ',\n "variants": {\n' + body + "\n }\n}\n")
+    if os.path.abspath(path) == CATALOGUE_PATH:
+        _CATALOGUE = None
+
+
+def variant_info(name: str, macs: bool = True, recompute: bool = False) -> Dict:
+    """Family, params, MACs at the default resolution and weight availability of one variant.
+
+    Params and MACs come from the precomputed catalogue when it has a row for ``name`` at the variant's current
+    default input size (``source="catalogue"``), else they are counted now (``source="measured"``, also with
+    ``recompute=True``). ``params`` is the total of ``count_params`` (frozen buffers included, as in the official
+    counts), ``trainable_params`` and ``frozen_buffers`` its parts.
+    """
+    fam = family_of(name)
+    cfg = _pretrained_cfg(name)
+    input_size = tuple(cfg.get("input_size", (3, 224, 224)))
+    row = None if recompute else load_catalogue().get(name)
+    if row is not None and tuple(row["input_size"]) == input_size and (row["macs"] is not None or not macs):
+        source = "catalogue"
+    else:
+        row, source = measure_variant(name, macs=macs), "measured"
+    return dict(
+        name=name, family=fam.name, owner=fam.owner, params=row["params"], trainable_params=row["trainable_params"],
+        frozen_buffers=row["frozen_buffers"], input_size=input_size, macs=row["macs"] if macs else None,
         weights=bool(cfg.get("url") or cfg.get("hf_hub_id") or cfg.get("file")),
-        weights_source=cfg.get("hf_hub_id") or cfg.get("url") or "",
+        weights_source=cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("file") or "", source=source,
     )
-    if macs:
-        info["macs"] = count_macs(model, input_size, device="meta")
-    return info

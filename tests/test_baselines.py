@@ -6,7 +6,7 @@ import torch
 import metaformer_zoo
 from metaformer_zoo.checkpoint import CheckpointError
 from metaformer_zoo.models._baselines import checkpoint_filter_fn, official_state_dict
-from metaformer_zoo.zoo import count_macs, count_params
+from metaformer_zoo.zoo import count_frozen_buffers, count_macs, count_params
 
 # reference/metaformer.md section 2.2 (measured on the official sail-sg/metaformer code)
 PARAMS = {
@@ -38,6 +38,20 @@ def test_random_matrices_are_frozen_row_stochastic_and_distinct():
     torch.testing.assert_close(mats[0].sum(-1), torch.ones(196))
     assert not torch.equal(mats[0], mats[1])
     assert m.stages[3].blocks[0].token_mixer.random_matrix.shape == (49, 49)
+
+
+def test_random_matrices_are_buffers_every_parameter_gets_a_gradient():
+    """timm's test_model_backward: every parameter gets a gradient. The frozen matrices are persistent buffers
+    (same state-dict keys as the official parameters), counted apart by count_frozen_buffers."""
+    torch.manual_seed(0)
+    m = timm.create_model("randformer_s12", num_classes=7, img_size=64).train()  # 4x4 / 2x2 tokens in stages 3 / 4
+    key = "stages.2.blocks.0.token_mixer.random_matrix"
+    assert key in dict(m.named_buffers()) and key not in dict(m.named_parameters()) and key in m.state_dict()
+    m(torch.randn(2, 3, 64, 64)).mean().backward()
+    assert [n for n, p in m.named_parameters() if p.grad is None] == []
+    assert count_frozen_buffers(m) == 6 * 16 ** 2 + 2 * 4 ** 2
+    assert count_frozen_buffers(timm.create_model("randformer_s12", device="meta")) == FROZEN["s12"]
+    assert m.to(torch.bfloat16).stages[3].blocks[0].token_mixer.random_matrix.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("name", ["identityformer_s12", "randformer_s12"])

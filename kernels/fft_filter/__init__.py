@@ -25,7 +25,7 @@ from typing import Tuple
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from .. import resolve_backend
+from .. import no_autocast, resolve_backend
 from .reference import ACTS, fft_filter_reference, fft_filter_reference_backward
 
 __all__ = ["fft_filter", "fft_filter_reference", "FFTFilterFunction", "check_args"]
@@ -89,7 +89,7 @@ def _backward_impl(grad, x, w1, b1, w2, b2, num_groups, lam, act, backend):
 @torch.library.custom_op("metaformer_zoo::fft_filter", mutates_args=())
 def _fft_filter_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                    num_groups: int, sparsity_threshold: float, act: str, backend: str) -> torch.Tensor:
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with no_autocast(x.device.type):
         return _forward_impl(x, w1, b1, w2, b2, num_groups, sparsity_threshold, act, backend)
 
 
@@ -103,7 +103,7 @@ def _fft_filter_backward_op(grad: torch.Tensor, x: torch.Tensor, w1: torch.Tenso
                             w2: torch.Tensor, b2: torch.Tensor, num_groups: int, sparsity_threshold: float,
                             act: str, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                              torch.Tensor, torch.Tensor]:
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with no_autocast(x.device.type):
         return _backward_impl(grad, x, w1, b1, w2, b2, num_groups, sparsity_threshold, act, backend)
 
 

@@ -18,6 +18,8 @@ returned in x's dtype, without the residual (the AFF mixer adds ``x`` itself).
 import torch
 import torch.nn.functional as F
 
+from .. import no_autocast
+
 __all__ = ["fft_filter_reference", "compute_dtype", "apply_act", "ACTS"]
 
 ACTS = ("silu", "relu", "gelu", "identity")
@@ -62,7 +64,7 @@ def fft_filter_reference(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2
                          num_groups: int = 8, sparsity_threshold: float = 0.01, act: str = "silu") -> torch.Tensor:
     """The AFF filter, ``irfft2(softshrink(MLP(X)) * X)`` with ``X = rfft2(x)`` (ortho norm), autograd-capable."""
     dtype = compute_dtype(x, w1, b1, w2, b2)
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with no_autocast(x.device.type):
         H, W = x.shape[-2:]
         xf = x.to(dtype)
         w1, b1, w2, b2 = (t.to(dtype) for t in (w1, b1, w2, b2))
@@ -103,7 +105,7 @@ def fft_filter_reference_backward(grad: torch.Tensor, x: torch.Tensor, w1, b1, w
     weights c_f = 1 for DC/Nyquist, 2 otherwise), rfft2 -> ``irfft2(. / c_f)``, and transposed einsums for the MLP.
     """
     dtype = compute_dtype(x, w1, b1, w2, b2)
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with no_autocast(x.device.type):
         B, C, H, W = x.shape
         G = num_groups
         bs = C // G

@@ -37,7 +37,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from metaformer_zoo.kernels import resolve_backend
+from metaformer_zoo.kernels import no_autocast, resolve_backend
 
 from . import reference
 from .reference import selective_scan_ref_naive
@@ -49,10 +49,6 @@ def _tk():
     """The Triton kernel module, imported on first use (TRITON_INTERPRET must be set before this)."""
     from . import triton as tk
     return tk
-
-
-def _no_autocast(device_type: str):
-    return torch.autocast(device_type=device_type, enabled=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -171,7 +167,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                    return_last_state=False, backend="auto"):
     """Selective scan with mamba-ssm ``selective_scan_ref`` semantics (see the module docstring)."""
     be = resolve_backend(backend, u, delta, A, B, C, D, z, delta_bias)
-    with _no_autocast(u.device.type):
+    with no_autocast(u.device.type):
         if be == "reference" or _empty_input(u, A):
             return reference.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
         reference._check_scan_args(u, delta, A, B, C, D, z, delta_bias)
@@ -221,7 +217,7 @@ def _check_2d(x, delta, A, B, C, D, delta_bias):
 def selective_scan2d(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, backend="auto"):
     """Fused 4-route selective scan: ``cross_merge(selective_scan over the routes of cross_scan(x))``."""
     be = resolve_backend(backend, x, delta, A, B, C, D, delta_bias)
-    with _no_autocast(x.device.type):
+    with no_autocast(x.device.type):
         if be == "reference" or _empty_input(x, A):
             return reference.selective_scan2d(x, delta, A, B, C, D, delta_bias, delta_softplus)
         _check_2d(x, delta, A, B, C, D, delta_bias)

@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import resolve_backend
+from .. import autocast_dtype, resolve_backend
 from .reference import check_args, strip_mix_backward_reference, strip_mix_reference
 
 __all__ = ["strip_mix", "strip_mix_reference"]
@@ -104,9 +104,8 @@ def strip_mix(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
               raft_size: int = 1, backend: str = "auto") -> torch.Tensor:
     """Mix ``x`` densely along ``axis`` within channel groups; see the package docstring for shapes and users."""
     check_args(x, weight, bias, axis, raft_size)
-    dev = x.device.type
-    if dev in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
+    dt = autocast_dtype(x.device.type)
+    if dt is not None:
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
     else:

@@ -60,9 +60,11 @@ class Attention2d(nn.Module):
 class RandomMixing(nn.Module):
     """RandFormer's frozen random token mixing: ``y[m] = sum_n R[m, n] x[n]`` over the H*W tokens.
 
-    ``R`` (``random_matrix``, shape (N, N)) is row-softmaxed uniform noise, frozen (``requires_grad=False``) but stored in
-    the state dict, so pretrained weights are needed to reproduce a trained model. The official model only runs at
-    the token count it was built for (196 / 49 tokens in stages 3 / 4 at 224 px). Here:
+    ``R`` (``random_matrix``, shape (N, N)) is row-softmaxed uniform noise, frozen: a persistent buffer (the official
+    code keeps it as a ``requires_grad=False`` parameter; the state-dict key is the same, so official checkpoints load
+    strictly), so pretrained weights are needed to reproduce a trained model. It is listed in ``frozen_buffers``:
+    ``metaformer_zoo.zoo.count_params`` counts it in the total, as the official parameter count does. The official
+    model only runs at the token count it was built for (196 / 49 tokens in stages 3 / 4 at 224 px). Here:
 
     * at the built size the op is exactly the official one;
     * at any other size a clear error is raised, unless ``resize=True``: then R, viewed as a (h, w) -> (h, w) map, is
@@ -70,12 +72,14 @@ class RandomMixing(nn.Module):
       (a documented zoo extension for dense prediction; outputs at other sizes are not the official model's).
     """
 
+    frozen_buffers = ("random_matrix",)
+
     def __init__(self, dim: int, feat_size: Tuple[int, int] = (14, 14), resize: bool = False, **kwargs):
         super().__init__()
         self.feat_size = tuple(feat_size)
         self.resize = resize
         num_tokens = self.feat_size[0] * self.feat_size[1]
-        self.random_matrix = nn.Parameter(torch.softmax(torch.rand(num_tokens, num_tokens), dim=-1), requires_grad=False)
+        self.register_buffer("random_matrix", torch.softmax(torch.rand(num_tokens, num_tokens), dim=-1))
 
     def _matrix_for(self, H: int, W: int) -> torch.Tensor:
         h, w = self.feat_size

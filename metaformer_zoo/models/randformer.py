@@ -1,10 +1,11 @@
 """RandFormer (MetaFormer Baselines for Vision, arXiv 2210.13452; sail-sg/metaformer).
 
 Identity mixer in stages 1-2, frozen random token mixing (``RandomMixing``) in stages 3-4. Each block draws its own
-row-softmaxed (N, N) matrix, stored in the state dict with ``requires_grad=False``: trained models need their
-checkpoint. The matrices fix the token count, so the model is built for ``img_size`` (224: 196 / 49 tokens) and
-raises a clear error at other sizes, unless created with ``random_mixing_resize=True`` (documented resampling of the
-matrices, see ``metaformer_zoo.mixers.basic.RandomMixing``).
+row-softmaxed (N, N) matrix, a persistent buffer (a ``requires_grad=False`` parameter in the official code; same
+state-dict key, counted by ``metaformer_zoo.zoo.count_frozen_buffers``): trained models need their checkpoint. The
+matrices fix the token count, so the model is built for ``img_size`` (224: 196 / 49 tokens) and raises a clear error
+at other sizes, unless created with ``random_mixing_resize=True`` (documented resampling of the matrices, see
+``metaformer_zoo.mixers.basic.RandomMixing``).
 """
 from timm.models import generate_default_cfgs, register_model
 
