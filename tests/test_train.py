@@ -11,8 +11,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
-TINY = ["--model", "zoo_metaformer", "--model-kwargs",
-        "{dims: [16, 24, 32, 48], depths: [1, 1, 1, 1], token_mixers: [pooling, sepconv, attention, attention]}",
+TINY = ["--model", "zoo_metaformer", "--model-kwargs", "dims=[16, 24, 32, 48]", "depths=[1, 1, 1, 1]",
+        "token_mixers=['pooling', 'sepconv', 'attention', 'attention']",
         "--digits-size", "32", "--img-size", "32", "--crop-pct", "1.0", "-b", "32", "--lr", "3e-3",
         "--warmup-epochs", "0", "--hflip", "0", "--color-jitter", "0", "--scale", "0.8", "1.0", "--workers", "0",
         "--no-progress", "--max-steps-per-epoch", "12", "--seed", "3"]
