@@ -290,3 +290,21 @@ def test_validate_use_ema_evaluates_ema_or_says_there_is_none(data_env, finished
     with pytest.raises(SystemExit):
         validate.main(["--checkpoint", last, "--data-dir", str(tmp_path), "--workers", "0"])
     assert "has no validation/ or val/" in capsys.readouterr().err
+
+
+def test_evaluate_does_not_count_distributed_padding():
+    """timm's distributed eval sampler pads the ranks to equal length; evaluate() counts each image once."""
+    import argparse as ap
+    import contextlib
+    import train
+    from timm.data.distributed_sampler import OrderedDistributedSampler
+    ds = torch.utils.data.TensorDataset(torch.randn(7, 3, 2, 2), torch.arange(7) % 3)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    args = ap.Namespace(channels_last=False, distributed=False)
+    per_rank = []
+    for rank in (0, 1):
+        sampler = OrderedDistributedSampler(ds, num_replicas=2, rank=rank)
+        assert len(sampler) == 4  # rank 1 gets image 0 again as padding
+        loader = torch.utils.data.DataLoader(ds, batch_size=3, sampler=sampler)
+        per_rank.append(train.evaluate(model, loader, torch.device("cpu"), args, contextlib.nullcontext)["n"])
+    assert per_rank == [4, 3]
