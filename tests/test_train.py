@@ -308,3 +308,11 @@ def test_evaluate_does_not_count_distributed_padding():
         loader = torch.utils.data.DataLoader(ds, batch_size=3, sampler=sampler)
         per_rank.append(train.evaluate(model, loader, torch.device("cpu"), args, contextlib.nullcontext)["n"])
     assert per_rank == [4, 3]
+
+
+def test_validate_rejects_a_checkpoint_of_another_architecture(data_env, finished_run, capsys):
+    import validate
+    with pytest.raises(SystemExit) as e:
+        validate.main(["--checkpoint", os.path.join(finished_run, "last.pth.tar"), "--model-kwargs",
+                       "dims=[16, 24, 32, 64]", "--workers", "0"])  # over the checkpoint's model_kwargs
+    assert "mis-shaped" in str(e.value) and "Nothing was loaded" in str(e.value)

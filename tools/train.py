@@ -13,7 +13,12 @@ More processes / GPUs / nodes with torchrun (DDP; NCCL on CUDA, Gloo on CPU)::
 Recipes are YAML files in configs/train/ (``--recipe NAME`` or ``--recipe path.yaml``) whose keys are this script's
 argument names; a ``variants:`` mapping holds per-model overrides. Precedence: defaults < recipe < command line.
 timm pieces used: create_dataset / create_loader (RandAugment, random erasing), Mixup/CutMix, create_optimizer_v2
-(incl. layer decay), create_scheduler_v2, ModelEmaV3, CheckpointSaver, NativeScaler (AMP), resume.
+(incl. layer decay), create_scheduler_v2, ModelEmaV3, CheckpointSaver, NativeScaler (AMP), ParseKwargs, resume.
+
+``--resume OUTPUT/last.pth.tar`` continues a run exactly where it stopped. A run that already has ``--epochs`` epochs
+is reported (epochs done, best top-1, its checkpoints) and nothing is trained or written. Resuming into another
+``--output`` carries the run's best top-1 over and copies the checkpoint of that best epoch there as
+``model_best.pth.tar`` (a later epoch replaces it only by beating it).
 """
 import argparse
 import contextlib

@@ -2,6 +2,7 @@
 """Evaluate a zoo model: a tools/train.py checkpoint, a weights file, a local Hub folder, or pretrained weights.
 
     python tools/validate.py --checkpoint output/digits/model_best.pth.tar            # model and data from the run
+    python tools/validate.py --checkpoint output/run/last.pth.tar --use-ema           # its EMA weights (--model-ema)
     python tools/validate.py --model identityformer_s12 --pretrained --data-dir /data/imagenet --split validation
     python tools/validate.py --model local-dir:converted/identityformer_s12 --pretrained --data-dir /data/imagenet
 
@@ -26,7 +27,8 @@ from timm.utils import ParseKwargs, accuracy  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import metaformer_zoo  # noqa: E402,F401
-from metaformer_zoo.checkpoint import CheckpointError, load_checkpoint_file  # noqa: E402
+from metaformer_zoo.checkpoint import (  # noqa: E402
+    CheckpointError, load_checkpoint_file, unwrap_state_dict, validate_state_dict)
 from metaformer_zoo.data import EVAL_SPLITS, find_split, prepare_digits  # noqa: E402
 from train import HelpFormatter, model_kwarg  # noqa: E402  (tools/train.py, next to this file)
 
@@ -78,7 +80,10 @@ def main(argv=None):
         elif "state_dict" in ckpt:
             weights, state = "state_dict", ckpt["state_dict"]
         else:
-            weights, state = "weights file", ckpt
+            try:
+                weights, state = "weights file", unwrap_state_dict(ckpt)
+            except CheckpointError as e:
+                p.error(f"--checkpoint {args.checkpoint}: {e}")
     name = args.model or train_args.get("model")
     if not name:
         p.error("give --model (the checkpoint does not record one)")
@@ -99,6 +104,10 @@ def main(argv=None):
         kwargs["num_classes"] = num_classes
     model = timm.create_model(name, pretrained=args.pretrained, **kwargs)
     if state is not None:
+        try:
+            validate_state_dict(state, model, source=args.checkpoint)
+        except CheckpointError as e:
+            raise SystemExit(f"--checkpoint: {e}") from e
         model.load_state_dict(state)
     data_config = resolve_data_config(
         dict(img_size=args.img_size or train_args.get("img_size"), crop_pct=args.crop_pct or train_args.get("crop_pct")),
