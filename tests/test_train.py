@@ -1,5 +1,8 @@
 """tools/train.py on the bundled digits: the loss falls, a killed run resumes exactly where it stopped, a finished
 run says so, the best checkpoint survives a resume into a new --output, and bad input gets clear errors."""
+import argparse
+import contextlib
+import importlib
 import json
 import os
 import shutil
@@ -7,8 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-
-import argparse
 
 import pytest
 import torch
@@ -48,7 +49,6 @@ def test_short_run_loss_falls(data_env, tmp_path):
     import train
     out = str(tmp_path / "run")
     train.main(TINY + ["--epochs", "3", "--output", out])
-    import json
     hist = json.load(open(os.path.join(out, "summary.json")))["history"]
     assert len(hist) == 3 and hist[-1]["step"] == 36
     assert hist[-1]["val_loss"] < hist[0]["val_loss"] - 0.2, hist
@@ -244,7 +244,6 @@ def _help_entries(parser):
 
 @pytest.mark.parametrize("tool", ["train", "validate"])
 def test_help_explains_every_option_and_shows_its_default(tool, monkeypatch):
-    import importlib
     monkeypatch.setenv("COLUMNS", "160")
     parser = importlib.import_module(tool).build_parser()
     entries = _help_entries(parser)
@@ -294,13 +293,11 @@ def test_validate_use_ema_evaluates_ema_or_says_there_is_none(data_env, finished
 
 def test_evaluate_does_not_count_distributed_padding():
     """timm's distributed eval sampler pads the ranks to equal length; evaluate() counts each image once."""
-    import argparse as ap
-    import contextlib
     import train
     from timm.data.distributed_sampler import OrderedDistributedSampler
     ds = torch.utils.data.TensorDataset(torch.randn(7, 3, 2, 2), torch.arange(7) % 3)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
-    args = ap.Namespace(channels_last=False, distributed=False)
+    args = argparse.Namespace(channels_last=False, distributed=False)
     per_rank = []
     for rank in (0, 1):
         sampler = OrderedDistributedSampler(ds, num_replicas=2, rank=rank)
