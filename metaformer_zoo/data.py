@@ -6,11 +6,16 @@ out, upsampled to ``size`` x ``size`` RGB PNGs, as ``<root>/train/<class>/*.png`
 """
 import json
 import os
-from typing import Optional
+import shutil
+from typing import Optional, Sequence
 
 import numpy as np
+from PIL import Image
 
-__all__ = ["prepare_digits", "default_data_root"]
+__all__ = ["prepare_digits", "default_data_root", "find_split", "IMAGE_FOLDER_LAYOUT", "EVAL_SPLITS"]
+
+IMAGE_FOLDER_LAYOUT = "ROOT/train/<class>/<image> and ROOT/validation/<class>/<image> (or ROOT/val/)"
+EVAL_SPLITS = ("validation", "val", "eval")
 
 _VERSION = 1
 
@@ -22,8 +27,7 @@ def default_data_root() -> str:
 
 def prepare_digits(root: Optional[str] = None, size: int = 64, val_fraction: float = 0.2, seed: int = 0) -> str:
     """Write the digits ImageFolder (once; reused when present) and return its directory."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # ~1 s to import, only needed to write the dataset once
 
     root = os.path.join(root or default_data_root(), f"digits_{size}px")
     marker = os.path.join(root, "dataset.json")
@@ -52,7 +56,33 @@ def prepare_digits(root: Optional[str] = None, size: int = 64, val_fraction: flo
     with open(os.path.join(tmp, "dataset.json"), "w") as f:
         json.dump(dict(meta=meta, counts=counts, classes=[str(c) for c in range(10)]), f, indent=1)
     if os.path.isdir(root):
-        import shutil
         shutil.rmtree(root)
     os.replace(tmp, root)
     return root
+
+
+def _class_dirs(path: str) -> list:
+    return sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+
+
+def find_split(root: str, split: str, alternatives: Sequence[str] = ()) -> str:
+    """Return the name of the ``split`` folder of the ImageFolder ``root`` (or the first of ``alternatives`` present).
+
+    Raises ``ValueError`` saying what is missing and which layout is expected when ``root`` does not exist, has no
+    such split folder, or the split folder holds no class folders (timm would otherwise assert without a message, or
+    silently treat ``root`` itself as the split).
+    """
+    if not os.path.isdir(root):
+        what = "is a file, not a folder" if os.path.exists(root) else "does not exist"
+        raise ValueError(f"{root} {what}; expected an ImageFolder root laid out as {IMAGE_FOLDER_LAYOUT}")
+    names = [split] + [a for a in alternatives if a != split]
+    for name in names:
+        path = os.path.join(root, name)
+        if os.path.isdir(path):
+            if not _class_dirs(path):
+                raise ValueError(f"{path} holds no class folders; expected {IMAGE_FOLDER_LAYOUT}")
+            return name
+    found = sorted(os.listdir(root))
+    shown = ", ".join(found[:8]) + (f", ... ({len(found)} entries)" if len(found) > 8 else "") if found else "nothing"
+    raise ValueError(f"{root} has no {' or '.join(n + '/' for n in names)} folder (it holds: {shown}); expected an "
+                     f"ImageFolder root laid out as {IMAGE_FOLDER_LAYOUT}")

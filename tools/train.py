@@ -13,7 +13,12 @@ More processes / GPUs / nodes with torchrun (DDP; NCCL on CUDA, Gloo on CPU)::
 Recipes are YAML files in configs/train/ (``--recipe NAME`` or ``--recipe path.yaml``) whose keys are this script's
 argument names; a ``variants:`` mapping holds per-model overrides. Precedence: defaults < recipe < command line.
 timm pieces used: create_dataset / create_loader (RandAugment, random erasing), Mixup/CutMix, create_optimizer_v2
-(incl. layer decay), create_scheduler_v2, ModelEmaV3, CheckpointSaver, NativeScaler (AMP), resume.
+(incl. layer decay), create_scheduler_v2, ModelEmaV3, CheckpointSaver, NativeScaler (AMP), ParseKwargs, resume.
+
+``--resume OUTPUT/last.pth.tar`` continues a run exactly where it stopped. A run that already has ``--epochs`` epochs
+is reported (epochs done, best top-1, its checkpoints) and nothing is trained or written. Resuming into another
+``--output`` carries the run's best top-1 over and copies the checkpoint of that best epoch there as
+``model_best.pth.tar`` (a later epoch replaces it only by beating it).
 """
 import argparse
 import contextlib
@@ -22,9 +27,10 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -40,87 +46,116 @@ from timm.data import Mixup, create_dataset, create_loader, resolve_data_config 
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
 from timm.optim import create_optimizer_v2  # noqa: E402
 from timm.scheduler import create_scheduler_v2  # noqa: E402
-from timm.utils import CheckpointSaver, ModelEmaV3, NativeScaler, accuracy, dispatch_clip_grad  # noqa: E402
+from timm.utils import (  # noqa: E402
+    CheckpointSaver, ModelEmaV3, NativeScaler, ParseKwargs, accuracy, dispatch_clip_grad)
+from timm.utils.checkpoint_saver import load_checkpoint_metadata  # noqa: E402
 from timm.utils.model import get_state_dict, unwrap_model  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 import metaformer_zoo  # noqa: E402,F401  (registers the zoo models)
+from metaformer_zoo.checkpoint import CheckpointError, load_checkpoint_file  # noqa: E402
+from metaformer_zoo.data import EVAL_SPLITS, find_split, prepare_digits  # noqa: E402
 
 _logger = logging.getLogger("train")
 RECIPE_DIR = os.path.join(_REPO, "configs", "train")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Keeps the module docstring's layout and shows every option's default."""
+
+
+def model_kwarg(item: str) -> str:
+    """argparse ``type`` of one ``--model-kwargs`` item: insists on ``key=value`` (timm's ParseKwargs then parses)."""
+    key, eq, _ = item.partition("=")
+    if not eq or not key:
+        raise argparse.ArgumentTypeError(
+            f"{item!r} is not key=value; give create_model kwargs as key=value items with Python literals, e.g. "
+            f"--model-kwargs \"dims=[32, 64, 128, 192]\" \"token_mixers=['pooling', 'sepconv', 'attention', "
+            f"'attention']\"")
+    return item
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("recipe / data")
-    g.add_argument("--recipe", default=None, help="configs/train/<NAME>.yaml or a YAML path")
+    g.add_argument("--recipe", default=None, help="configs/train/<NAME>.yaml or a YAML path; with --help, the "
+                                                  "defaults shown are the recipe's")
     g.add_argument("-c", "--config", default=None, help="extra YAML of argument defaults (applied after --recipe)")
-    g.add_argument("--data-dir", default=None, help="ImageFolder root (train/ and validation/ or val/); "
-                                                   "default: the bundled digits dataset")
-    g.add_argument("--dataset", default="", help="timm dataset spec (e.g. torch/cifar10); default ImageFolder")
-    g.add_argument("--train-split", default="train")
-    g.add_argument("--val-split", default="validation")
+    g.add_argument("--data-dir", default=None, help="ImageFolder root holding train/ and validation/ (or val/) "
+                                                   "class folders; None: the bundled digits dataset")
+    g.add_argument("--dataset", default="", help="timm dataset spec (e.g. torch/cifar10); empty: ImageFolder")
+    g.add_argument("--train-split", default="train", help="training split folder under --data-dir")
+    g.add_argument("--val-split", default="validation", help="held-out split folder under --data-dir "
+                                                             "(val/ or eval/ are used when it is absent)")
     g.add_argument("--digits-size", type=int, default=64, help="side of the generated digits images")
-    g.add_argument("--num-classes", type=int, default=None)
-    g.add_argument("--img-size", type=int, default=None)
-    g.add_argument("--crop-pct", type=float, default=None)
-    g.add_argument("--interpolation", default="")
-    g.add_argument("--train-interpolation", default="random")
-    g.add_argument("--mean", type=float, nargs=3, default=None)
-    g.add_argument("--std", type=float, nargs=3, default=None)
-    g.add_argument("-j", "--workers", type=int, default=2)
+    g.add_argument("--num-classes", type=int, default=None, help="classifier classes; None: the number of class "
+                                                                 "folders in the training split (1000 otherwise)")
+    g.add_argument("--img-size", type=int, default=None, help="input side; None: the model's default")
+    g.add_argument("--crop-pct", type=float, default=None, help="eval center-crop fraction; None: the model's")
+    g.add_argument("--interpolation", default="", help="eval resize interpolation; empty: the model's")
+    g.add_argument("--train-interpolation", default="random", help="training resize interpolation")
+    g.add_argument("--mean", type=float, nargs=3, default=None, help="normalisation mean; None: the model's")
+    g.add_argument("--std", type=float, nargs=3, default=None, help="normalisation std; None: the model's")
+    g.add_argument("-j", "--workers", type=int, default=2, help="data loader worker processes")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="zoo_metaformer")
-    g.add_argument("--model-kwargs", type=yaml.safe_load, default=None, help="YAML/JSON dict of create_model kwargs")
-    g.add_argument("--pretrained", action="store_true")
+    g.add_argument("--model", default="zoo_metaformer", help="timm model name (zoo models are registered)")
+    g.add_argument("--model-kwargs", nargs="*", type=model_kwarg, action=ParseKwargs, default=None,
+                   metavar="KEY=VALUE", help="extra create_model kwargs (values are Python literals); replaces "
+                                             "the recipe's model_kwargs")
+    g.add_argument("--pretrained", action="store_true", help="start from the model's pretrained weights")
     g.add_argument("--initial-checkpoint", default="", help="weights to start from (not a resume)")
-    g.add_argument("--drop", type=float, default=0.0)
-    g.add_argument("--drop-path", type=float, default=None)
-    g.add_argument("--grad-checkpointing", action="store_true")
+    g.add_argument("--drop", type=float, default=0.0, help="classifier dropout rate")
+    g.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate; None: the model's")
+    g.add_argument("--grad-checkpointing", action="store_true", help="trade compute for activation memory")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("-b", "--batch-size", type=int, default=64, help="per process")
-    g.add_argument("--lr", type=float, default=None, help="absolute lr; default lr_base * global_batch / lr_base_size")
-    g.add_argument("--lr-base", type=float, default=1e-3)
-    g.add_argument("--lr-base-size", type=int, default=1024)
-    g.add_argument("--opt", default="adamw")
-    g.add_argument("--opt-eps", type=float, default=None)
-    g.add_argument("--opt-betas", type=float, nargs="+", default=None)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=0.05)
-    g.add_argument("--layer-decay", type=float, default=None)
-    g.add_argument("--clip-grad", type=float, default=None)
-    g.add_argument("--sched", default="cosine")
-    g.add_argument("--warmup-epochs", type=int, default=1)
-    g.add_argument("--warmup-lr", type=float, default=1e-6)
-    g.add_argument("--min-lr", type=float, default=1e-5)
-    g.add_argument("--cooldown-epochs", type=int, default=0)
-    g.add_argument("--smoothing", type=float, default=0.1)
+    g.add_argument("--epochs", type=int, default=10, help="epochs to train (a resume continues up to this)")
+    g.add_argument("-b", "--batch-size", type=int, default=64, help="batch size per process")
+    g.add_argument("--lr", type=float, default=None, help="absolute lr; None: lr_base * global_batch / lr_base_size")
+    g.add_argument("--lr-base", type=float, default=1e-3, help="lr at --lr-base-size images per step")
+    g.add_argument("--lr-base-size", type=int, default=1024, help="global batch size --lr-base refers to")
+    g.add_argument("--opt", default="adamw", help="timm optimizer name (create_optimizer_v2)")
+    g.add_argument("--opt-eps", type=float, default=None, help="optimizer epsilon; None: the optimizer's")
+    g.add_argument("--opt-betas", type=float, nargs="+", default=None, help="optimizer betas; None: the optimizer's")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD-style momentum")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="weight decay")
+    g.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay; None: off")
+    g.add_argument("--clip-grad", type=float, default=None, help="gradient norm clipping; None: off")
+    g.add_argument("--sched", default="cosine", help="timm lr scheduler name (create_scheduler_v2)")
+    g.add_argument("--warmup-epochs", type=int, default=1, help="linear warmup epochs")
+    g.add_argument("--warmup-lr", type=float, default=1e-6, help="lr at the start of warmup")
+    g.add_argument("--min-lr", type=float, default=1e-5, help="lr floor of the schedule")
+    g.add_argument("--cooldown-epochs", type=int, default=0, help="epochs at --min-lr after the schedule")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     g = p.add_argument_group("augmentation")
-    g.add_argument("--aa", default=None, help="RandAugment spec, e.g. rand-m9-mstd0.5-inc1")
-    g.add_argument("--reprob", type=float, default=0.0)
-    g.add_argument("--remode", default="pixel")
-    g.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0))
-    g.add_argument("--ratio", type=float, nargs=2, default=(3.0 / 4.0, 4.0 / 3.0))
-    g.add_argument("--hflip", type=float, default=0.5)
-    g.add_argument("--color-jitter", type=float, default=0.4)
-    g.add_argument("--mixup", type=float, default=0.0)
-    g.add_argument("--cutmix", type=float, default=0.0)
-    g.add_argument("--mixup-prob", type=float, default=1.0)
-    g.add_argument("--mixup-switch-prob", type=float, default=0.5)
+    g.add_argument("--aa", default=None, help="RandAugment spec, e.g. rand-m9-mstd0.5-inc1; None: off")
+    g.add_argument("--reprob", type=float, default=0.0, help="random erasing probability")
+    g.add_argument("--remode", default="pixel", help="random erasing mode")
+    g.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0), help="random-resized-crop area range")
+    g.add_argument("--ratio", type=float, nargs=2, default=(3.0 / 4.0, 4.0 / 3.0),
+                   help="random-resized-crop aspect ratio range")
+    g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
+    g.add_argument("--color-jitter", type=float, default=0.4, help="color jitter strength")
+    g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha; 0: off")
+    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha; 0: off")
+    g.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixup or cutmix per batch")
+    g.add_argument("--mixup-switch-prob", type=float, default=0.5, help="probability of cutmix when both are on")
     g = p.add_argument_group("runtime")
     g.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, --amp-dtype on CUDA)")
-    g.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"))
-    g.add_argument("--channels-last", action="store_true")
-    g.add_argument("--torchcompile", nargs="?", const="inductor", default=None)
-    g.add_argument("--model-ema", action="store_true")
-    g.add_argument("--model-ema-decay", type=float, default=0.9998)
-    g.add_argument("--resume", default="", help="training checkpoint to resume (e.g. OUTPUT/last.pth.tar)")
+    g.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"), help="autocast dtype on CUDA")
+    g.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    g.add_argument("--torchcompile", nargs="?", const="inductor", default=None,
+                   help="torch.compile the model with this backend (inductor when given alone); None: eager")
+    g.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights (ModelEmaV3); it is "
+                                                            "what gets evaluated and ranked")
+    g.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay per step")
+    g.add_argument("--resume", default="", help="training checkpoint to continue (e.g. OUTPUT/last.pth.tar)")
     g.add_argument("--output", default="output/train", help="checkpoint / log directory")
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
-    g.add_argument("--max-steps-per-epoch", type=int, default=None, help="truncate epochs (smoke tests)")
-    g.add_argument("--no-progress", action="store_true")
-    g.add_argument("--eval-only", action="store_true")
+    g.add_argument("--seed", type=int, default=42, help="random seed")
+    g.add_argument("--device", default=None, help="cuda / cpu; None: cuda if available")
+    g.add_argument("--max-steps-per-epoch", type=int, default=None, help="truncate epochs (smoke tests); None: "
+                                                                         "whole epochs")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--eval-only", action="store_true", help="evaluate the (resumed / initial) weights and exit")
     return p
 
 
@@ -135,9 +170,13 @@ def _recipe_path(name: str) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """Defaults < recipe (+ its per-variant overrides) < --config < command line."""
+    """Defaults < recipe (+ its per-variant overrides) < --config < command line; checks the --data-dir layout."""
     parser = build_parser()
-    pre, _ = parser.parse_known_args(argv)
+    # the files of defaults are read first, so --help shows the recipe's defaults and the recipe can pick the variant
+    pre_parser = argparse.ArgumentParser(add_help=False)
+    for flags in (("--recipe",), ("-c", "--config"), ("--model",)):
+        pre_parser.add_argument(*flags, default=None)
+    pre, _ = pre_parser.parse_known_args(argv)
     defaults: Dict = {}
     dests = {a.dest for a in parser._actions}
     for path in filter(None, [pre.recipe and _recipe_path(pre.recipe), pre.config]):
@@ -145,15 +184,21 @@ def parse_args(argv=None) -> argparse.Namespace:
             data = yaml.safe_load(f) or {}
         variants = data.pop("variants", {}) or {}
         data.pop("notes", None)
-        cli_model = pre.model if pre.model != parser.get_default("model") else None
-        model = cli_model or data.get("model", defaults.get("model"))
+        model = pre.model or data.get("model", defaults.get("model"))
         data.update(variants.get(model, {}) or {})
         unknown = set(data) - dests
         if unknown:
             raise SystemExit(f"{path}: unknown keys {sorted(unknown)} (keys are tools/train.py argument names)")
         defaults.update(data)
     parser.set_defaults(**defaults)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.data_dir is not None and not args.dataset:
+        try:
+            find_split(args.data_dir, args.train_split)
+            args.val_split = find_split(args.data_dir, args.val_split, EVAL_SPLITS)
+        except ValueError as e:
+            parser.error(f"--data-dir: {e}")
+    return args
 
 
 def init_distributed(args):
@@ -206,14 +251,8 @@ class TrainCheckpointSaver(CheckpointSaver):
 
 
 def make_loaders(args, data_config, device):
-    if args.data_dir is None and not args.dataset:
-        from metaformer_zoo.data import prepare_digits
-        args.data_dir = prepare_digits(size=args.digits_size)
+    """Train / eval loaders; ``args.data_dir`` and ``args.val_split`` are resolved (parse_args, main) before."""
     val_split = args.val_split
-    if not args.dataset and args.data_dir and not os.path.isdir(os.path.join(args.data_dir, val_split)):
-        for alt in ("val", "validation", "eval"):
-            if os.path.isdir(os.path.join(args.data_dir, alt)):
-                val_split = alt
     ds_train = create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
                               batch_size=args.batch_size, seed=args.seed)
     ds_eval = create_dataset(args.dataset, root=args.data_dir, split=val_split, is_training=False,
@@ -284,10 +323,21 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
 
 @torch.no_grad()
 def evaluate(model, loader, device, args, amp_ctx) -> Dict[str, float]:
+    """Loss / top-1 / top-5 over the held-out split; ``n`` is the number of distinct images evaluated (the padding
+    timm's distributed eval sampler adds to even out the ranks is not counted)."""
     model.eval()
     crit = nn.CrossEntropyLoss(reduction="sum")
     stats = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, n
+    valid = getattr(loader.sampler, "num_valid_samples", None)  # padding comes last on each rank
+    seen = 0
     for x, y in loader:
+        if valid is not None:
+            keep = max(0, valid - seen)
+            seen += x.shape[0]
+            if keep < x.shape[0]:
+                x, y = x[:keep], y[:keep]
+            if keep == 0:
+                continue
         x, y = x.to(device), y.to(device)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -306,7 +356,6 @@ def evaluate(model, loader, device, args, amp_ctx) -> Dict[str, float]:
 def _progress(total, desc, args):
     if args.no_progress or args.rank != 0:
         return None
-    from tqdm import tqdm
     return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
 
 
@@ -319,6 +368,38 @@ def print_table(rows: List[Dict], file=sys.stdout):
               f"| {r['lr']:.2e} | {r['time_s']:.1f} |", file=file)
 
 
+def _checkpoint_files(directory: str) -> List[str]:
+    """The checkpoint files that really are in ``directory``."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(f for f in os.listdir(directory) if f.endswith(".pth.tar") and not f.startswith("tmp"))
+
+
+def _best_row(history: List[Dict]) -> Dict:
+    """The best epoch by top-1; ties keep the earlier epoch, like CheckpointSaver."""
+    return max(history, key=lambda r: r["top1"])
+
+
+def carry_best(saver: CheckpointSaver, resume_path: str, history: List[Dict]) -> Optional[str]:
+    """Resuming into a new --output: make its model_best.pth.tar the best of the whole run, not of the epochs trained
+    here. The best metric of the resumed history is carried into ``saver`` (a later epoch must beat it to replace the
+    best file), and the file holding that best epoch (the source's model_best, its checkpoint-N or the resumed file)
+    is copied to --output/model_best.pth.tar. Returns the copied file, or None when it is no longer on disk."""
+    best = _best_row(history)
+    saver.best_metric, saver.best_epoch = best["top1"], best["epoch"] - 1
+    src_dir = os.path.dirname(os.path.abspath(resume_path))
+    candidates = [resume_path, os.path.join(src_dir, "model_best.pth.tar"),
+                  os.path.join(src_dir, f"checkpoint-{best['epoch'] - 1}.pth.tar")]
+    for path in candidates:
+        if not os.path.isfile(path):
+            continue
+        meta = load_checkpoint_metadata(path)
+        if meta.get("epoch") == best["epoch"] - 1 and meta.get("metric") == best["top1"]:
+            shutil.copy2(path, os.path.join(saver.checkpoint_dir, "model_best.pth.tar"))
+            return path
+    return None
+
+
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -326,13 +407,11 @@ def main(argv=None):
     device = init_distributed(args)
     seed_everything(args.seed + args.rank)
     is_main = args.rank == 0
-    if args.data_dir is None and not args.dataset and is_main:
-        from metaformer_zoo.data import prepare_digits
-        args.data_dir = prepare_digits(size=args.digits_size)
-    if args.distributed:
-        torch.distributed.barrier()
     if args.data_dir is None and not args.dataset:
-        from metaformer_zoo.data import prepare_digits
+        if is_main:  # rank 0 writes the digits once, the others then find them
+            args.data_dir = prepare_digits(size=args.digits_size)
+        if args.distributed:
+            torch.distributed.barrier()
         args.data_dir = prepare_digits(size=args.digits_size)
 
     kwargs = dict(args.model_kwargs or {})
@@ -365,7 +444,7 @@ def main(argv=None):
     start_epoch, step, history = 0, 0, []
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     if args.resume:
-        start_epoch, step, history = resume(args.resume, model, optimizer, loss_scaler, model_ema, is_main)
+        start_epoch, step, history = resume(args.resume, model, optimizer, loss_scaler, model_ema)
 
     train_model = model
     if args.torchcompile:
@@ -384,6 +463,20 @@ def main(argv=None):
     if start_epoch > 0:
         lr_scheduler.step(start_epoch, metric=None)
 
+    if args.eval_only:
+        metrics = evaluate(model, loader_eval, device, args, amp_ctx)
+        if is_main:
+            print(json.dumps(metrics))
+        _finish(args)
+        return metrics
+
+    if args.resume and start_epoch >= num_epochs:  # nothing left to train: say so, write nothing
+        metrics = {}
+        if is_main:
+            metrics = report_finished(args.resume, history, start_epoch, num_epochs)
+        _finish(args)
+        return metrics
+
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0:
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
@@ -395,24 +488,32 @@ def main(argv=None):
     else:
         loss_fn = nn.CrossEntropyLoss()
 
-    saver = None
+    step_box = [step]
+    saver, best_source = None, None
     if is_main:
         os.makedirs(args.output, exist_ok=True)
         saver = TrainCheckpointSaver(
             model, optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler, checkpoint_dir=args.output,
             recovery_dir=args.output, max_history=2,
             extra_state=lambda: dict(step=step_box[0], history=list(history)))
-        if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(args.output):
-            saver.load_state_dict_from_checkpoint(args.resume)
-    step_box = [step]
+        if args.resume:
+            _logger.info(f"resumed {args.resume}: {start_epoch}/{num_epochs} epochs done, continuing at epoch "
+                         f"{start_epoch + 1}/{num_epochs}, step {step}")
+            same_dir = os.path.realpath(os.path.dirname(os.path.abspath(args.resume))) == os.path.realpath(
+                args.output)
+            if same_dir:
+                saver.load_state_dict_from_checkpoint(args.resume)
+            elif history:
+                best_source = carry_best(saver, args.resume, history)
+                best = _best_row(history)
+                if best_source:
+                    _logger.info(f"best so far: top-1 {best['top1']:.2f}% at epoch {best['epoch']}; copied "
+                                 f"{best_source} to {os.path.join(args.output, 'model_best.pth.tar')}")
+                else:
+                    _logger.warning(f"best so far: top-1 {best['top1']:.2f}% at epoch {best['epoch']}, but no "
+                                    f"checkpoint of that epoch is left next to {args.resume}; "
+                                    f"{args.output}/model_best.pth.tar is written only by an epoch that beats it")
 
-    if args.eval_only:
-        metrics = evaluate(model, loader_eval, device, args, amp_ctx)
-        if is_main:
-            print(json.dumps(metrics))
-        return metrics
-
-    if is_main:
         n_params = sum(p.numel() for p in model.parameters())
         _logger.info(f"model {args.model}: {n_params / 1e6:.2f}M params; {len(loader_train.dataset)} train / "
                      f"{len(loader_eval.dataset)} val images from {args.data_dir}; {num_epochs} epochs x "
@@ -432,7 +533,8 @@ def main(argv=None):
         metrics = evaluate(eval_model, loader_eval, device, args, amp_ctx)
         lr_scheduler.step(epoch + 1, metrics["top1"])
         row = dict(epoch=epoch + 1, train_loss=train_loss, val_loss=metrics["loss"], top1=metrics["top1"],
-                   top5=metrics["top5"], lr=optimizer.param_groups[0]["lr"], time_s=time.time() - t0, step=step)
+                   top5=metrics["top5"], n=metrics["n"], lr=optimizer.param_groups[0]["lr"],
+                   time_s=time.time() - t0, step=step)
         history.append(row)
         if is_main:
             _logger.info(f"epoch {epoch + 1}/{num_epochs}  step {step}  train_loss {train_loss:.4f}  "
@@ -442,15 +544,42 @@ def main(argv=None):
     if is_main and history:
         print()
         print_table(history)
-        best = max(history, key=lambda r: r["top1"])
+        best = _best_row(history)
+        out = os.path.abspath(args.output)
         print(f"\nfinal top-1 {history[-1]['top1']:.2f}% (best {best['top1']:.2f}% at epoch {best['epoch']}) on "
-              f"{metrics.get('n', 0)} held-out images; checkpoints in {os.path.abspath(args.output)} "
-              f"(last.pth.tar, model_best.pth.tar)")
+              f"{metrics['n']} held-out images; checkpoints in {out}: {', '.join(_checkpoint_files(out))}")
         with open(os.path.join(args.output, "summary.json"), "w") as f:
-            json.dump(dict(model=args.model, history=history, final=history[-1]), f, indent=1)
+            json.dump(dict(model=args.model, history=history, final=history[-1],
+                           best=dict(epoch=best["epoch"], top1=best["top1"], copied_from=best_source),
+                           resumed_from=os.path.abspath(args.resume) if args.resume else None), f, indent=1)
+    _finish(args)
+    return metrics
+
+
+def report_finished(resume_path: str, history: List[Dict], epochs_done: int, num_epochs: int) -> Dict:
+    """The resumed checkpoint already finished the requested epochs: print where the run stands, train nothing."""
+    src_dir = os.path.dirname(os.path.abspath(resume_path))
+    files = ", ".join(_checkpoint_files(src_dir))
+    if history:
+        print_table(history)
+        last, best = history[-1], _best_row(history)
+        held_out = f" on {last['n']} held-out images" if "n" in last else ""
+        print(f"\n{resume_path} is a finished run: {epochs_done}/{num_epochs} epochs done; final top-1 "
+              f"{last['top1']:.2f}% (best {best['top1']:.2f}% at epoch {best['epoch']}){held_out}; checkpoints in "
+              f"{src_dir}: {files}. Nothing trained; give a larger --epochs to train further.")
+        metrics = dict(loss=last["val_loss"], top1=last["top1"], top5=last["top5"])
+        if "n" in last:
+            metrics["n"] = last["n"]
+    else:
+        print(f"{resume_path} is a finished run: {epochs_done}/{num_epochs} epochs done (no history recorded); "
+              f"checkpoints in {src_dir}: {files}. Nothing trained; give a larger --epochs to train further.")
+        metrics = {}
+    return dict(metrics, finished=True, epochs_done=epochs_done)
+
+
+def _finish(args):
     if args.distributed:
         torch.distributed.destroy_process_group()
-    return metrics
 
 
 def _accepts_img_size(name: str) -> bool:
@@ -458,9 +587,12 @@ def _accepts_img_size(name: str) -> bool:
     return bool(cfg and cfg.fixed_input_size)
 
 
-def resume(path, model, optimizer, loss_scaler, model_ema, is_main):
-    from metaformer_zoo.checkpoint import load_checkpoint_file
-    ckpt = load_checkpoint_file(path)
+def resume(path, model, optimizer, loss_scaler, model_ema) -> Tuple[int, int, List[Dict]]:
+    """Load a tools/train.py checkpoint into the training state; returns (epochs done, step, history)."""
+    try:
+        ckpt = load_checkpoint_file(path)
+    except CheckpointError as e:
+        raise SystemExit(f"--resume: {e}") from e
     for key in ("state_dict", "optimizer", "epoch"):
         if key not in ckpt:
             raise SystemExit(f"{path} is not a training checkpoint of tools/train.py (no {key!r}); use "
@@ -469,12 +601,13 @@ def resume(path, model, optimizer, loss_scaler, model_ema, is_main):
     optimizer.load_state_dict(ckpt["optimizer"])
     if loss_scaler is not None and loss_scaler.state_dict_key in ckpt:
         loss_scaler.load_state_dict(ckpt[loss_scaler.state_dict_key])
-    if model_ema is not None and "state_dict_ema" in ckpt:
-        model_ema.module.load_state_dict(ckpt["state_dict_ema"])
-    epoch = ckpt["epoch"] + 1
-    if is_main:
-        _logger.info(f"resumed {path}: continuing at epoch {epoch + 1}, step {ckpt.get('step', 0)}")
-    return epoch, int(ckpt.get("step", 0)), list(ckpt.get("history", []))
+    if model_ema is not None:
+        if "state_dict_ema" in ckpt:
+            model_ema.module.load_state_dict(ckpt["state_dict_ema"])
+        else:  # the run had no EMA: start it from the resumed weights, not from the fresh init
+            _logger.warning(f"{path} has no EMA weights; --model-ema starts from its weights")
+            model_ema.set(model)
+    return ckpt["epoch"] + 1, int(ckpt.get("step", 0)), list(ckpt.get("history", []))
 
 
 if __name__ == "__main__":
