@@ -77,6 +77,15 @@ def _unsafe_globals(path: str) -> List[str]:
         return []
 
 
+def _foreign_globals(path: str, error: BaseException) -> List[str]:
+    """The pickled globals the weights-only reader refused (empty when the failure is not about objects)."""
+    m = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    if not m and "global" not in str(error).lower():
+        return []
+    names = [n for n in _unsafe_globals(path) if n not in ("argparse.Namespace", "yacs.config.CfgNode")]
+    return names or ([m.group(1)] if m else [])
+
+
 def _read_error(path: str, error: BaseException) -> CheckpointError:
     """A ``CheckpointError`` naming the file, what is wrong with it and what to do."""
     size = os.path.getsize(path)
@@ -85,17 +94,15 @@ def _read_error(path: str, error: BaseException) -> CheckpointError:
     detail = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else '(no message)'}"
     if size == 0:
         what = "the file is empty (0 bytes): an interrupted download or copy? Download it again."
-    elif isinstance(error, pickle.UnpicklingError) and "weights_only" in str(error):
-        names = [n for n in _unsafe_globals(path) if n not in ("argparse.Namespace", "yacs.config.CfgNode")]
-        m = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        listed = ", ".join(names) or (m.group(1) if m else detail)
+    elif _is_text(head):
+        what = (f"it is a text file, not a PyTorch checkpoint (it starts with {head[:40]!r}): an HTML error page or "
+                f"a Git LFS pointer instead of the weights? Download the real file.")
+    elif isinstance(error, pickle.UnpicklingError) and _foreign_globals(path, error):
+        listed = ", ".join(_foreign_globals(path, error))
         what = (f"it pickles objects other than tensors and plain data ({listed}). Checkpoints are read with "
                 f"torch.load(weights_only=True), allowing only argparse.Namespace and yacs CfgNode beside tensors; "
                 f"arbitrary objects are never unpickled. Save the weights alone (a state dict of tensors, or "
                 f".safetensors) and load that file.")
-    elif _is_text(head):
-        what = (f"it is a text file, not a PyTorch checkpoint (it starts with {head[:40]!r}): an HTML error page or "
-                f"a Git LFS pointer instead of the weights? Download the real file.")
     else:
         what = f"the file is truncated or corrupt, or not a PyTorch / safetensors checkpoint ({detail}). Download " \
                f"it again (compare its size / sha256 with the release)."
