@@ -34,8 +34,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import torch
 import torch.nn as nn
 
-__all__ = ["CheckpointError", "SAFE_GLOBALS", "allow_safe_globals", "load_checkpoint_file", "unwrap_state_dict", "validate_state_dict",
-           "check_classifier", "official_layout_pre_hook", "remap_keys", "linear_to_conv1x1"]
+__all__ = ["CheckpointError", "SAFE_GLOBALS", "allow_safe_globals", "load_checkpoint_file", "unwrap_state_dict",
+           "validate_state_dict", "check_classifier", "official_layout_pre_hook", "remap_keys", "linear_to_conv1x1"]
 
 # the (stand-in, "module.Name") form of safe_globals needs torch >= 2.5
 _CFGNODE = (collections.OrderedDict, "yacs.config.CfgNode")
@@ -52,6 +52,7 @@ def allow_safe_globals():
     """
     registered = torch.serialization.get_safe_globals()
     return torch.serialization.safe_globals([g for g in SAFE_GLOBALS if g not in registered])
+
 
 # what timm's load_state_dict picks, in this order (use_ema=True, its default for pretrained files and checkpoint_path)
 _WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
@@ -242,8 +243,8 @@ def check_classifier(state_dict: Mapping[str, torch.Tensor], model: nn.Module, s
             raise CheckpointError(
                 f"{source}: the checkpoint classifier {k} has shape {tuple(state_dict[k].shape)}, the model "
                 f"{tuple(target[k].shape)}: create the model with num_classes={n} (tools/convert.py --num-classes "
-                f"{n}), or load it with pretrained=True and pretrained_cfg_overlay=dict(file=...), which re-initialises "
-                f"a re-sized classifier. Nothing was loaded.")
+                f"{n}), or load it with pretrained=True and pretrained_cfg_overlay=dict(file=...), which "
+                f"re-initialises a re-sized classifier. Nothing was loaded.")
 
 
 def official_layout_pre_hook(module: nn.Module, state_dict: Dict[str, Any], prefix: str, local_metadata: dict,
@@ -257,8 +258,9 @@ def official_layout_pre_hook(module: nn.Module, state_dict: Dict[str, Any], pref
     It acts only when the model is the root of the load (``prefix == ''``) and the incoming dict is not in the zoo
     layout: it holds keys the model does not have and lacks the model's stem weight (``pretrained_cfg['first_conv']``,
     the anchor every family filter also uses to tell the layouts apart). Zoo-layout dicts, partial ones included,
-    load as torch loads them. The converted dict replaces the incoming one before anything is copied, so a misfit (``CheckpointError``
-    from the filter: missing / unexpected / mis-shaped keys, another family, another classifier size) loads nothing.
+    load as torch loads them. The converted dict replaces the incoming one before anything is copied, so a misfit
+    (``CheckpointError`` from the filter: missing / unexpected / mis-shaped keys, another family, another classifier
+    size) loads nothing.
     """
     if prefix or filter_fn is None or not state_dict:
         return

@@ -276,6 +276,7 @@ def test_dense_https_checkpoint_uses_the_torch_hub_cache(tmp_path, monkeypatch):
     cache.mkdir(parents=True)
     src = write_official(name, cache / "strip_official.pth", **kw)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
-    dense = DenseBackbone(name, out_norms=False, model_kwargs=kw, checkpoint="https://weights.invalid/strip_official.pth")
+    url = "https://weights.invalid/strip_official.pth"
+    dense = DenseBackbone(name, out_norms=False, model_kwargs=kw, checkpoint=url)
     ref = src.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in dense.model.state_dict().items())
