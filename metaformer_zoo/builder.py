@@ -11,13 +11,14 @@
 * the safe reader's allow-list (``checkpoint.SAFE_GLOBALS``: argparse.Namespace, yacs CfgNode) is active while timm
   reads pretrained weights, so official files that pickle a training config load through timm's own weights-only
   reader; a zoo model never needs timm's ``custom_load`` (it is set to False: every file takes that one path);
-* a pretrained file that cannot be read (empty, truncated, text, foreign pickles) raises the zoo's
+* a pretrained file (or cached download) that cannot be read (empty, truncated, text, foreign pickles) raises the zoo's
   ``CheckpointError`` naming the file, the problem and the fix; a failed weight download raises
   ``metaformer_zoo.hub.WeightsUnavailableError`` naming the URL / Hub id.
 """
 import functools
 import os
 from typing import Callable, Optional
+from urllib.parse import urlparse
 
 import torch
 from timm.models import build_model_with_cfg
@@ -66,7 +67,8 @@ def build_zoo_model(
         except CheckpointError:
             raise
         except Exception as e:
-            err = _unreadable_file_error(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+            err = _unreadable_file_error(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"),
+                                         kwargs.get("cache_dir"))
             if err is not None:
                 raise err from e
             from .hub import weights_unavailable_error  # name the URL / Hub id when the download fails
@@ -80,11 +82,17 @@ def build_zoo_model(
     return model
 
 
-def _unreadable_file_error(variant, pretrained_cfg=None, overlay=None) -> Optional[CheckpointError]:
-    """After a failed pretrained load from a local ``file``: the safe reader's ``CheckpointError`` if the file itself is
-    unreadable (empty, truncated, text, foreign pickles), else None (the failure lies elsewhere)."""
+def _unreadable_file_error(variant, pretrained_cfg=None, overlay=None, cache_dir=None) -> Optional[CheckpointError]:
+    """After a failed pretrained load: the safe reader's ``CheckpointError`` if the local file (a ``file`` source, or
+    the cached download of a ``url`` source) is itself unreadable (empty, truncated, text, foreign pickles), else None
+    (the failure lies elsewhere, e.g. no network)."""
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay)
-    path = cfg.file if cfg is not None and not cfg.state_dict and getattr(cfg, "source", "") != "local-dir" else None
+    if cfg is None or cfg.state_dict or getattr(cfg, "source", "") in ("local-dir", "hf-hub"):
+        return None
+    path = cfg.file
+    if not path and cfg.url and not cfg.hf_hub_id:
+        cache = str(cache_dir) if cache_dir else os.path.join(torch.hub.get_dir(), "checkpoints")
+        path = os.path.join(cache, os.path.basename(urlparse(cfg.url).path))
     if not path or not os.path.isfile(path):
         return None
     try:

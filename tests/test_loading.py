@@ -205,7 +205,7 @@ def _overlay(path, name="identityformer_s12"):
 @pytest.mark.parametrize("kind, match", [
     ("truncated", "truncated or corrupt"), ("empty", "empty"), ("text", "text file"), ("junk", "truncated or corrupt"),
 ])
-def test_unreadable_files_through_the_overlay(kind, match, tmp_path):
+def test_unreadable_files_through_the_overlay(kind, match, tmp_path, monkeypatch):
     good = tmp_path / "good.pth"
     write_official("identityformer_s12", good, **TINY["identityformer_s12"])
     data = {"truncated": good.read_bytes()[:2000], "empty": b"", "junk": bytes(range(256)) * 8,
@@ -216,6 +216,14 @@ def test_unreadable_files_through_the_overlay(kind, match, tmp_path):
         _overlay(bad)
     msg = str(info.value)
     assert str(bad) in msg and "Nothing was loaded" in msg and "weights_only=False" not in msg
+    # a broken cached download of a URL source: the same error
+    cache = tmp_path / "home" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    shutil.copy(bad, cache / "release.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    with pytest.raises(CheckpointError, match=match):
+        timm.create_model("identityformer_s12", pretrained=True, **TINY["identityformer_s12"],
+                          pretrained_cfg_overlay=dict(url="https://weights.invalid/release.pth", hf_hub_id=None))
     # the same error from the zoo's own reader (tools/convert.py, dense)
     with pytest.raises(CheckpointError, match=match):
         hub.convert_checkpoint("identityformer_s12", str(bad), **TINY["identityformer_s12"])
