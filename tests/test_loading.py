@@ -25,13 +25,12 @@ from metaformer_zoo.dense.core import DenseBackbone
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# tiny configs: one per on-disk format (plain, yacs-pickled x2; the Namespace-pickled TransXNet file takes ~35 s
-# on 2 cores, so it runs under -m slow, with the every-family matrix)
+# tiny configs of the default stage, one per on-disk format: plain, yacs-pickled x2 (the Namespace-pickled timm
+# CheckpointSaver format: test_ema_weights_are_picked_the_same_way_everywhere; TransXNet's own under -m slow)
 TINY = {
     "identityformer_s12": dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)),
     "msmlp_tiny": dict(embed_dim=10, depths=(1, 1, 1, 1)),
     "stripmlp_light_t": dict(embed_dim=16, layers=(1, 1, 1, 1)),
-    "transxnet_t": dict(depths=(1, 1, 1, 1)),
 }
 
 
@@ -103,8 +102,9 @@ def _module(name, path):
     return mod
 
 
-def load_every_way(name, path, tmp_path, monkeypatch, **kwargs):
-    """{path name: state dict} of the same official file loaded through every loading path."""
+def load_every_way(name, path, tmp_path, monkeypatch, verify=True, **kwargs):
+    """{path name: state dict} of the same official file loaded through every loading path (``verify``: let
+    tools/convert.py run its own reload check too)."""
     path = str(path)
     out = {}
     out["file overlay"] = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path), **kwargs)
@@ -118,8 +118,8 @@ def load_every_way(name, path, tmp_path, monkeypatch, **kwargs):
     out["checkpoint_path"] = timm.create_model(name, checkpoint_path=path, **kwargs)
     cli = _module("zoo_convert_cli", ROOT / "tools" / "convert.py")
     folder = tmp_path / "converted"
-    assert cli.main(["--model", name, "--checkpoint", path, "--out", str(folder), "--model-kwargs",
-                     *[f"{k}={v!r}" for k, v in kwargs.items()]]) == 0
+    assert cli.main(["--model", name, "--checkpoint", path, "--out", str(folder), *([] if verify else ["--no-verify"]),
+                     "--model-kwargs", *[f"{k}={v!r}" for k, v in kwargs.items()]]) == 0
     out["convert.py + local-dir"] = timm.create_model(f"local-dir:{folder}", pretrained=True)
     hubconf = _module("zoo_hubconf", ROOT / "hubconf.py")
     out["hubconf"] = getattr(hubconf, name)(pretrained=True, pretrained_cfg_overlay=dict(file=path), **kwargs)
@@ -136,7 +136,7 @@ def assert_same_weights(src, loaded):
         assert not bad, f"{how}: {bad[:5]}"
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "transxnet_t" else n for n in TINY])
+@pytest.mark.parametrize("name", list(TINY))
 def test_official_file_loads_identically_every_way(name, tmp_path, monkeypatch):
     path = tmp_path / f"{name}_official.pth"
     src = write_official(name, path, **TINY[name])
@@ -150,7 +150,7 @@ def test_every_family_smallest_variant_every_way(family, tmp_path, monkeypatch):
     name = _smallest(family)
     path = tmp_path / f"{name}_official.pth"
     src = write_official(name, path)
-    assert_same_weights(src, load_every_way(name, path, tmp_path, monkeypatch))
+    assert_same_weights(src, load_every_way(name, path, tmp_path, monkeypatch, verify=False))
 
 
 def test_yacs_files_are_refused_by_plain_weights_only_but_read_safely(tmp_path):
