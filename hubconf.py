@@ -5,7 +5,11 @@
 
 Every model the zoo registers with timm and every catalogued timm-owned variant (PoolFormer v1/v2, ConvFormer,
 CAFormer, MambaOut) is an entry point; each calls ``timm.create_model(name, pretrained=..., **kwargs)``, so timm
-kwargs (``num_classes``, ``features_only``, ``pretrained_cfg_overlay=dict(file=...)`` ...) work as usual.
+kwargs (``num_classes``, ``features_only``, ``pretrained_cfg_overlay=dict(file=...)``, ``checkpoint_path=`` ...) work
+as usual; official checkpoint files of zoo families load through both, read and converted exactly as by timm.
+
+    model = torch.hub.load("/path/to/metaformer-zoo", "msmlp_tiny", source="local",
+                           checkpoint_path="msmlp_tiny_patch4_ckpt_epoch299.pth")   # official release file
 """
 dependencies = ["torch", "timm"]
 

@@ -3,13 +3,28 @@
 * ``device=`` / ``dtype=`` factory kwargs (``timm.create_model(name, device="meta")``) for any model class, by building
   under a ``torch.device`` context instead of threading the kwargs through every layer;
 * the default feature config (``flatten_sequential``, out_indices of the 4 stages);
-* the family's ``checkpoint_filter_fn`` for official checkpoints;
-* a failed weight download raises ``metaformer_zoo.hub.WeightsUnavailableError`` naming the URL / Hub id.
+* the family's ``checkpoint_filter_fn`` for official checkpoints, the same for every loading path:
+  ``pretrained=True`` (URL, Hub, ``pretrained_cfg_overlay=dict(file=...)``) passes it to timm as
+  ``pretrained_filter_fn``, and a ``load_state_dict`` pre-hook (``checkpoint.official_layout_pre_hook``) applies it
+  to official layouts given to ``model.load_state_dict``, which is what ``timm.create_model(name,
+  checkpoint_path=...)`` calls;
+* the safe reader's allow-list (``checkpoint.SAFE_GLOBALS``: argparse.Namespace, yacs CfgNode) is active while timm
+  reads pretrained weights, so official files that pickle a training config load through timm's own weights-only
+  reader; a zoo model never needs timm's ``custom_load`` (it is set to False: every file takes that one path);
+* a pretrained file (or cached download) that cannot be read (empty, truncated, text, foreign pickles) raises the zoo's
+  ``CheckpointError`` naming the file, the problem and the fix; a failed weight download raises
+  ``metaformer_zoo.hub.WeightsUnavailableError`` naming the URL / Hub id.
 """
+import functools
+import os
 from typing import Callable, Optional
+from urllib.parse import urlparse
 
 import torch
 from timm.models import build_model_with_cfg
+from timm.models._builder import resolve_pretrained_cfg
+
+from .checkpoint import CheckpointError, allow_safe_globals, load_checkpoint_file, official_layout_pre_hook
 
 __all__ = ["build_zoo_model"]
 
@@ -30,32 +45,65 @@ def build_zoo_model(
 
     def _factory(**model_kwargs):
         if device is None:
-            return model_cls(**model_kwargs)
-        with torch.device(device):
-            return model_cls(**model_kwargs)
+            model = model_cls(**model_kwargs)
+        else:
+            with torch.device(device):
+                model = model_cls(**model_kwargs)
+        if pretrained_filter_fn is not None:
+            model.register_load_state_dict_pre_hook(
+                functools.partial(official_layout_pre_hook, filter_fn=pretrained_filter_fn))
+        return model
 
-    if pretrained:
-        _require_weight_source(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
-    try:
+    if not pretrained:
         model = build_model_with_cfg(
             _factory, variant, pretrained, pretrained_filter_fn=pretrained_filter_fn, feature_cfg=feature_cfg, **kwargs)
-    except Exception as e:
-        if not pretrained:
+    else:
+        _require_weight_source(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+        kwargs["pretrained_cfg_overlay"] = dict(kwargs.get("pretrained_cfg_overlay") or {}, custom_load=False)
+        try:
+            with allow_safe_globals():
+                model = build_model_with_cfg(_factory, variant, pretrained, pretrained_filter_fn=pretrained_filter_fn,
+                                             feature_cfg=feature_cfg, **kwargs)
+        except CheckpointError:
             raise
-        from .hub import weights_unavailable_error  # name the URL / Hub id when the download fails
-        err = weights_unavailable_error(variant, e, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
-        if err is None:
-            raise
-        raise err from e
+        except Exception as e:
+            err = _unreadable_file_error(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"),
+                                         kwargs.get("cache_dir"))
+            if err is not None:
+                raise err from e
+            from .hub import weights_unavailable_error  # name the URL / Hub id when the download fails
+            err = weights_unavailable_error(variant, e, kwargs.get("pretrained_cfg"),
+                                            kwargs.get("pretrained_cfg_overlay"))
+            if err is None:
+                raise
+            raise err from e
     if dtype is not None:
         model = model.to(dtype=dtype)
     return model
 
 
+def _unreadable_file_error(variant, pretrained_cfg=None, overlay=None, cache_dir=None) -> Optional[CheckpointError]:
+    """After a failed pretrained load: the safe reader's ``CheckpointError`` if the local file (a ``file`` source, or
+    the cached download of a ``url`` source) is itself unreadable (empty, truncated, text, foreign pickles), else None
+    (the failure lies elsewhere, e.g. no network)."""
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay)
+    if cfg is None or cfg.state_dict or getattr(cfg, "source", "") in ("local-dir", "hf-hub"):
+        return None
+    path = cfg.file
+    if not path and cfg.url and not cfg.hf_hub_id:
+        cache = str(cache_dir) if cache_dir else os.path.join(torch.hub.get_dir(), "checkpoints")
+        path = os.path.join(cache, os.path.basename(urlparse(cfg.url).path))
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        load_checkpoint_file(path)
+    except CheckpointError as err:
+        return err
+    return None
+
+
 def _require_weight_source(variant, pretrained_cfg=None, overlay=None):
     """``pretrained=True`` on a variant without any known weights is an error, not a silent random init."""
-    from timm.models._builder import resolve_pretrained_cfg
-
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay)
     if cfg is None:
         return
@@ -65,5 +113,5 @@ def _require_weight_source(variant, pretrained_cfg=None, overlay=None):
     raise ValueError(
         f"no pretrained weights are known for {variant} (tag {cfg.tag!r}): its default cfg has no url, file or Hub id."
         f"{notes} Use pretrained=False, or load weights with pretrained_cfg_overlay=dict(file='weights.pth') or "
-        f"checkpoint_path=... (official checkpoints convert with tools/convert.py)."
+        f"checkpoint_path='weights.pth' (official checkpoints are converted by the family's filter on both paths)."
     )

@@ -10,8 +10,10 @@ The library side of ``tools/convert.py``::
 Every family of the catalogue (``metaformer_zoo.zoo``) describes its official format in ``Family.extra``:
 ``filter_fn(state_dict, model)`` (official -> zoo layout, validated), ``to_official(model)`` (zoo -> official layout,
 or ``None`` where no official code exists) and ``official_wrapper`` (``None`` = plain state dict, ``"state_dict"`` /
-``"model"`` = wrapped). A family module may define ``load_official_checkpoint(path)`` for files that carry more than
-tensors (e.g. a yacs ``CfgNode``). timm-owned families (PoolFormer v1/v2, ConvFormer, CAFormer, MambaOut) get the
+``"model"`` = wrapped). Files are read by the one safe reader of every loading path
+(``metaformer_zoo.checkpoint.load_checkpoint_file``: weights-only, with the yacs ``CfgNode`` / ``argparse.Namespace``
+configs of official files allow-listed), so a file converts here exactly as it loads through ``pretrained=True``,
+``checkpoint_path=``, ``hubconf`` and the dense ``init_cfg``. timm-owned families (PoolFormer v1/v2, ConvFormer, CAFormer, MambaOut) get the
 same protocol here, from timm's own ``checkpoint_filter_fn`` plus strict validation and the inverse key mapping.
 
 ``weights_unavailable_error`` turns a failed download of pretrained weights into an error that names where the weights
@@ -19,19 +21,18 @@ would come from (URL / Hub id) and how to load them offline; ``metaformer_zoo.bu
 """
 import csv
 import hashlib
-import importlib
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, load_checkpoint_file, remap_keys, unwrap_state_dict, validate_state_dict
+from .checkpoint import (
+    CheckpointError, check_classifier, load_checkpoint_file, remap_keys, unwrap_state_dict, validate_state_dict)
 from .zoo import Family, count_macs, count_params, family_of
 
 __all__ = [
@@ -111,7 +112,6 @@ class FamilyProtocol:
     filter_fn: Callable  # (official state dict or wrapped object, model) -> validated zoo/timm state dict
     to_official: Optional[Callable]  # model -> official-layout state dict, None where no official code exists
     official_wrapper: Optional[str]  # None | "state_dict" | "model"
-    load_official: Optional[Callable]  # path -> raw object, for files that carry more than tensors
 
 
 def _timm_filter(timm_filter: Callable, layout_keys: Sequence[str]) -> Callable:
@@ -170,22 +170,14 @@ def _timm_protocols() -> Dict[str, FamilyProtocol]:
     meta = _timm_filter(timm_metaformer.checkpoint_filter_fn,
                         ("stem.conv.weight", "downsample_layers.0.conv.weight", "patch_embed.proj.weight"))
     return {
-        "poolformer": FamilyProtocol("poolformer", meta, _pool_v1_to_official, None, None),
-        "poolformerv2": FamilyProtocol("poolformerv2", meta, baselines_to_official, None, None),
-        "convformer": FamilyProtocol("convformer", meta, baselines_to_official, None, None),
-        "caformer": FamilyProtocol("caformer", meta, baselines_to_official, None, None),
+        "poolformer": FamilyProtocol("poolformer", meta, _pool_v1_to_official, None),
+        "poolformerv2": FamilyProtocol("poolformerv2", meta, baselines_to_official, None),
+        "convformer": FamilyProtocol("convformer", meta, baselines_to_official, None),
+        "caformer": FamilyProtocol("caformer", meta, baselines_to_official, None),
         "mambaout": FamilyProtocol("mambaout", _timm_filter(
             timm_mambaout.checkpoint_filter_fn, ("stem.conv1.weight", "downsample_layers.0.conv1.weight")),
-            _mambaout_to_official, None, None),
+            _mambaout_to_official, None),
     }
-
-
-def _family_module(fam: Family):
-    import timm
-    for name in fam.variants:
-        if timm.models.is_model(name):
-            return sys.modules.get(timm.models.model_entrypoint(name).__module__)
-    return None
 
 
 def family_protocol(family: Union[str, Family]) -> Optional[FamilyProtocol]:
@@ -197,11 +189,7 @@ def family_protocol(family: Union[str, Family]) -> Optional[FamilyProtocol]:
         fam = family
     extra = fam.extra or {}
     if extra.get("filter_fn") is not None:
-        module = _family_module(fam)
-        loader = (extra.get("load_official_checkpoint") or extra.get("official_loader")
-                  or getattr(module, "load_official_checkpoint", None))
-        return FamilyProtocol(fam.name, extra["filter_fn"], extra.get("to_official"), extra.get("official_wrapper"),
-                              loader)
+        return FamilyProtocol(fam.name, extra["filter_fn"], extra.get("to_official"), extra.get("official_wrapper"))
     if fam.owner == "timm":
         return _timm_protocols().get(fam.name)
     return None
@@ -211,25 +199,9 @@ def family_protocol(family: Union[str, Family]) -> Optional[FamilyProtocol]:
 # conversion
 
 
-def load_official_file(path: str, protocol: Optional[FamilyProtocol] = None) -> Any:
-    """Read an official checkpoint file (the family's own loader if it has one), errors as ``CheckpointError``."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint file not found: {path}")
-    if protocol is not None and protocol.load_official is not None:
-        try:
-            return protocol.load_official(path)
-        except CheckpointError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"cannot read {protocol.family} checkpoint {path} ({os.path.getsize(path)} bytes): "
-                                  f"{type(e).__name__}: {e}. The file may be truncated or corrupt.") from e
+def load_official_file(path: str) -> Any:
+    """Read an official checkpoint file with the safe reader every loading path uses (errors: ``CheckpointError``)."""
     return load_checkpoint_file(path)
-
-
-def _classifier_keys(model: nn.Module) -> List[str]:
-    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
-    classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    return [f"{c}.{p}" for c in classifier for p in ("weight", "bias")]
 
 
 def convert_checkpoint(model_name: str, checkpoint: Union[str, Mapping[str, Any]], **model_kwargs) -> nn.Module:
@@ -244,7 +216,7 @@ def convert_checkpoint(model_name: str, checkpoint: Union[str, Mapping[str, Any]
     protocol = family_protocol(fam)
     if protocol is None:
         raise CheckpointError(f"family {fam.name!r} of {model_name} has no official checkpoint converter")
-    raw = load_official_file(checkpoint, protocol) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    raw = load_official_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     source = str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "checkpoint"
     model = timm.create_model(model_name, pretrained=False, **model_kwargs)
     try:
@@ -255,13 +227,7 @@ def convert_checkpoint(model_name: str, checkpoint: Union[str, Mapping[str, Any]
         raise CheckpointError(
             f"{source} -> {model_name}: the {fam.name} checkpoint filter failed with {type(e).__name__}: {e}. The file "
             f"is probably not an official {fam.name} checkpoint of this variant. Nothing was loaded.") from e
-    target = model.state_dict()
-    for k in _classifier_keys(model):
-        if k in state_dict and k in target and tuple(state_dict[k].shape) != tuple(target[k].shape):
-            raise CheckpointError(
-                f"{source} -> {model_name}: the checkpoint classifier {k} has shape {tuple(state_dict[k].shape)}, the "
-                f"model {tuple(target[k].shape)}: create the model with num_classes={state_dict[k].shape[0]} "
-                f"(tools/convert.py --num-classes {state_dict[k].shape[0]}).")
+    check_classifier(state_dict, model, f"{source} -> {model_name}")
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:

@@ -207,19 +207,25 @@ def test_other_family_variant_and_head_refused(tiny):
         hub.convert_checkpoint("resnet18", sd)
 
 
-def test_family_loader_for_files_with_config_objects(tiny, tmp_path, monkeypatch):
-    """Files that pickle config objects need the family's load_official_checkpoint; without it: clear error."""
+class _Foreign:
+    def __reduce__(self):
+        return (print, ("PWNED",))
+
+
+def test_files_with_config_objects(tiny, tmp_path, capsys):
+    """The known harmless config objects of official files (argparse.Namespace, yacs CfgNode: tests/test_loading.py)
+    are read by the one safe reader of every family; any other pickled object is refused, never run."""
     import argparse
     model, sd = tiny
     path = tmp_path / "with_cfg.pth"
     torch.save({"model": sd, "config": argparse.Namespace(depth=12), "epoch": 300}, path)
-    with pytest.raises(CheckpointError, match="pickled objects"):
-        _convert(str(path))
-    fam = zoo.family_of("identityformer_s12")
-    monkeypatch.setitem(fam.extra, "load_official_checkpoint", lambda p: torch.load(p, weights_only=False))
     x = hub.sample_input(model)
     with torch.no_grad():
         assert torch.equal(_convert(str(path))(x), model(x))
+    torch.save({"model": sd, "config": _Foreign(), "epoch": 300}, tmp_path / "foreign.pth")
+    with pytest.raises(CheckpointError, match=r"pickles objects other than tensors.*builtins\.print"):
+        _convert(str(tmp_path / "foreign.pth"))
+    assert "PWNED" not in capsys.readouterr().out
 
 
 def test_cli_converts_and_verifies(tiny, tmp_path, capsys):

@@ -33,3 +33,14 @@ def test_hub_load_zoo_and_timm_models():
     assert out.shape == (1, 7)
     meta = torch.hub.load(str(ROOT), "poolformerv2_s12", source="local", device="meta")
     assert sum(p.numel() for p in meta.parameters()) == 11_891_712  # reference/metaformer.md §2.2
+
+
+def test_hub_load_official_checkpoint(tmp_path):
+    """An official release file (MS-MLP: pickles a yacs config) through torch.hub.load(..., checkpoint_path=...)."""
+    from test_loading import write_official
+    kw = dict(embed_dim=10, depths=(1, 1, 1, 1))
+    path = tmp_path / "msmlp_tiny_patch4_ckpt_epoch299.pth"
+    src = write_official("msmlp_tiny", path, **kw)
+    model = torch.hub.load(str(ROOT), "msmlp_tiny", source="local", checkpoint_path=str(path), **kw)
+    ref = src.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())

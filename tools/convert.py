@@ -5,9 +5,12 @@
     python tools/convert.py --model caformer_s18 --checkpoint caformer_s18_in21k.pth --num-classes 21841 --out DIR
     python tools/convert.py ... --push my-org/identityformer_s12.sail_in1k     # upload after a successful check
 
-The official file may be a plain state dict, a ``state_dict`` / ``model`` wrapped training checkpoint, or a file that
-carries config objects (families that need it provide ``load_official_checkpoint``). Keys are remapped by the family's
-filter and validated strictly: missing, unexpected or mis-shaped keys, truncated files and checkpoints of another
+The official file may be a plain state dict, a ``state_dict`` / ``model`` (or EMA) wrapped training checkpoint, or a
+release file that pickles its training config (yacs ``CfgNode``: MS-MLP, Strip-MLP; ``argparse.Namespace``:
+TransXNet). It is read by the safe reader every loading path uses (``metaformer_zoo.checkpoint.load_checkpoint_file``:
+``weights_only=True`` with those two allow-listed, never ``weights_only=False``), so the file gives the same weights
+here as through ``pretrained=True``, ``checkpoint_path=``, ``hubconf`` and the dense ``init_cfg``. Keys are remapped by
+the family's filter and validated strictly: missing, unexpected or mis-shaped keys, truncated files and checkpoints of another
 family are refused with exit code 2 and nothing is written. After export the folder is loaded back offline through
 ``local-dir:`` and through a ``pretrained_cfg_overlay`` file and its outputs are compared with the converted model
 (exit code 3 if they differ). The result loads with::

@@ -32,8 +32,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models._hub import download_cached_file
 
-from ..checkpoint import CheckpointError, load_checkpoint_file, unwrap_state_dict
+from ..checkpoint import CheckpointError, allow_safe_globals, load_checkpoint_file, unwrap_state_dict
 from ..layers import get_norm
 
 __all__ = [
@@ -417,12 +418,29 @@ class DenseBackboneMixin:
 
 
 def _read_checkpoint(path: str, map_location: str = "cpu"):
-    if re.match(r"^[a-z0-9+.-]+://", path):
+    """Read an ``init_cfg`` checkpoint with the safe reader of every zoo loading path (``load_checkpoint_file``).
+
+    ``http(s)://`` files are fetched into timm's / torch.hub's cache (``$TORCH_HOME/hub/checkpoints``, the cache that
+    ``pretrained=True`` uses) and read from there; other schemes (``open-mmlab://``, ``s3://`` ...) go through
+    mmengine's ``CheckpointLoader`` with the zoo's weights-only allow-list active.
+    """
+    if re.match(r"^https?://", path):
+        try:
+            path = download_cached_file(path, check_hash=False, progress=False)
+        except Exception as e:  # noqa: BLE001 - re-raised with context
+            raise CheckpointError(f"cannot fetch {path}: {type(e).__name__}: {e}. Without network, download the file "
+                                  f"elsewhere and pass its local path as the checkpoint. Nothing was loaded.") from e
+    elif re.match(r"^[a-z0-9+.-]+://", path):
         try:
             from mmengine.runner.checkpoint import CheckpointLoader
         except ImportError as e:
             raise CheckpointError(f"cannot fetch {path}: remote checkpoints need mmengine (or download the file)") from e
-        return CheckpointLoader.load_checkpoint(path, map_location=map_location)
+        try:
+            with allow_safe_globals():
+                return CheckpointLoader.load_checkpoint(path, map_location=map_location)
+        except Exception as e:  # noqa: BLE001 - re-raised with context
+            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}. Download it and pass the "
+                                  f"local path for a precise diagnosis. Nothing was loaded.") from e
     return load_checkpoint_file(path, map_location)
 
 

@@ -20,10 +20,11 @@ Resolution: every weight is resolution-agnostic. The official ``PatchEmbed`` ass
 strided convs, as in the official model rebuilt with ``img_size`` = that size).
 
 Official checkpoints (``msmlp_*_patch4_ckpt_epoch299.pth``) are Swin-style training dicts (``model``, ``optimizer``,
-``lr_scheduler``, ``max_accuracy``, ``epoch``, ``config``) whose ``config`` is a pickled yacs ``CfgNode``; read them
-with ``load_official_checkpoint`` (never unpickles arbitrary objects), convert with ``checkpoint_filter_fn``.
+``lr_scheduler``, ``max_accuracy``, ``epoch``, ``config``) whose ``config`` is a pickled yacs ``CfgNode``. Every
+loading path reads them safely (``metaformer_zoo.checkpoint``; ``load_official_checkpoint`` here) and converts them
+with ``checkpoint_filter_fn``: ``pretrained=True`` (URL or ``pretrained_cfg_overlay=dict(file=...)``),
+``checkpoint_path=``, ``tools/convert.py``, ``hubconf`` and the dense ``init_cfg``.
 """
-import collections
 import re
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -182,83 +183,23 @@ class MSMLP(MetaFormerBase):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    @torch.jit.ignore
-    def load_pretrained(self, checkpoint_path: str):
-        """timm ``custom_load`` hook: read an official (yacs-carrying) or zoo checkpoint safely and load it strictly.
-
-        A checkpoint classifier that does not fit ``num_classes`` is dropped (re-initialised head), and the stem conv
-        is adapted when ``in_chans`` != 3, as timm's own pretrained loading does.
-        """
-        from timm.models._manipulate import adapt_input_conv
-        state_dict = checkpoint_filter_fn(load_official_checkpoint(checkpoint_path), self)
-        state_dict = dict(state_dict)
-        target = self.state_dict()
-        drop_head = False
-        for k in ("head.fc.weight", "head.fc.bias"):
-            if k in state_dict and (k not in target or target[k].shape != state_dict[k].shape):
-                del state_dict[k]
-                drop_head = True
-        if self.in_chans != state_dict["stem.proj.weight"].shape[1]:
-            state_dict["stem.proj.weight"] = adapt_input_conv(self.in_chans, state_dict["stem.proj.weight"])
-        missing, unexpected = self.load_state_dict(state_dict, strict=not drop_head)
-        if unexpected or any(not k.startswith("head.fc.") for k in missing):
-            raise CheckpointError(f"checkpoint does not fit: missing {missing}, unexpected {unexpected}")
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # official checkpoints
 # ----------------------------------------------------------------------------------------------------------------------
-def _to_config_dicts(obj: Any) -> Any:
-    """Recursively turn plain dicts and config nodes (yacs ``CfgNode`` or its OrderedDict stand-in, both carrying the
-    ``__immutable__`` flag in their ``__dict__``) into plain dicts; state dicts (OrderedDict) and tensors stay as they are."""
-    if isinstance(obj, dict) and (type(obj) is dict or "__immutable__" in getattr(obj, "__dict__", {})):
-        return {k: _to_config_dicts(v) for k, v in obj.items()}
-    return obj
-
-
 def load_official_checkpoint(path: str, map_location: str = "cpu") -> Dict[str, Any]:
     """Read an official MS-MLP checkpoint (or any zoo/timm checkpoint file) without executing arbitrary pickles.
 
     The official files (Swin-style ``save_checkpoint``) pickle the yacs ``CfgNode`` training config next to the
-    weights, so ``torch.load(weights_only=True)`` rejects them ("Unsupported global: yacs.config.CfgNode") and the
-    official ``torch.load(weights_only=False)`` would run whatever the pickle says. Here:
+    weights; plain ``torch.load(weights_only=True)`` rejects them and the official ``weights_only=False`` would run
+    whatever the pickle says. They are read by the zoo's one safe reader (``metaformer_zoo.checkpoint.
+    load_checkpoint_file``: weights-only with the CfgNode name allow-listed to a plain-dict stand-in, yacs not needed),
+    the reader every loading path uses (``pretrained=True``, ``checkpoint_path=``, ``tools/convert.py``, dense).
 
-    1. plain ``torch.load(weights_only=True)`` (zoo/timm files, flat state dicts; ``.safetensors`` too);
-    2. if yacs is importable, the same with ``yacs.config.CfgNode`` allow-listed (``torch.serialization.safe_globals``);
-       note torch's weights-only unpickler (checked with torch 2.15) only fills dict, OrderedDict and Counter with
-       SETITEMS, so a real ``CfgNode`` (a dict subclass) is still rejected and step 3 is what actually reads the file;
-    3. fallback, which needs no yacs: torch's weights-only unpickler with the global name ``yacs.config.CfgNode``
-       mapped to ``collections.OrderedDict`` (``safe_globals([(OrderedDict, "yacs.config.CfgNode")])``). The config
-       is rebuilt as plain data (nested dicts of str/int/float/list/tuple/bool/None); no yacs or other foreign code
-       is imported or run, every other global stays forbidden.
-
-    Returns the checkpoint object with every config node converted to a plain ``dict`` (e.g. ``ckpt["config"]
-    ["MODEL"]["MSMLP"]["DEPTHS"]``). Raises ``CheckpointError`` naming the file and the objects it cannot read.
+    Returns the checkpoint object with every config node as a plain ``dict`` (e.g. ``ckpt["config"]["MODEL"]
+    ["MSMLP"]["DEPTHS"]``). Raises ``CheckpointError`` naming the file and what it cannot read.
     """
-    try:
-        return _to_config_dicts(load_checkpoint_file(path, map_location=map_location))
-    except CheckpointError as first_error:
-        if not isinstance(first_error.__cause__, Exception) or "Unsupported global" not in str(first_error.__cause__):
-            raise
-        cause = first_error.__cause__
-    try:
-        from yacs.config import CfgNode  # noqa: F401  (not a dependency; only used when present)
-        with torch.serialization.safe_globals([CfgNode]):
-            return _to_config_dicts(torch.load(path, map_location=map_location, weights_only=True))
-    except Exception:  # noqa: BLE001 - yacs absent, or torch refuses CfgNode SETITEMS: use the stand-in
-        pass
-    try:
-        # the (object, "module.name") form of safe_globals needs torch >= 2.5
-        stand_in = (collections.OrderedDict, "yacs.config.CfgNode")
-        with torch.serialization.safe_globals([stand_in]):
-            obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with context
-        raise CheckpointError(
-            f"cannot read {path} safely: {type(e).__name__}: {str(e)[:500]}\nOnly tensors, plain Python data and a "
-            f"yacs config are accepted (first error: {str(cause)[:200]}). If you trust the file, load it yourself "
-            f"with torch.load(weights_only=False) and pass obj['model'] to checkpoint_filter_fn."
-        ) from e
-    return _to_config_dicts(obj)
+    return load_checkpoint_file(path, map_location=map_location)
 
 
 def _official_to_zoo_key(k: str) -> str:
@@ -325,9 +266,6 @@ def _cfg(url: str = "", **kwargs):
         "paper_ids": "arXiv:2202.06510",
         "paper_name": "Mixing and Shifting: Exploiting Global and Local Dependencies in Vision MLPs",
         "origin_url": "https://github.com/JegZheng/MS-MLP",
-        # the official files carry a pickled yacs config: timm's weights_only loader would reject them, so they go
-        # through MSMLP.load_pretrained (load_official_checkpoint + checkpoint_filter_fn)
-        "custom_load": True,
         **kwargs,
     }
 
@@ -355,7 +293,6 @@ register_family(
     paper="Mixing and Shifting: Exploiting Global and Local Dependencies in Vision MLPs (arXiv 2202.06510)",
     code="https://github.com/JegZheng/MS-MLP",
     filter_fn=checkpoint_filter_fn, to_official=official_state_dict, official_wrapper="model",
-    official_loader=load_official_checkpoint,
 )
 
 

@@ -13,16 +13,16 @@ a zoo extension; exact at the trained size). ``strict_size=True`` gives the offi
 Maps are floored by the stride-4 stem and stride-2 merges as in the official convs.
 
 Checkpoints: the official files are Swin-style dicts ``{"model", "optimizer", "lr_scheduler", "max_accuracy",
-"epoch", "config", ...}`` whose ``config`` is a pickled yacs ``CfgNode``. ``load_official_checkpoint`` reads them
-without executing arbitrary pickles: ``torch.load(weights_only=True)`` with the yacs ``CfgNode`` class allow-listed
-by name: ``torch.serialization.safe_globals([(ctor, "yacs.config.CfgNode")])`` where ``ctor`` builds a plain
-``OrderedDict``, so the config comes back as nested dicts and yacs need not be installed (allow-listing yacs' own
-class fails: the weights-only unpickler only fills exact dict types). The dense outputs: the official code has no dense wrapper; the zoo puts no
+"epoch", "config", ...}`` whose ``config`` is a pickled yacs ``CfgNode``. Every loading path (``pretrained=True``,
+``checkpoint_path=``, ``tools/convert.py``, dense ``init_cfg``, ``load_official_checkpoint``) reads them without
+executing arbitrary pickles: ``torch.load(weights_only=True)`` with the name ``yacs.config.CfgNode`` allow-listed to
+a plain ``OrderedDict`` stand-in (``metaformer_zoo.checkpoint.SAFE_GLOBALS``), so the config comes back as nested
+dicts and yacs need not be installed. The dense outputs: the official code has no dense wrapper; the zoo puts no
 norm on the stride 4/8/16/32 stage outputs (``DENSE_OUT_NORMS``).
 """
 from typing import List, Optional, Sequence, Tuple, Union
 
-from collections import OrderedDict
+from collections import OrderedDict  # noqa: F401  (the type yacs configs are read back as)
 
 import torch
 import torch.nn as nn
@@ -32,7 +32,8 @@ from timm.models import checkpoint, checkpoint_seq, generate_default_cfgs, regis
 from timm.models._features import feature_take_indices
 
 from ..builder import build_zoo_model
-from ..checkpoint import CheckpointError, remap_keys, unwrap_state_dict, validate_state_dict
+from ..checkpoint import (
+    SAFE_GLOBALS, CheckpointError, load_checkpoint_file, remap_keys, unwrap_state_dict, validate_state_dict)
 from ..mixers.strip import StripTokenMixing
 from ..skeleton import MetaFormerBase, MetaFormerHead, MetaFormerStage
 from ..zoo import register_family
@@ -273,42 +274,23 @@ def official_state_dict(model: StripMLP):
     return remap_keys(sd, _TO_OFFICIAL)
 
 
-class _CfgNodeAsDict:
-    """Allow-listed under the name ``yacs.config.CfgNode``: "constructing" it yields a plain ``OrderedDict``, which
-    the weights-only unpickler then fills with the config items (and whose ``__dict__`` receives yacs' two flags).
-    Allow-listing yacs' real ``CfgNode`` does not work: torch's weights-only unpickler only fills exact
-    dict/OrderedDict/Counter objects, and a CfgNode is a dict subclass."""
-
-    def __new__(cls, *args, **kwargs):
-        return OrderedDict()
-
-
-_SAFE_GLOBALS = [(_CfgNodeAsDict, "yacs.config.CfgNode")]
+# the zoo's weights-only allow-list (yacs CfgNode read as a plain OrderedDict, argparse.Namespace)
+_SAFE_GLOBALS = SAFE_GLOBALS
 
 
 def load_official_checkpoint(path: str, model: Optional[StripMLP] = None):
     """Read an official Strip-MLP ``.pth`` safely and (with ``model``) convert + strictly load it.
 
     The file is a Swin-style dict whose ``config`` entry is a pickled yacs ``CfgNode``, which plain
-    ``torch.load(weights_only=True)`` rejects. It is read with ``weights_only=True`` and exactly one extra global
-    allow-listed (``torch.serialization.safe_globals``) under the name ``yacs.config.CfgNode``: a constructor that
-    returns a plain ``OrderedDict``, so the config comes back as nested dicts and no yacs (or any other) code runs.
-    yacs' own class cannot be allow-listed instead (the weights-only unpickler only fills exact dict types), and
-    yacs need not be installed. ``weights_only=False`` is never used; any other pickled object raises.
-    Returns the converted state dict (the raw tensors of ``model``/flat dict when ``model`` is None).
+    ``torch.load(weights_only=True)`` rejects. It is read by the zoo's one safe reader
+    (``metaformer_zoo.checkpoint.load_checkpoint_file``): ``weights_only=True`` with the name ``yacs.config.CfgNode``
+    allow-listed to a plain ``OrderedDict`` stand-in, so the config comes back as nested dicts and no yacs (or any
+    other) code runs; yacs need not be installed. ``weights_only=False`` is never used; any other pickled object
+    raises ``CheckpointError``. The same reader serves ``pretrained=True``, ``checkpoint_path=``,
+    ``tools/convert.py`` and the dense ``init_cfg``. Returns the converted state dict (the raw tensors of
+    ``model``/flat dict when ``model`` is None).
     """
-    import os
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint file not found: {path}")
-    try:
-        with torch.serialization.safe_globals(_SAFE_GLOBALS):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(
-            f"cannot read Strip-MLP checkpoint {path} with weights_only=True (+ yacs CfgNode allow-listed): "
-            f"{type(e).__name__}: {e}. The file may be truncated, or hold objects other than tensors and the yacs "
-            f"config.") from e
-    sd = unwrap_state_dict(obj)
+    sd = unwrap_state_dict(load_checkpoint_file(path))
     if model is None:
         return sd
     sd = checkpoint_filter_fn(sd, model)

@@ -23,7 +23,7 @@ from timm.layers import DropPath
 from timm.models import checkpoint, generate_default_cfgs, register_model
 
 from ..builder import build_zoo_model
-from ..checkpoint import CheckpointError, remap_keys, unwrap_state_dict, validate_state_dict
+from ..checkpoint import CheckpointError, load_checkpoint_file, remap_keys, unwrap_state_dict, validate_state_dict
 from ..mixers.transxnet import ConvBN, DMixer, rel_pos_shape, resize_rel_pos
 from ..skeleton import MetaFormerBase, MetaFormerHead, drop_path_rates
 from ..zoo import register_family
@@ -335,19 +335,17 @@ def official_state_dict(model: TransXNet) -> Dict[str, torch.Tensor]:
 
 def load_official_checkpoint(path: str, model: Optional[TransXNet] = None, use_ema: bool = False):
     """Read an official TransXNet file (timm ``CheckpointSaver`` dict that also pickles the training
-    ``argparse.Namespace``) without executing arbitrary pickles: ``weights_only=True`` with ``argparse.Namespace``
-    allowed. Returns the weights under ``state_dict`` (``state_dict_ema`` if ``use_ema`` and present); when ``model``
-    is given, also converts and strictly loads them and returns the converted state dict."""
-    import argparse
-    import os
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint file not found: {path}")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    if use_ema:
-        if not (isinstance(obj, dict) and isinstance(obj.get("state_dict_ema"), dict)):
-            raise CheckpointError(f"{path} holds no 'state_dict_ema' (EMA weights); load it with use_ema=False")
-        obj = obj["state_dict_ema"]
+    ``argparse.Namespace``) with the zoo's safe reader (``metaformer_zoo.checkpoint.load_checkpoint_file``:
+    ``weights_only=True``, ``argparse.Namespace`` allowed). Returns the weights under ``state_dict``
+    (``state_dict_ema`` if ``use_ema``); when ``model`` is given, also converts and strictly loads them and returns
+    the converted state dict. (``pretrained=True`` / ``checkpoint_path=`` pick the EMA weights when present, as timm
+    does; ``use_ema`` chooses explicitly here.)"""
+    obj = load_checkpoint_file(path)
+    key = "state_dict_ema" if use_ema else "state_dict"
+    if use_ema and not (isinstance(obj, dict) and isinstance(obj.get(key), dict)):
+        raise CheckpointError(f"{path} holds no 'state_dict_ema' (EMA weights); load it with use_ema=False")
+    if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+        obj = obj[key]
     sd = unwrap_state_dict(obj)
     if model is None:
         return sd
