@@ -22,6 +22,7 @@ from timm.layers import DropPath, Mlp, SelectAdaptivePool2d, trunc_normal_
 from timm.models import checkpoint, checkpoint_seq, register_notrace_function
 from timm.models._features import feature_take_indices
 from timm.models.metaformer import Downsampling, MlpHead, Scale, Stem
+from torch.fx.node import has_side_effect
 
 from .layers import get_act, get_norm
 from .mixers import check_mixer_kwargs, create_mixer
@@ -32,6 +33,7 @@ __all__ = [
 ]
 
 
+@has_side_effect
 @register_notrace_function
 def check_input(
         x: torch.Tensor,
@@ -40,7 +42,11 @@ def check_input(
         divisor: int,
         model_name: str,
 ) -> None:
-    """Raise a ValueError naming the problem when an input batch cannot go through the model."""
+    """Raise a ValueError naming the problem when an input batch cannot go through the model.
+
+    A leaf in FX graphs (``register_notrace_function``), kept by dead-code elimination like ``torch._assert``
+    (``has_side_effect``), so FX feature extractors (``create_feature_extractor``, ``feature_cls="fx"``) check too.
+    """
     if x.dim() != 4:
         raise ValueError(f"{model_name} expects a 4-D (B, C, H, W) image batch, got shape {list(x.shape)}")
     if x.shape[1] != in_chans:
