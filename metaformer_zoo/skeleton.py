@@ -22,16 +22,18 @@ from timm.layers import DropPath, Mlp, SelectAdaptivePool2d, trunc_normal_
 from timm.models import checkpoint, checkpoint_seq, register_notrace_function
 from timm.models._features import feature_take_indices
 from timm.models.metaformer import Downsampling, MlpHead, Scale, Stem
+from torch.fx.node import has_side_effect
 
 from .layers import get_act, get_norm
-from .mixers import create_mixer
+from .mixers import check_mixer_kwargs, create_mixer
 
 __all__ = [
-    "MetaFormerBase", "MetaFormer", "MetaFormerStage", "MetaFormerBlock", "MetaFormerHead",
+    "MetaFormerBase", "MetaFormer", "MetaFormerStage", "MetaFormerBlock", "MetaFormerHead", "InputCheck",
     "check_input", "drop_path_rates", "make_mlp", "to_stage_list",
 ]
 
 
+@has_side_effect
 @register_notrace_function
 def check_input(
         x: torch.Tensor,
@@ -40,7 +42,11 @@ def check_input(
         divisor: int,
         model_name: str,
 ) -> None:
-    """Raise a ValueError naming the problem when an input batch cannot go through the model."""
+    """Raise a ValueError naming the problem when an input batch cannot go through the model.
+
+    A leaf in FX graphs (``register_notrace_function``), kept by dead-code elimination like ``torch._assert``
+    (``has_side_effect``), so FX feature extractors (``create_feature_extractor``, ``feature_cls="fx"``) check too.
+    """
     if x.dim() != 4:
         raise ValueError(f"{model_name} expects a 4-D (B, C, H, W) image batch, got shape {list(x.shape)}")
     if x.shape[1] != in_chans:
@@ -61,6 +67,30 @@ def check_input(
             f"Resize or pad the images to a multiple of {divisor} (e.g. {int(math.ceil(H / divisor)) * divisor}x"
             f"{int(math.ceil(W / divisor)) * divisor})."
         )
+
+
+class InputCheck(nn.Module):
+    """Parameter-free first module of every zoo trunk: ``check_input`` on the batch, which it returns unchanged.
+
+    ``MetaFormerBase`` registers it as the model's first child, so the checks run on every path into the trunk:
+    ``forward`` / ``forward_features`` / ``forward_intermediates`` call it, and timm's ``features_only`` wrappers that
+    call the model's children in order (``FeatureListNet`` / ``FeatureDictNet``, hook nets with rewriting) run it
+    before the stem. It holds no parameters or buffers, so state dicts are unchanged.
+    """
+
+    def __init__(self, in_chans: int = 3, min_size: int = 32, divisor: int = 1, model_name: str = "model"):
+        super().__init__()
+        self.in_chans = int(in_chans)
+        self.min_size = int(min_size)
+        self.divisor = int(divisor)
+        self.model_name = str(model_name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_chans, self.min_size, self.divisor, self.model_name)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"in_chans={self.in_chans}, min_size={self.min_size}, divisor={self.divisor}"
 
 
 def to_stage_list(value: Any, num_stages: int, name: str) -> list:
@@ -213,21 +243,44 @@ class MetaFormerHead(nn.Module):
 class MetaFormerBase(nn.Module):
     """timm model interface shared by every zoo family.
 
-    Subclasses build ``self.stem``, ``self.stages`` (``nn.Sequential``; stage ``i`` outputs stride
-    ``feature_info[i]['reduction']``) and ``self.head`` (a ``MetaFormerHead`` or anything with ``reset`` and
-    ``forward(x, pre_logits)``), and call ``_init_interface``. Families with constraints on the input set
-    ``min_input_size`` / ``input_divisor``; fixed-size models raise from their size-dependent modules.
+    Subclasses call ``super().__init__()`` first, build ``self.stem``, ``self.stages`` (``nn.Sequential``; stage ``i``
+    outputs stride ``feature_info[i]['reduction']``) and ``self.head`` (a ``MetaFormerHead`` or anything with
+    ``reset`` and ``forward(x, pre_logits)``), and call ``_init_interface``. Families with constraints on the input set
+    ``self.min_input_size`` / ``self.input_divisor`` (defaults 32 / 1; assignable any time, they live on the
+    ``input_check`` module); fixed-size models raise from their size-dependent modules.
     """
 
-    min_input_size: int = 32
-    input_divisor: int = 1
+    # the size rules live on ``self.input_check``; TorchScript only sees that module's attributes
+    __jit_unused_properties__ = ["min_input_size", "input_divisor"]
+
+    def __init__(self):
+        super().__init__()
+        # the first child, so that timm's feature wrappers (which call the children in order) check the input too
+        self.input_check = InputCheck()
+
+    @property
+    def min_input_size(self) -> int:
+        """Smallest input height / width the model accepts."""
+        return self.input_check.min_size
+
+    @min_input_size.setter
+    def min_input_size(self, value: int):
+        self.input_check.min_size = int(value)
+
+    @property
+    def input_divisor(self) -> int:
+        """Input height and width must be multiples of this (1 = any size)."""
+        return self.input_check.divisor
+
+    @input_divisor.setter
+    def input_divisor(self, value: int):
+        self.input_check.divisor = int(value)
 
     def _init_interface(self, in_chans: int, num_classes: int, dims: Sequence[int],
                         reductions: Sequence[int] = (4, 8, 16, 32), head_hidden_size: Optional[int] = None):
         self.arch_name = type(self).__name__
-        # instance copies of the class defaults, so TorchScript sees them as module attributes
-        self.min_input_size = int(self.min_input_size)
-        self.input_divisor = int(self.input_divisor)
+        self.input_check.in_chans = int(in_chans)
+        self.input_check.model_name = self.arch_name
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.num_features = dims[-1]
@@ -239,7 +292,8 @@ class MetaFormerBase(nn.Module):
 
     # --- input checks ---------------------------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor):
-        check_input(x, self.in_chans, self.min_input_size, self.input_divisor, self.arch_name)
+        """Raise a ValueError naming the problem (channels, rank, size) before ``x`` reaches the stem."""
+        self.input_check(x)
 
     # --- timm interface -------------------------------------------------------------------------------------------
     @torch.jit.ignore
@@ -366,7 +420,8 @@ class MetaFormer(MetaFormerBase):
         depths, dims: blocks and channels per stage.
         token_mixers: per-stage mixer names from the mixer registry (``metaformer_zoo.mixers.list_mixers()``), or
             classes/factories taking ``dim``; a single value applies to every stage.
-        mixer_kwargs: dict (all stages) or per-stage list of dicts passed to the mixers.
+        mixer_kwargs: dict (all stages) or per-stage list of dicts (or None) passed to the mixers; keys must be
+            parameters of the mixer's constructor (a misspelt key raises a ``TypeError`` listing the accepted ones).
         mlp_ratios, mlp_act, mlp_bias: channel MLP (ratio 0 = no MLP branch).
         norm_layers: per-stage block norm (names in ``metaformer_zoo.layers.NORM_LAYERS``).
         downsample_norm: norm of the stem (post-conv) and of the downsampling layers (pre-conv).
@@ -405,7 +460,13 @@ class MetaFormer(MetaFormerBase):
         if len(dims) != num_stages:
             raise ValueError(f"depths has {num_stages} stages but dims has {len(dims)}")
         token_mixers = to_stage_list(token_mixers, num_stages, "token_mixers")
+        shared = ", one mixer_kwargs dict for every stage" if isinstance(mixer_kwargs, dict) else ""
         mixer_kwargs = to_stage_list(mixer_kwargs, num_stages, "mixer_kwargs")
+        for i, kw in enumerate(mixer_kwargs):
+            if kw is not None and not isinstance(kw, dict):
+                raise TypeError(f"mixer_kwargs[{i}] must be a dict of keyword arguments for stage {i}'s token mixer "
+                                f"(or None), got {type(kw).__name__}: {kw!r}")
+            check_mixer_kwargs(token_mixers[i], kw or {}, where=f"stage {i}{shared}")
         mlp_ratios = to_stage_list(mlp_ratios, num_stages, "mlp_ratios")
         norm_layers = to_stage_list(norm_layers, num_stages, "norm_layers")
         ls_values = to_stage_list(layer_scale_init_values, num_stages, "layer_scale_init_values")

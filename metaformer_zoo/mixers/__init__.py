@@ -5,8 +5,9 @@ map to a (B, C, H, W) feature map. Registering a mixer under a name makes it usa
 shared skeleton, e.g. ``timm.create_model("zoo_metaformer", token_mixers=["pooling", "sepconv", "aff", "ss2d"])``.
 
 Besides ``dim`` and the user's kwargs, the skeleton offers each mixer some context (``feat_size``: the (H, W) of the
-stage at the model's default ``img_size``; ``stage_idx``; ``block_idx``; ``num_heads``); a mixer receives a context
-value only if its constructor names that argument.
+stage at the model's default ``img_size``; ``stage_idx``; ``block_idx``; ``proj_drop``); a mixer receives a context
+value only if its constructor names that argument. User kwargs must be named parameters of the constructor: an
+unknown (e.g. misspelt) key raises a ``TypeError`` listing the accepted ones instead of being swallowed by ``**kwargs``.
 """
 import importlib
 import inspect
@@ -15,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch.nn as nn
 
-__all__ = ["register_mixer", "get_mixer", "create_mixer", "list_mixers"]
+__all__ = ["register_mixer", "get_mixer", "create_mixer", "check_mixer_kwargs", "list_mixers"]
 
 _MIXERS: Dict[str, Callable[..., nn.Module]] = {}
 
@@ -44,13 +45,47 @@ def get_mixer(name: str) -> Callable[..., nn.Module]:
         raise ValueError(f"unknown token mixer {name!r}; registered mixers: {', '.join(list_mixers())}") from None
 
 
-def _accepted(fn) -> set:
+def _named_params(fn: Callable) -> Optional[List[str]]:
+    """Keyword-passable parameter names of a mixer class / factory (``self`` and ``*args`` / ``**kwargs`` excluded);
+    ``None`` when the signature cannot be read (a builtin)."""
     target = fn.__init__ if inspect.isclass(fn) else fn
     try:
-        params = inspect.signature(target).parameters
+        params = list(inspect.signature(target).parameters.values())
     except (TypeError, ValueError):
-        return set()
-    return {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        return None
+    if inspect.isclass(fn) and params and params[0].name == "self":
+        params = params[1:]
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _mixer_name(mixer: Union[str, Callable]) -> str:
+    return repr(mixer) if isinstance(mixer, str) else getattr(mixer, "__qualname__", repr(mixer))
+
+
+def check_mixer_kwargs(mixer: Union[str, Callable[..., nn.Module]], kwargs: Dict[str, Any], where: str = "") -> None:
+    """Raise a ``TypeError`` naming the keys of ``kwargs`` that the mixer's constructor does not name.
+
+    Many mixers (timm's ``Pooling`` / ``SepConv`` among them) end their signature with ``**kwargs`` to swallow the
+    arguments timm's MetaFormer passes to every mixer, so a misspelt option would silently keep its default. User
+    kwargs must therefore be named parameters of the constructor (or factory); ``dim`` is set by the model.
+    ``where`` (e.g. ``"stage 2"``) is added to the message.
+    """
+    fn = get_mixer(mixer) if isinstance(mixer, str) else mixer
+    label = f"token mixer {_mixer_name(mixer)}" + (f" ({where})" if where else "")
+    if "dim" in kwargs:
+        raise TypeError(f"{label}: 'dim' is set by the model (the stage width); "
+                        f"remove it from the mixer kwargs")
+    names = _named_params(fn)
+    if names is None:
+        return
+    accepted = [n for n in names if n != "dim"]
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown:
+        raise TypeError(
+            f"{label} got unknown kwarg(s) {', '.join(map(repr, unknown))}; it accepts: "
+            f"{', '.join(accepted) if accepted else 'no kwargs'}. Check the spelling in mixer_kwargs (a custom "
+            f"mixer factory must name its parameters instead of taking **kwargs)."
+        )
 
 
 def create_mixer(
@@ -61,11 +96,14 @@ def create_mixer(
 ) -> nn.Module:
     """Build a token mixer by name (or from a class/factory) for ``dim`` channels.
 
-    ``context`` values are passed only to mixers whose constructor names them; ``kwargs`` are always passed.
+    ``kwargs`` (the user's mixer kwargs) must be named parameters of the mixer's constructor, else a ``TypeError``
+    lists the accepted ones (see ``check_mixer_kwargs``). ``context`` values are offered by the model and passed only
+    to mixers whose constructor names them (and where ``kwargs`` does not set them already).
     """
     fn = get_mixer(mixer) if isinstance(mixer, str) else mixer
+    check_mixer_kwargs(mixer, kwargs)
     if context:
-        accepted = _accepted(fn)
+        accepted = _named_params(fn) or []
         for k, v in context.items():
             if k in accepted and k not in kwargs:
                 kwargs[k] = v

@@ -110,7 +110,7 @@ class RaftTokenMixing(nn.Module):
 
 @register_mixer("raft")
 def raft_mixer(dim: int, feat_size: Tuple[int, int] = (14, 14), raft_size: int = 2, token_expansion: int = 2,
-               proj_drop: float = 0., **kwargs) -> RaftTokenMixing:
+               drop_path: float = 0., proj_drop: float = 0.) -> RaftTokenMixing:
     """Composable RaftMLP mixer: ``feat_size`` (given by the skeleton) sets the token-MLP grid; r = 2, e = 2."""
-    return RaftTokenMixing(dim, feat_size, raft_size, token_expansion, proj_drop=proj_drop, return_delta=True,
-                           **kwargs)
+    return RaftTokenMixing(dim, feat_size, raft_size, token_expansion, drop_path=drop_path, proj_drop=proj_drop,
+                           return_delta=True)

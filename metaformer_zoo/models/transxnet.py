@@ -242,7 +242,7 @@ class TransXNet(MetaFormerBase):
                                          sr_ratios[i]))
         self.stages = nn.Sequential(*stages)
         self._init_interface(in_chans, num_classes, embed_dims)
-        # any size >= 32 px runs (every map size is computed with ceil); instance attributes for TorchScript
+        # any size >= 32 px runs (every map size is computed with ceil); checked by the trunk's input_check
         self.min_input_size = 32
         self.input_divisor = 1
         self.head = MetaFormerHead(self.num_features, num_classes, global_pool=global_pool, norm_layer="groupnorm1",
