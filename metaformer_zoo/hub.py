@@ -7,14 +7,14 @@ The library side of ``tools/convert.py``::
     verify_folder("out/identityformer_s12", model)   # local-dir and file-overlay loads give the same outputs
     # timm.create_model("local-dir:out/identityformer_s12", pretrained=True) now works offline
 
-Every family of the catalogue (``metaformer_zoo.zoo``) describes its official format in ``Family.extra``:
-``filter_fn(state_dict, model)`` (official -> zoo layout, validated), ``to_official(model)`` (zoo -> official layout,
-or ``None`` where no official code exists) and ``official_wrapper`` (``None`` = plain state dict, ``"state_dict"`` /
-``"model"`` = wrapped). Files are read by the one safe reader of every loading path
-(``metaformer_zoo.checkpoint.load_checkpoint_file``: weights-only, with the yacs ``CfgNode`` / ``argparse.Namespace``
-configs of official files allow-listed), so a file converts here exactly as it loads through ``pretrained=True``,
-``checkpoint_path=``, ``hubconf`` and the dense ``init_cfg``. timm-owned families (PoolFormer v1/v2, ConvFormer, CAFormer, MambaOut) get the
-same protocol here, from timm's own ``checkpoint_filter_fn`` plus strict validation and the inverse key mapping.
+Every family's spec (``metaformer_zoo.spec.FamilySpec.official``, an ``OfficialFormat``) describes its official
+format: ``filter(state_dict, model)`` (official -> zoo layout, validated), ``to_official(model)`` (zoo -> official
+layout, or ``None`` where no official code exists) and ``wrapper`` (``None`` = plain state dict, ``"state_dict"`` /
+``"model"`` = wrapped); timm-owned families declare theirs in ``metaformer_zoo.models.timm_families`` (timm's own
+``checkpoint_filter_fn`` made strict, plus the inverse key mapping). Files are read by the one safe reader of every
+loading path (``metaformer_zoo.checkpoint.load_checkpoint_file``: weights-only, with the yacs ``CfgNode`` /
+``argparse.Namespace`` configs of official files allow-listed), so a file converts here exactly as it loads through
+``pretrained=True``, ``checkpoint_path=``, ``hubconf`` and the dense ``init_cfg``.
 
 ``weights_unavailable_error`` turns a failed download of pretrained weights into an error that names where the weights
 would come from (URL / Hub id) and how to load them offline; ``metaformer_zoo.builder`` raises it for every zoo model.
@@ -33,12 +33,13 @@ import torch.nn as nn
 
 from .checkpoint import (
     CheckpointError, check_classifier, load_checkpoint_file, remap_keys, unwrap_state_dict, validate_state_dict)
-from .zoo import Family, count_macs, count_params, family_of
+from .spec import FamilySpec, OfficialFormat
+from .zoo import count_macs, count_params, family_of, list_families
 
 __all__ = [
-    "WeightsUnavailableError", "FamilyProtocol", "family_protocol", "load_official_file", "convert_checkpoint",
+    "WeightsUnavailableError", "family_protocol", "load_official_file", "convert_checkpoint",
     "make_official_checkpoint", "export_folder", "verify_folder", "push_folder", "model_card", "weights_source",
-    "weights_unavailable_error", "official_results", "sample_input", "CITATIONS",
+    "weights_unavailable_error", "official_results", "sample_input",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -103,96 +104,17 @@ def weights_unavailable_error(model_name: str, error: BaseException, pretrained_
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# family protocol (catalogue entries + timm-owned families)
+# family protocol: the ``official`` part of each family's spec
 
 
-@dataclass
-class FamilyProtocol:
-    family: str
-    filter_fn: Callable  # (official state dict or wrapped object, model) -> validated zoo/timm state dict
-    to_official: Optional[Callable]  # model -> official-layout state dict, None where no official code exists
-    official_wrapper: Optional[str]  # None | "state_dict" | "model"
-
-
-def _timm_filter(timm_filter: Callable, layout_keys: Sequence[str]) -> Callable:
-    """timm's checkpoint_filter_fn made strict: unwrap, recognise the layout, remap, validate (CheckpointError)."""
-
-    def filter_fn(state_dict, model):
-        state_dict = unwrap_state_dict(state_dict)
-        if not any(k in state_dict for k in layout_keys):
-            sample = ", ".join(sorted(state_dict)[:5])
-            raise CheckpointError(
-                f"unrecognised checkpoint layout for {type(model).__name__}: expected one of the keys "
-                f"{', '.join(layout_keys)}; got {sample} ... Is this a checkpoint of another family?")
-        try:
-            out = timm_filter(dict(state_dict), model)
-        except KeyError as e:
-            raise CheckpointError(
-                f"checkpoint key {e} has no counterpart in {type(model).__name__}: the checkpoint is of another "
-                f"family or variant (check depths/dims). Nothing was loaded.") from None
-        return validate_state_dict(out, model, source="checkpoint (official layout)")
-
-    return filter_fn
-
-
-def _pool_v1_to_official(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """timm PoolFormer v1 -> sail-sg/poolformer layout (``patch_embed.proj``, ``network.{0..6}``, ``layer_scale_1``)."""
-    rules = (
-        (r"^stem\.conv\.", "patch_embed.proj."),
-        (r"^stages\.(\d+)\.downsample\.conv\.", lambda m: f"network.{2 * int(m.group(1)) - 1}.proj."),
-        (r"^stages\.(\d+)\.blocks\.(\d+)\.", lambda m: f"network.{2 * int(m.group(1))}.{m.group(2)}."),
-        (r"layer_scale(\d)\.scale$", r"layer_scale_\1"),
-        (r"^head\.norm\.", "norm."),
-        (r"^head\.fc\.", "head."),
-    )
-    return {k: v.clone() for k, v in remap_keys(model.state_dict(), rules).items()}
-
-
-def _mambaout_to_official(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """timm MambaOut -> yuweihao/MambaOut layout (``downsample_layers``, ``stages.i.j``, MLP head fc1/norm/fc2)."""
-    rules = (
-        (r"^stem\.", "downsample_layers.0."),
-        (r"^stages\.(\d+)\.downsample\.", r"downsample_layers.\1."),
-        (r"^stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2."),
-        (r"^head\.norm\.", "norm."),
-        (r"^head\.fc\.", "head.fc2."),
-        (r"^head\.pre_logits\.fc\.", "head.fc1."),
-        (r"^head\.pre_logits\.norm\.", "head.norm."),
-    )
-    return {k: v.clone() for k, v in remap_keys(model.state_dict(), rules).items()}
-
-
-def _timm_protocols() -> Dict[str, FamilyProtocol]:
-    from timm.models import mambaout as timm_mambaout
-    from timm.models import metaformer as timm_metaformer
-
-    from .models._baselines import official_state_dict as baselines_to_official  # same layout as sail-sg/metaformer
-    meta = _timm_filter(timm_metaformer.checkpoint_filter_fn,
-                        ("stem.conv.weight", "downsample_layers.0.conv.weight", "patch_embed.proj.weight"))
-    return {
-        "poolformer": FamilyProtocol("poolformer", meta, _pool_v1_to_official, None),
-        "poolformerv2": FamilyProtocol("poolformerv2", meta, baselines_to_official, None),
-        "convformer": FamilyProtocol("convformer", meta, baselines_to_official, None),
-        "caformer": FamilyProtocol("caformer", meta, baselines_to_official, None),
-        "mambaout": FamilyProtocol("mambaout", _timm_filter(
-            timm_mambaout.checkpoint_filter_fn, ("stem.conv1.weight", "downsample_layers.0.conv1.weight")),
-            _mambaout_to_official, None),
-    }
-
-
-def family_protocol(family: Union[str, Family]) -> Optional[FamilyProtocol]:
-    """The conversion protocol of a catalogue family (a name, a variant name or a ``Family``); None if it has none."""
+def family_protocol(family: Union[str, FamilySpec]) -> Optional[OfficialFormat]:
+    """The official-checkpoint format of a catalogue family (a family name, a variant name or a spec), None if the
+    family has no official code (``FamilySpec.official``)."""
     if isinstance(family, str):
-        from .zoo import list_families
         fam = next((f for f in list_families() if f.name == family), None) or family_of(family)
     else:
         fam = family
-    extra = fam.extra or {}
-    if extra.get("filter_fn") is not None:
-        return FamilyProtocol(fam.name, extra["filter_fn"], extra.get("to_official"), extra.get("official_wrapper"))
-    if fam.owner == "timm":
-        return _timm_protocols().get(fam.name)
-    return None
+    return fam.official
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -220,7 +142,7 @@ def convert_checkpoint(model_name: str, checkpoint: Union[str, Mapping[str, Any]
     source = str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "checkpoint"
     model = timm.create_model(model_name, pretrained=False, **model_kwargs)
     try:
-        state_dict = protocol.filter_fn(raw, model)
+        state_dict = protocol.filter(raw, model)
     except CheckpointError as e:
         raise CheckpointError(f"{source} -> {model_name}: {e}") from None
     except (KeyError, IndexError, RuntimeError, ValueError, TypeError, AttributeError) as e:
@@ -245,7 +167,7 @@ def make_official_checkpoint(model: nn.Module, path: Optional[str] = None, model
     if protocol is None or protocol.to_official is None:
         raise CheckpointError(f"{name}: its family has no official checkpoint layout (to_official is None)")
     sd = protocol.to_official(model)
-    obj = {protocol.official_wrapper: sd} if protocol.official_wrapper else sd
+    obj = {protocol.wrapper: sd} if protocol.wrapper else sd
     if path is not None:
         torch.save(obj, path)
     return obj
@@ -368,32 +290,6 @@ def push_folder(folder: str, repo_id: str, private: bool = False, token: Optiona
 # ---------------------------------------------------------------------------------------------------------------------
 # model cards
 
-CITATIONS = {
-    "2111.11418": """@inproceedings{yu2022metaformer,
-  title={MetaFormer is Actually What You Need for Vision},
-  author={Yu, Weihao and Luo, Mi and Zhou, Pan and Si, Chenyang and Zhou, Yichen and Wang, Xinchao and Feng, Jiashi and Yan, Shuicheng},
-  booktitle={Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
-  pages={10819--10829},
-  year={2022}
-}""",
-    "2210.13452": """@article{yu2024metaformer,
-  title={MetaFormer Baselines for Vision},
-  author={Yu, Weihao and Si, Chenyang and Zhou, Pan and Luo, Mi and Zhou, Yichen and Feng, Jiashi and Yan, Shuicheng and Wang, Xinchao},
-  journal={IEEE Transactions on Pattern Analysis and Machine Intelligence},
-  volume={46},
-  number={2},
-  pages={896--912},
-  year={2024}
-}""",
-    "2405.07992": """@article{yu2024mambaout,
-  title={MambaOut: Do We Really Need Mamba for Vision?},
-  author={Yu, Weihao and Wang, Xinchao},
-  journal={arXiv preprint arXiv:2405.07992},
-  year={2024}
-}""",
-}
-
-
 def official_results(path: Optional[str] = None) -> Dict[str, Tuple[float, str]]:
     """``model_cards/results.csv`` as {model: (top1, source)}; empty if the file is absent (installed wheel)."""
     p = Path(path) if path else RESULTS_CSV
@@ -485,7 +381,7 @@ def model_card(model: nn.Module, model_name: Optional[str] = None, source: Optio
               "```", ""]
     if fam.card:
         lines += [f"See `model_cards/{fam.card}.md` in metaformer-zoo for all variants and known deviations.", ""]
-    cite = CITATIONS.get(paper_id)
+    cite = fam.citation
     if cite:
         lines += ["## Citation", "", "```bibtex", cite, "```", ""]
     return "\n".join(lines)

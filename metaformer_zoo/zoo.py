@@ -16,12 +16,13 @@ recomputes every stored row.
 """
 import json
 import os
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from .spec import FamilySpec, OfficialFormat, Variant, register_entrypoints
 
 __all__ = ["Family", "FAMILY_ORDER", "CATALOGUE_PATH", "register_family", "list_families", "list_variants",
            "family_of", "variant_info", "count_params", "count_frozen_buffers", "count_macs", "measure_variant",
@@ -36,28 +37,55 @@ FAMILY_ORDER: Tuple[str, ...] = (
 CATALOGUE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "catalogue.json")
 
 
-@dataclass
-class Family:
-    name: str
-    variants: List[str]
-    owner: str = "zoo"  # "zoo": registered by metaformer_zoo; "timm": timm's own models, used as they are
-    paper: str = ""
-    code: str = ""
-    card: str = ""  # model_cards/<card>.md
-    notes: str = ""
-    extra: Dict = field(default_factory=dict)
+Family = FamilySpec  # the catalogue's entries are the families' own declarations
+
+_FAMILIES: Dict[str, FamilySpec] = {}
 
 
-_FAMILIES: Dict[str, Family] = {}
+def register_family(spec: Union[FamilySpec, str], module: Optional[str] = None, *legacy_args, **legacy) -> FamilySpec:
+    """Put a family's ``FamilySpec`` in the catalogue; with ``module`` (the family module's ``__name__``) also register
+    its ``default_cfgs`` and entrypoints with timm (``metaformer_zoo.spec.register_entrypoints``).
+
+    A family module calls it once, after its modules: ``register_family(SPEC, __name__)``. timm-owned families are
+    registered without ``module`` (catalogued only). [transition: the old ``register_family(name, variants, **extra)``
+    form is still accepted while the family files move to specs]
+    """
+    if not isinstance(spec, FamilySpec):
+        spec = _legacy_spec(spec, module, *legacy_args, **legacy)
+        module = None
+    if spec.name in _FAMILIES:
+        raise ValueError(f"family {spec.name!r} is already in the zoo catalogue")
+    for other in _FAMILIES.values():
+        clash = set(other.variants) & set(spec.variants)
+        if clash:
+            raise ValueError(f"family {spec.name!r} declares {sorted(clash)}, already in family {other.name!r}")
+    if spec.owner == "timm" and module is not None:
+        raise ValueError(f"family {spec.name!r} is timm's own: catalogue it without registering entrypoints")
+    if spec.owner == "timm":
+        stolen = [n for n in spec.variants if not timm.is_model(n)]
+        if stolen:
+            raise ValueError(f"timm-owned family {spec.name!r} lists names timm does not register: {stolen}")
+    _FAMILIES[spec.name] = spec
+    if module is not None:
+        register_entrypoints(spec, module)
+    return spec
 
 
-def register_family(name: str, variants: Sequence[str], owner: str = "zoo", paper: str = "", code: str = "",
-                    card: Optional[str] = None, notes: str = "", **extra) -> Family:
-    if name in _FAMILIES:
-        raise ValueError(f"family {name!r} is already in the zoo catalogue")
-    fam = Family(name, list(variants), owner, paper, code, card or name, notes, dict(extra))
-    _FAMILIES[name] = fam
-    return fam
+_LEGACY_EXTRA: Dict[str, Dict] = {}
+
+
+def _legacy_spec(name, variants, owner="zoo", paper="", code="", card=None, notes="", **extra) -> FamilySpec:
+    official = None
+    if extra.get("filter_fn") is not None:
+        official = OfficialFormat(filter=extra["filter_fn"], to_official=extra.get("to_official"),
+                                  wrapper=extra.get("official_wrapper"))
+    _LEGACY_EXTRA[name] = dict(extra)
+    return FamilySpec(name=name, models=tuple(Variant(v) for v in variants), owner=owner, paper=paper, code=code,
+                      card=card or name, notes=notes, official=official, build=_legacy_build)
+
+
+def _legacy_build(*args, **kwargs):
+    raise RuntimeError("legacy family: its entrypoints are registered by its module")
 
 
 def _family_rank(name: str) -> int:

@@ -32,7 +32,7 @@ def test_params_and_macs(name):
 def test_catalogue():
     fam = family_of("affnet_t")
     assert fam.name == "affnet" and set(fam.variants) == set(OFFICIAL)
-    assert fam.extra["filter_fn"] is checkpoint_filter_fn and fam.extra["to_official"] is official_state_dict
+    assert fam.official.filter is checkpoint_filter_fn and fam.official.to_official is official_state_dict
     assert len(DENSE_OUT_NORMS) == 4 and dense_out_norm(2, 160) is None
 
 

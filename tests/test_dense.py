@@ -184,7 +184,7 @@ def test_checkpoint_zoo_official_and_detector_formats(tmp_path):
     ref = {k: v for k, v in src.state_dict().items() if not k.startswith("head.")}
     assert all(torch.equal(b.model.state_dict()[k], ref[k]) for k in ref)
     # official layout (the family's to_official), wrapped in {'model': ...}
-    official = metaformer_zoo.family_of("identityformer_s12").extra["to_official"](src)
+    official = metaformer_zoo.family_of("identityformer_s12").official.to_official(src)
     b2 = DenseBackbone("identityformer_s12", checkpoint=_save({"model": official}, tmp_path / "off.pth"))
     assert all(torch.equal(b2.model.state_dict()[k], ref[k]) for k in ref)
     # a dense checkpoint of the adapter itself (backbone.model.* + out norms), e.g. a trained detector

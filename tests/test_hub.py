@@ -5,6 +5,7 @@ family's official layout maps back onto its model (names and shapes, on the meta
 outputs; bad files (truncated, corrupt, missing / unexpected / mis-shaped keys, other family, other head) are refused
 with a ``CheckpointError`` naming the problem, and ``tools/convert.py`` exits with code 2 and no traceback.
 """
+import dataclasses
 import importlib.util
 import json
 import os
@@ -76,9 +77,9 @@ def test_official_layout_maps_back(family):
     except (NotImplementedError, RuntimeError):  # a to_official that needs real data
         model = timm.create_model(name)
         obj = hub.make_official_checkpoint(model, model_name=name)
-    if proto.official_wrapper:
-        assert set(obj) == {proto.official_wrapper}
-    out = proto.filter_fn(obj, model)
+    if proto.wrapper:
+        assert set(obj) == {proto.wrapper}
+    out = proto.filter(obj, model)
     target = model.state_dict()
     assert sorted(out) == sorted(target)
     assert all(tuple(out[k].shape) == tuple(target[k].shape) for k in target)
@@ -125,7 +126,7 @@ def test_official_layout_maps_back_all_variants(family):
     proto = hub.family_protocol(family)
     for name in zoo.list_variants(family):
         model = timm.create_model(name, device="meta")
-        out = proto.filter_fn(hub.make_official_checkpoint(model, model_name=name), model)
+        out = proto.filter(hub.make_official_checkpoint(model, model_name=name), model)
         assert sorted(out) == sorted(model.state_dict()), name
 
 
@@ -300,6 +301,7 @@ def test_filter_crash_reported_as_checkpoint_error(tiny, monkeypatch):
     def crashing(state_dict, model):
         return {k: state_dict["no.such.key"] for k in state_dict}
 
-    monkeypatch.setitem(fam.extra, "filter_fn", crashing)
+    monkeypatch.setitem(zoo._FAMILIES, fam.name, dataclasses.replace(
+        fam, official=dataclasses.replace(fam.official, filter=crashing)))
     with pytest.raises(CheckpointError, match="filter failed with KeyError"):
         _convert(sd)

@@ -45,7 +45,7 @@ def tiny():
 @pytest.mark.parametrize("name", list(PARAMS))
 def test_param_count(name):
     assert count_params(timm.create_model(name, device="meta"))[0] == PARAMS[name]
-    assert family_of(name).extra["official_wrapper"] == "state_dict"
+    assert family_of(name).official.wrapper == "state_dict"
 
 
 def test_param_count_384_build():

@@ -8,12 +8,9 @@ size rules, and strict checkpoint loading from zoo, timm or official checkpoints
 
 Per-output norms (``out_norms``):
 
-* ``'official'`` (default): what the family's official dense code puts on each output. Families declare it in their
-  model module (or their catalogue entry) with ``dense_out_norm(model_name, stage_idx, dim)`` (returning a module or
-  None = no norm; the short form ``dense_out_norm(stage_idx, dim)`` is accepted too) or ``DENSE_OUT_NORMS`` (a norm
-  name, a per-stage tuple of names/None, or a dict keyed by variant). timm-owned families are declared here
-  (``TIMM_FAMILY_OUT_NORMS``): PoolFormer v1 = ``GroupNorm(1, C)`` (eps 1e-5, official ``fork_feat`` backbone);
-  PoolFormerV2 / ConvFormer / CAFormer / MambaOut have no official dense code and get the default.
+* ``'official'`` (default): what the family's official dense code puts on each output, declared as data in its spec
+  (``FamilySpec.dense_out_norms``: one norm spec per stage, None = no norm; e.g. PoolFormer v1's ``fork_feat``
+  backbone: ``'groupnorm1'`` on each output). A family that declares nothing gets the default.
 * ``True``: a norm on every output: the family's norm where it declares one, else ``DEFAULT_OUT_NORM``.
 * ``False``: no norm (raw stage outputs).
 * a norm name (``metaformer_zoo.layers.NORM_LAYERS``, e.g. ``'layernorm2d'``, ``'groupnorm1'``) or a per-output list
@@ -24,9 +21,7 @@ hierarchical backbones without an official dense version. ``out_norm_skip`` list
 Identity: the official PoolFormer / TransXNet RetinaNet mode (``FORK_LAST3`` / ``start_level=1``) skips output 0,
 which FPN with ``start_level=1`` does not use.
 """
-import inspect
 import re
-import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -38,20 +33,11 @@ from ..checkpoint import CheckpointError, allow_safe_globals, load_checkpoint_fi
 from ..layers import get_norm
 
 __all__ = [
-    "DEFAULT_OUT_NORM", "TIMM_FAMILY_OUT_NORMS", "DenseBackboneMixin", "DenseBackbone", "resolve_out_norms",
+    "DEFAULT_OUT_NORM", "DenseBackboneMixin", "DenseBackbone", "resolve_out_norms",
     "family_out_norm", "make_norm", "strip_prefixes", "prepare_trunk_state_dict", "layer_id_map",
 ]
 
 DEFAULT_OUT_NORM = "layernorm2d"
-
-# timm-owned families: what their official dense code does (reference/metaformer.md section 7)
-TIMM_FAMILY_OUT_NORMS: Dict[str, Optional[str]] = {
-    "poolformer": "groupnorm1",   # official fork_feat: GroupNorm(1, C), eps 1e-5, on each of the 4 outputs
-    "poolformerv2": DEFAULT_OUT_NORM,  # no official dense code: default
-    "convformer": DEFAULT_OUT_NORM,
-    "caformer": DEFAULT_OUT_NORM,
-    "mambaout": DEFAULT_OUT_NORM,
-}
 
 _NO_NORM = ("identity", "none", "")
 
@@ -62,14 +48,6 @@ def _family(model_name: str):
         return family_of(model_name)
     except ValueError:
         return None
-
-
-def _model_module(model_name: str):
-    import timm
-    arch = model_name.split(".")[0]
-    if not timm.is_model(arch):
-        return None
-    return sys.modules.get(timm.models.model_entrypoint(arch).__module__)
 
 
 def make_norm(spec: Any, dim: int) -> Optional[nn.Module]:
@@ -92,42 +70,15 @@ def make_norm(spec: Any, dim: int) -> Optional[nn.Module]:
     return get_norm(spec)(dim)
 
 
-def _declared(model_name: str):
-    """The family's own declaration: ('fn', callable) / ('table', value) / None."""
-    fam = _family(model_name)
-    mod = _model_module(model_name)
-    extra = fam.extra if fam is not None else {}
-    fn = extra.get("dense_out_norm") or getattr(mod, "dense_out_norm", None)
-    if callable(fn):
-        return "fn", fn
-    table = extra.get("dense_out_norms", getattr(mod, "DENSE_OUT_NORMS", None))
-    if table is not None:
-        return "table", table
-    if fam is not None and fam.name in TIMM_FAMILY_OUT_NORMS:
-        return "table", TIMM_FAMILY_OUT_NORMS[fam.name]
-    return None
-
-
 def family_out_norm(model_name: str, stage_idx: int, dim: int) -> Tuple[bool, Optional[nn.Module]]:
-    """(declared, norm) for output ``stage_idx`` of ``model_name``: ``declared`` is False when the family says
-    nothing (then the caller applies ``DEFAULT_OUT_NORM``); ``norm`` None means the official code has no norm."""
-    decl = _declared(model_name)
-    if decl is None:
+    """(declared, norm) for output ``stage_idx`` of ``model_name`` from its family spec's ``dense_out_norms``:
+    ``declared`` is False when the family says nothing (then the caller applies ``DEFAULT_OUT_NORM``); ``norm`` None
+    means the official code has no norm there."""
+    fam = _family(model_name)
+    table = fam.dense_out_norms if fam is not None else None
+    if table is None:
         return False, None
-    kind, value = decl
-    arch = model_name.split(".")[0]
-    if kind == "fn":
-        n_params = len([p for p in inspect.signature(value).parameters.values()
-                        if p.default is inspect.Parameter.empty
-                        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)])
-        out = value(stage_idx, dim) if n_params == 2 else value(arch, stage_idx, dim)
-        return True, make_norm(out, dim)
-    if isinstance(value, Mapping) and arch in value:
-        value = value[arch]
-    elif isinstance(value, Mapping) and "type" not in value:
-        return False, None  # a per-variant table without this variant
-    if isinstance(value, (list, tuple)):
-        value = value[stage_idx] if stage_idx < len(value) else None
+    value = table[stage_idx] if stage_idx < len(table) else None
     return True, make_norm(value, dim)
 
 
@@ -189,10 +140,7 @@ _OFFICIAL_OUT_NORM = re.compile(r"^norm([0246])\.(weight|bias)$")
 
 def _family_filter(model_name: str):
     fam = _family(model_name)
-    fn = fam.extra.get("filter_fn") if fam is not None else None
-    if fn is None:
-        fn = getattr(_model_module(model_name), "checkpoint_filter_fn", None)
-    return fn
+    return fam.official.filter if fam is not None and fam.official is not None else None
 
 
 def prepare_trunk_state_dict(

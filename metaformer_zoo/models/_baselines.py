@@ -10,6 +10,16 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from ..checkpoint import linear_to_conv1x1, remap_keys, unwrap_state_dict, validate_state_dict
 from ..skeleton import MetaFormer
 
+CITATION = """@article{yu2024metaformer,
+  title={MetaFormer Baselines for Vision},
+  author={Yu, Weihao and Si, Chenyang and Zhou, Pan and Luo, Mi and Zhou, Yichen and Feng, Jiashi and Yan, Shuicheng and Wang, Xinchao},
+  journal={IEEE Transactions on Pattern Analysis and Machine Intelligence},
+  volume={46},
+  number={2},
+  pages={896--912},
+  year={2024}
+}"""
+
 SIZES = {
     # name: (depths, dims)
     "s12": ((2, 2, 6, 2), (64, 128, 320, 512)),

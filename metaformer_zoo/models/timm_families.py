@@ -1,24 +1,125 @@
-"""Families that timm already owns: catalogued by the zoo, served from timm, never re-registered.
+"""Families that timm already owns: declared (catalogued, converted, dense-adapted), served from timm, never
+re-registered.
 
-Re-registering a timm name overwrites timm's entry and drops its pretrained tags, so the zoo only lists these
-variants (for ``python -m metaformer_zoo list``, the dense adapters, configs and model cards). Known differences of
-timm's implementation from the official code are recorded in the model cards (e.g. PoolFormer v1 head norm after
-pooling, Conv/CAFormer MLP-head LayerNorm eps 1e-6 instead of 1e-5).
+Re-registering a timm name overwrites timm's entry and drops its pretrained tags, so these specs have
+``owner="timm"``: ``register_family`` catalogues them without touching timm's registry. Their official-checkpoint
+formats are timm's own ``checkpoint_filter_fn`` made strict, plus the inverse key mapping. Known differences of timm's
+implementation from the official code are recorded in the model cards (e.g. PoolFormer v1 head norm after pooling,
+Conv/CAFormer MLP-head LayerNorm eps 1e-6 instead of 1e-5).
 """
+from typing import Callable, Dict, Sequence
+
+import torch
+import torch.nn as nn
+from timm.models import mambaout as timm_mambaout
+from timm.models import metaformer as timm_metaformer
+
+from ..checkpoint import CheckpointError, remap_keys, unwrap_state_dict, validate_state_dict
+from ..spec import FamilySpec, OfficialFormat, Variant
 from ..zoo import register_family
+from ._baselines import CITATION as BASELINES_CITATION
+from ._baselines import official_state_dict as baselines_to_official  # same layout as sail-sg/metaformer
+
+POOLFORMER_CITATION = """@inproceedings{yu2022metaformer,
+  title={MetaFormer is Actually What You Need for Vision},
+  author={Yu, Weihao and Luo, Mi and Zhou, Pan and Si, Chenyang and Zhou, Yichen and Wang, Xinchao and Feng, Jiashi and Yan, Shuicheng},
+  booktitle={Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  pages={10819--10829},
+  year={2022}
+}"""
+
+MAMBAOUT_CITATION = """@article{yu2024mambaout,
+  title={MambaOut: Do We Really Need Mamba for Vision?},
+  author={Yu, Weihao and Wang, Xinchao},
+  journal={arXiv preprint arXiv:2405.07992},
+  year={2024}
+}"""
+
+
+def _timm_filter(timm_filter: Callable, layout_keys: Sequence[str]) -> Callable:
+    """timm's checkpoint_filter_fn made strict: unwrap, recognise the layout, remap, validate (CheckpointError)."""
+
+    def filter_fn(state_dict, model):
+        state_dict = unwrap_state_dict(state_dict)
+        if not any(k in state_dict for k in layout_keys):
+            sample = ", ".join(sorted(state_dict)[:5])
+            raise CheckpointError(
+                f"unrecognised checkpoint layout for {type(model).__name__}: expected one of the keys "
+                f"{', '.join(layout_keys)}; got {sample} ... Is this a checkpoint of another family?")
+        try:
+            out = timm_filter(dict(state_dict), model)
+        except KeyError as e:
+            raise CheckpointError(
+                f"checkpoint key {e} has no counterpart in {type(model).__name__}: the checkpoint is of another "
+                f"family or variant (check depths/dims). Nothing was loaded.") from None
+        return validate_state_dict(out, model, source="checkpoint (official layout)")
+
+    return filter_fn
+
+
+def _pool_v1_to_official(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """timm PoolFormer v1 -> sail-sg/poolformer layout (``patch_embed.proj``, ``network.{0..6}``, ``layer_scale_1``)."""
+    rules = (
+        (r"^stem\.conv\.", "patch_embed.proj."),
+        (r"^stages\.(\d+)\.downsample\.conv\.", lambda m: f"network.{2 * int(m.group(1)) - 1}.proj."),
+        (r"^stages\.(\d+)\.blocks\.(\d+)\.", lambda m: f"network.{2 * int(m.group(1))}.{m.group(2)}."),
+        (r"layer_scale(\d)\.scale$", r"layer_scale_\1"),
+        (r"^head\.norm\.", "norm."),
+        (r"^head\.fc\.", "head."),
+    )
+    return {k: v.clone() for k, v in remap_keys(model.state_dict(), rules).items()}
+
+
+def _mambaout_to_official(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """timm MambaOut -> yuweihao/MambaOut layout (``downsample_layers``, ``stages.i.j``, MLP head fc1/norm/fc2)."""
+    rules = (
+        (r"^stem\.", "downsample_layers.0."),
+        (r"^stages\.(\d+)\.downsample\.", r"downsample_layers.\1."),
+        (r"^stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2."),
+        (r"^head\.norm\.", "norm."),
+        (r"^head\.fc\.", "head.fc2."),
+        (r"^head\.pre_logits\.fc\.", "head.fc1."),
+        (r"^head\.pre_logits\.norm\.", "head.norm."),
+    )
+    return {k: v.clone() for k, v in remap_keys(model.state_dict(), rules).items()}
+
+
+_META_FILTER = _timm_filter(timm_metaformer.checkpoint_filter_fn,
+                            ("stem.conv.weight", "downsample_layers.0.conv.weight", "patch_embed.proj.weight"))
+_MAMBAOUT_FILTER = _timm_filter(timm_mambaout.checkpoint_filter_fn,
+                                ("stem.conv1.weight", "downsample_layers.0.conv1.weight"))
 
 _SIZES_POOL = ("s12", "s24", "s36", "m36", "m48")
 _SIZES_CONV = ("s18", "s36", "m36", "b36")
+_BASELINES = dict(paper="MetaFormer Baselines for Vision", arxiv="2210.13452",
+                  code="https://github.com/sail-sg/metaformer", citation=BASELINES_CITATION)
 
-register_family("poolformer", [f"poolformer_{s}" for s in _SIZES_POOL], owner="timm",
-                paper="MetaFormer Is Actually What You Need for Vision (arXiv 2111.11418)",
-                code="https://github.com/sail-sg/poolformer")
-register_family("poolformerv2", [f"poolformerv2_{s}" for s in _SIZES_POOL], owner="timm", card="poolformer",
-                paper="MetaFormer Baselines for Vision (arXiv 2210.13452)", code="https://github.com/sail-sg/metaformer")
-register_family("convformer", [f"convformer_{s}" for s in _SIZES_CONV], owner="timm", card="convformer_caformer",
-                paper="MetaFormer Baselines for Vision (arXiv 2210.13452)", code="https://github.com/sail-sg/metaformer")
-register_family("caformer", [f"caformer_{s}" for s in _SIZES_CONV], owner="timm", card="convformer_caformer",
-                paper="MetaFormer Baselines for Vision (arXiv 2210.13452)", code="https://github.com/sail-sg/metaformer")
-register_family("mambaout", [f"mambaout_{s}" for s in ("femto", "kobe", "tiny", "small", "base")], owner="timm",
-                paper="MambaOut: Do We Really Need Mamba for Vision? (arXiv 2405.07992)",
-                code="https://github.com/yuweihao/MambaOut")
+
+def _models(prefix: str, sizes: Sequence[str]):
+    return tuple(Variant(f"{prefix}_{s}") for s in sizes)
+
+
+# the official per-output norm of the dense backbones (reference/metaformer.md section 7): PoolFormer v1's fork_feat
+# backbone puts GroupNorm(1, C) (eps 1e-5) on each output; the others have no official dense code (adapter default)
+for _spec in (
+    FamilySpec("poolformer", _models("poolformer", _SIZES_POOL), owner="timm",
+               paper="MetaFormer Is Actually What You Need for Vision", arxiv="2111.11418",
+               code="https://github.com/sail-sg/poolformer", citation=POOLFORMER_CITATION,
+               official=OfficialFormat(filter=_META_FILTER, to_official=_pool_v1_to_official),
+               dense_out_norms=("groupnorm1",) * 4, recipe="poolformer", card="poolformer"),
+    FamilySpec("poolformerv2", _models("poolformerv2", _SIZES_POOL), owner="timm", **_BASELINES,
+               official=OfficialFormat(filter=_META_FILTER, to_official=baselines_to_official),
+               recipe="poolformerv2", card="poolformer"),
+    FamilySpec("convformer", _models("convformer", _SIZES_CONV), owner="timm", **_BASELINES,
+               official=OfficialFormat(filter=_META_FILTER, to_official=baselines_to_official),
+               recipe="convformer", card="convformer_caformer"),
+    FamilySpec("caformer", _models("caformer", _SIZES_CONV), owner="timm", **_BASELINES,
+               official=OfficialFormat(filter=_META_FILTER, to_official=baselines_to_official),
+               recipe="caformer", card="convformer_caformer"),
+    FamilySpec("mambaout", _models("mambaout", ("femto", "kobe", "tiny", "small", "base")), owner="timm",
+               paper="MambaOut: Do We Really Need Mamba for Vision?", arxiv="2405.07992",
+               code="https://github.com/yuweihao/MambaOut", citation=MAMBAOUT_CITATION,
+               official=OfficialFormat(filter=_MAMBAOUT_FILTER, to_official=_mambaout_to_official),
+               recipe="mambaout", card="mambaout"),
+):
+    register_family(_spec)
