@@ -24,6 +24,7 @@ import metaformer_zoo  # noqa: F401
 from metaformer_zoo.checkpoint import CheckpointError
 from metaformer_zoo.dense import core
 from metaformer_zoo.dense.core import DenseBackbone, layer_id_map, resolve_out_norms, strip_prefixes
+from metaformer_zoo.spec import FamilySpec, Variant
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "mmdet", "*.py"))
@@ -101,23 +102,25 @@ def test_out_norms_modes():
 
 
 def test_out_norms_family_declarations(monkeypatch):
+    """``'official'`` reads the family spec's ``dense_out_norms`` (data, one norm spec per stage)."""
     dims = (32, 64)
-    # full form dense_out_norm(model_name, stage_idx, dim) returning None = the official code has no norm
-    monkeypatch.setattr(core, "_declared", lambda name: ("fn", lambda model_name, stage_idx, dim: None))
+
+    def declare(table):
+        spec = FamilySpec("x", (Variant("x"),), owner="timm", dense_out_norms=table)
+        monkeypatch.setattr(core, "_family", lambda name: spec)
+
+    declare((None, None))  # the official code has no norm
     assert resolve_out_norms("x", (0, 1), dims, "official") == [None, None]
     forced = resolve_out_norms("x", (0, 1), dims, True)  # True: a norm everywhere, default where the family has none
     assert all(isinstance(n, timm.layers.LayerNorm2d) for n in forced)
-    # short form dense_out_norm(stage_idx, dim)
-    monkeypatch.setattr(core, "_declared", lambda name: ("fn", lambda i, d: nn.GroupNorm(1, d) if i else None))
-    short = resolve_out_norms("x", (0, 1), dims, "official")
-    assert short[0] is None and isinstance(short[1], nn.GroupNorm) and short[1].num_channels == 64
-    # tables: per-variant dict of per-stage names, and dict(type=GroupNorm, ...)
-    monkeypatch.setattr(core, "_declared", lambda name: ("table", {"x": ("layernorm2d", None)}))
+    declare(("layernorm2d", None))
     tab = resolve_out_norms("x", (0, 1), dims, "official")
     assert isinstance(tab[0], timm.layers.LayerNorm2d) and tab[1] is None
-    monkeypatch.setattr(core, "_declared", lambda name: ("table", {"x": dict(type="GroupNorm", num_groups=1,
-                                                                              eps=1e-5, official_keys=("norm0",))}))
-    assert all(isinstance(n, nn.GroupNorm) for n in resolve_out_norms("x", (0, 1), dims, "official"))
+    declare((dict(type="GroupNorm", num_groups=1, eps=1e-5),) * 2)
+    norms = resolve_out_norms("x", (0, 1), dims, "official")
+    assert all(isinstance(n, nn.GroupNorm) and n.eps == 1e-5 for n in norms) and norms[1].num_channels == 64
+    declare(None)  # nothing declared: the default norm
+    assert all(isinstance(n, timm.layers.LayerNorm2d) for n in resolve_out_norms("x", (0, 1), dims, "official"))
 
 
 def test_strip_prefixes():

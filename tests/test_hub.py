@@ -18,6 +18,7 @@ import timm
 import torch
 
 import metaformer_zoo  # noqa: F401
+from helpers import perturb
 from metaformer_zoo import hub, zoo
 from metaformer_zoo.checkpoint import CheckpointError
 
@@ -44,13 +45,6 @@ def _smallest(family):
     return min(names, key=lambda n: zoo.count_params(timm.create_model(n, device="meta"))[0])
 
 
-def _perturb(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.is_floating_point():
-                p.add_(0.02 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def _load_cli():
@@ -87,7 +81,7 @@ def test_official_layout_maps_back(family):
 
 def _roundtrip(family, tmp_path):
     name = _smallest(family)
-    src = _perturb(timm.create_model(name))
+    src = perturb(timm.create_model(name))
     path = tmp_path / f"{name}_official.pth"
     hub.make_official_checkpoint(src, str(path), model_name=name)
     model = hub.convert_checkpoint(name, str(path))
@@ -136,7 +130,7 @@ def test_official_layout_maps_back_all_variants(family):
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = _perturb(timm.create_model("identityformer_s12", **TINY))
+    model = perturb(timm.create_model("identityformer_s12", **TINY))
     return model, hub.make_official_checkpoint(model, model_name="identityformer_s12")
 
 

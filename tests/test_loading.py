@@ -19,6 +19,7 @@ import timm
 import torch
 
 import metaformer_zoo  # noqa: F401
+from helpers import perturb
 from metaformer_zoo import hub, zoo
 from metaformer_zoo.checkpoint import CheckpointError, load_checkpoint_file
 from metaformer_zoo.dense.core import DenseBackbone
@@ -48,13 +49,6 @@ def _smallest(family):
     return min(names, key=lambda n: zoo.count_params(timm.create_model(n, device="meta"))[0])
 
 
-def _perturb(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
-            if t.is_floating_point():
-                t.add_(0.02 * torch.randn(t.shape, generator=g))
-    return model.eval()
 
 
 class _FakeYacs:
@@ -79,7 +73,7 @@ class _FakeYacs:
 
 def write_official(name, path, seed=0, **kwargs):
     """A perturbed model and its weights saved as the family's official release file; returns the model."""
-    src = _perturb(timm.create_model(name, **kwargs), seed)
+    src = perturb(timm.create_model(name, **kwargs), seed)
     obj = hub.make_official_checkpoint(src, model_name=name)
     family = zoo.family_of(name).name
     if family in ("msmlp", "stripmlp"):  # Swin-style utils.save_checkpoint
@@ -186,7 +180,7 @@ def test_ema_weights_are_picked_the_same_way_everywhere(tmp_path, monkeypatch):
     """A timm training file (``state_dict``, ``state_dict_ema``, pickled ``argparse.Namespace`` args): every path reads
     it (the URL path too, where timm's reader allows no Namespace itself) and takes the EMA weights, as timm does."""
     name, kw = "identityformer_s12", TINY["identityformer_s12"]
-    raw, ema = _perturb(timm.create_model(name, **kw), 1), _perturb(timm.create_model(name, **kw), 2)
+    raw, ema = perturb(timm.create_model(name, **kw), 1), perturb(timm.create_model(name, **kw), 2)
     path = tmp_path / "train.pth.tar"
     torch.save({"state_dict": hub.make_official_checkpoint(raw, model_name=name),
                 "state_dict_ema": hub.make_official_checkpoint(ema, model_name=name), "epoch": 3,
@@ -264,7 +258,7 @@ def test_failed_official_load_changes_no_parameter(tmp_path):
     kw = TINY["msmlp_tiny"]
     model = timm.create_model("msmlp_tiny", **kw)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    official = hub.make_official_checkpoint(_perturb(timm.create_model("msmlp_tiny", **kw)), model_name="msmlp_tiny")
+    official = hub.make_official_checkpoint(perturb(timm.create_model("msmlp_tiny", **kw)), model_name="msmlp_tiny")
     bad = dict(official["model"])
     bad.pop("layers.2.blocks.0.pwconv1.weight")
     bad["layers.0.blocks.0.gamma"] = torch.zeros(3)
