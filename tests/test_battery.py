@@ -1,15 +1,17 @@
 """The timm model battery, run over every model that metaformer_zoo registers (modelled on timm's tests/test_models.py).
 
 Every check runs at a small resolution on CPU. One test per model does the cheap checks (forward, features_only,
-forward_intermediates, default cfg, reset_classifier, grad checkpointing); backward and TorchScript/FX run on every
-model too. The default run covers the smallest variant of each family; the other variants are marked ``slow`` and run
-in CI's slow stage (parameter counts of every variant are checked in the default run by each family's tests).
+forward_intermediates, default cfg, reset_classifier, grad checkpointing); backward, FX, TorchScript and
+FX -> TorchScript run on every model too (no model is exempt). The default run covers the smallest variant of each
+family; the other variants are marked ``slow`` and run in CI's slow stage (parameter counts of every variant are checked
+in the default run by each family's tests).
 """
 import math
 
 import pytest
 import timm
 import torch
+from timm.layers import create_feature_extractor, get_graph_node_names
 
 import metaformer_zoo
 from metaformer_zoo.zoo import count_params, family_of, list_families, zoo_registered_models
@@ -140,25 +142,21 @@ def test_model_backward(name):
 
 
 @pytest.mark.parametrize("name", _params(ZOO_MODELS))
-def test_model_fx_or_torchscript(name):
-    """FX feature extraction (timm's fx path) matches eager, and TorchScript where the model supports it."""
-    from timm.layers import create_feature_extractor, get_graph_node_names
-
+def test_model_fx_and_torchscript(name):
+    """timm's FX and TorchScript tests on every model, none exempt: the FX feature extractor (timm's leaf modules and
+    functions), ``torch.jit.script`` of the model built with ``set_scriptable(True)``, and the FX graph scripted
+    (timm's ``test_model_forward_fx_torchscript``, which compiles every FX leaf) all match the eager output."""
     model = _create(name).eval()
     S = _input_size(model)
     x = torch.randn(1, 3, S, S)
     with torch.no_grad():
         ref = model(x)
-    if getattr(model, "supports_fx", True):
-        train_nodes, eval_nodes = get_graph_node_names(model)
-        fx_model = create_feature_extractor(model, return_nodes=[eval_nodes[-1]]).eval()
-        with torch.no_grad():
-            fx_out = tuple(fx_model(x).values())[0]
-        torch.testing.assert_close(fx_out, ref)
-    if getattr(model, "supports_torchscript", True):
-        with timm.layers.set_layer_config(scriptable=True):
-            smodel = _create(name).eval()
-        smodel.load_state_dict(model.state_dict())
-        scripted = torch.jit.script(smodel)
-        with torch.no_grad():
-            torch.testing.assert_close(scripted(x), ref)
+    with timm.layers.set_layer_config(scriptable=True):
+        smodel = _create(name).eval()
+    smodel.load_state_dict(model.state_dict())
+
+    fx_model = create_feature_extractor(smodel, return_nodes=[get_graph_node_names(smodel)[1][-1]]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(tuple(fx_model(x).values())[0], ref)
+        torch.testing.assert_close(tuple(torch.jit.script(fx_model)(x).values())[0], ref)
+        torch.testing.assert_close(torch.jit.script(smodel)(x), ref)

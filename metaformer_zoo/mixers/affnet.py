@@ -22,7 +22,13 @@ __all__ = ["AFFMixer", "aff_filter"]
 @register_notrace_function
 def aff_filter(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                num_groups: int, sparsity_threshold: float, act: str, backend: str) -> torch.Tensor:
-    """Leaf function for FX: the ``fft_filter`` op with argument checks and backend dispatch."""
+    """The ``fft_filter`` op; a leaf for FX that stays scriptable after tracing (timm's FX -> TorchScript path).
+
+    Eager: ``metaformer_zoo.kernels.fft_filter`` (argument checks, backend dispatch). TorchScript: the registered op
+    ``torch.ops.metaformer_zoo.fft_filter`` itself, which resolves ``backend`` the same way.
+    """
+    if torch.jit.is_scripting():
+        return torch.ops.metaformer_zoo.fft_filter(x, w1, b1, w2, b2, num_groups, sparsity_threshold, act, backend)
     return fft_filter(x, w1, b1, w2, b2, num_groups=num_groups, sparsity_threshold=sparsity_threshold, act=act,
                       backend=backend)
 
@@ -62,17 +68,9 @@ class AFFMixer(nn.Module):
         self.w2 = nn.Parameter(0.02 * torch.randn(2, num_groups, hid, bs))
         self.b2 = nn.Parameter(0.02 * torch.randn(2, num_groups, bs))
 
-    @torch.jit.unused
-    def _filter_eager(self, x: torch.Tensor) -> torch.Tensor:
-        return aff_filter(x, self.w1, self.b1, self.w2, self.b2, self.num_groups, self.sparsity_threshold, self.act,
-                          self.backend)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            y = torch.ops.metaformer_zoo.fft_filter(x, self.w1, self.b1, self.w2, self.b2, self.num_groups,
-                                                    self.sparsity_threshold, self.act, self.backend)
-        else:
-            y = self._filter_eager(x)
+        y = aff_filter(x, self.w1, self.b1, self.w2, self.b2, self.num_groups, self.sparsity_threshold, self.act,
+                       self.backend)
         return x + y if self.inner_skip else y
 
     def extra_repr(self) -> str:

@@ -12,7 +12,8 @@ The token MLP weights are tied to the grid (ph, pw) the model was built for (56/
 feature size the official code bicubically resamples the **feature map** to (ph, pw) before the two sub-blocks and
 back afterwards (``RaftShrink`` / ``RaftExpansion``, ``align_corners=False``); this is reproduced exactly.
 
-The mixing itself is the ``metaformer_zoo.kernels.strip_mix`` op (two calls per direction, GELU between).
+The mixing itself is the ``metaformer_zoo.kernels.strip_mix`` op (two calls per direction, GELU between), called
+through ``metaformer_zoo.mixers.strip.strip_mix_op`` so that TorchScript can compile it.
 """
 from typing import Tuple
 
@@ -22,8 +23,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d
 from timm.models import register_notrace_function
 
-from ..kernels.strip_mix import strip_mix
 from . import register_mixer
+from .strip import strip_mix_op
 
 __all__ = ["RaftTokenMLP", "RaftTokenMixing", "raft_ln_from_official", "raft_ln_to_official"]
 
@@ -42,9 +43,9 @@ def raft_ln_to_official(w: torch.Tensor, raft_size: int) -> torch.Tensor:
 @register_notrace_function
 def resample_to(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     """Bicubic (align_corners=False) resize of a NCHW map to ``size``; no-op when it already has that size."""
-    if tuple(x.shape[-2:]) == tuple(size):
+    if x.shape[-2] == size[0] and x.shape[-1] == size[1]:
         return x
-    return F.interpolate(x, size=tuple(size), mode="bicubic", align_corners=False)
+    return F.interpolate(x, size=[size[0], size[1]], mode="bicubic", align_corners=False)
 
 
 @register_notrace_function
@@ -75,10 +76,10 @@ class RaftTokenMLP(nn.Module):
     def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         r, e = self.raft_size, self.expansion
         y = self.norm(x)
-        y = strip_mix(y, self.fc1.weight.unsqueeze(0).unsqueeze(-1), self.fc1.bias.view(1, -1),
+        y = strip_mix_op(y, self.fc1.weight.unsqueeze(0).unsqueeze(-1), self.fc1.bias.view(1, -1),
                       self.axis, r, backend)
         y = self.drop(self.act(y))
-        y = strip_mix(y, self.fc2.weight.unsqueeze(0).unsqueeze(-1), self.fc2.bias.view(1, -1),
+        y = strip_mix_op(y, self.fc2.weight.unsqueeze(0).unsqueeze(-1), self.fc2.bias.view(1, -1),
                       self.axis, r * e, backend)
         return self.drop(y)
 

@@ -32,7 +32,27 @@ from ..kernels.strip_mix import strip_mix
 from . import register_mixer
 
 __all__ = ["CGSMM", "LSMM", "StripMLPBlock", "StripTokenMixing", "RelativePosition", "strip_groups",
-           "resize_strip_weight"]
+           "resize_strip_weight", "strip_mix_op"]
+
+
+@register_notrace_function
+def strip_mix_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], axis: str, raft_size: int,
+                 backend: str = "auto") -> torch.Tensor:
+    """``metaformer_zoo.kernels.strip_mix`` as the mixers call it: eager, FX (a leaf) and TorchScript.
+
+    Eager (and FX leaf) calls go through the kernel package's wrapper (argument checks, autocast, backend dispatch
+    including ``METAFORMER_ZOO_KERNELS``). Under TorchScript the registered op ``torch.ops.metaformer_zoo.strip_mix``
+    is called directly: weights in x's dtype, ``backend="auto"`` -> Triton for CUDA tensors, the reference otherwise
+    (TorchScript reads no environment variables; pass ``backend=`` to force one).
+    """
+    if torch.jit.is_scripting():
+        if backend == "auto":
+            backend = "triton" if x.is_cuda else "reference"
+        b: Optional[torch.Tensor] = None
+        if bias is not None:
+            b = bias.to(x.dtype)
+        return torch.ops.metaformer_zoo.strip_mix(x, weight.to(x.dtype), b, axis, raft_size, backend)
+    return strip_mix(x, weight, bias, axis, raft_size, backend)
 
 
 def strip_groups(channels: int) -> int:
@@ -121,18 +141,26 @@ class CGSMM(nn.Module):
         self.relate_pos_w = RelativePosition(dim, W)
 
     def _proj(self, x: torch.Tensor, conv: nn.Conv2d, axis: str) -> torch.Tensor:
-        L_trained = conv.weight.shape[1]
-        w = conv.weight.view(self.groups, L_trained, L_trained, 3)
-        b = conv.bias.view(self.groups, L_trained)
+        """Strip projection ``conv`` (``proj_h`` or ``proj_w``) along ``axis`` (eager helper)."""
+        return self._strip_proj(x, conv.weight, conv.bias, axis)
+
+    def _strip_proj(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    axis: str) -> torch.Tensor:
+        """One strip projection (``proj_h`` / ``proj_w`` weights) along ``axis``, resized to the map if needed."""
+        L_trained = weight.shape[1]
+        w = weight.view(self.groups, L_trained, L_trained, 3)
+        b: Optional[torch.Tensor] = None
+        if bias is not None:
+            b = bias.view(self.groups, L_trained)
         length = x.shape[-1] if axis == "w" else x.shape[-2]
-        w, b = resize_strip_weight(w, b, length, self.strict_size, f"Strip-MLP {axis}-strip")
-        return strip_mix(x, w, b, axis, 1, self.backend)
+        w, b = resize_strip_weight(w, b, length, self.strict_size, "Strip-MLP " + axis + "-strip")
+        return strip_mix_op(x, w, b, axis, 1, self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_h = self._proj(x + self.relate_pos_h(x), self.proj_h, "w")
+        x_h = self._strip_proj(x + self.relate_pos_h(x), self.proj_h.weight, self.proj_h.bias, "w")
         x_h = self.fuse_h(torch.cat([x_h, x], dim=1))
         x_h = self.activation(self.BN(x_h)) + self.relate_pos_w(x)
-        x_w = self._proj(x_h, self.proj_w, "h")
+        x_w = self._strip_proj(x_h, self.proj_w.weight, self.proj_w.bias, "h")
         return self.fuse_w(torch.cat([x, x_w], dim=1))
 
 

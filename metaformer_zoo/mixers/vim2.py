@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models import register_notrace_module
 
+from ..kernels import selective_scan2d as scan_ops
 from . import register_mixer
 
 __all__ = ["SS2D", "SelectiveChannelMixer", "mamba_dt_bias_", "mamba_A_log", "mamba_init_"]
@@ -34,10 +35,25 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def _scan_ops():
-    # imported lazily: the kernel package may pull in Triton
-    from metaformer_zoo.kernels import selective_scan2d as ops
-    return ops
+# The kernel package is called through these three functions. TorchScript calls them back in Python
+# (``torch.jit.ignore``): the kernel package's dispatch (reference on CPU, Triton on CUDA, ``METAFORMER_ZOO_KERNELS``)
+# and autograd stay the same in a scripted model, which therefore runs (and trains) in-process but cannot be
+# ``torch.jit.save``d (the plain-PyTorch reference scan is not a registered op).
+@torch.jit.ignore
+def _cross_scan(x: torch.Tensor) -> torch.Tensor:
+    return scan_ops.cross_scan(x)
+
+
+@torch.jit.ignore
+def _selective_scan2d(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                      D: torch.Tensor, delta_bias: torch.Tensor, backend: str) -> torch.Tensor:
+    return scan_ops.selective_scan2d(u, delta, A, B, C, D, delta_bias, delta_softplus=True, backend=backend)
+
+
+@torch.jit.ignore
+def _selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                    D: torch.Tensor, delta_bias: torch.Tensor, backend: str) -> torch.Tensor:
+    return scan_ops.selective_scan(u, delta, A, B, C, D, None, delta_bias, True, backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -91,9 +107,9 @@ class _SSMParams(nn.Module):
         x_dbl = torch.einsum("mkdl,kcd->mkcl", xs, self.x_proj_weight)
         R = self.dt_projs_weight.shape[-1]
         N = self.A_logs.shape[-1]
-        dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=2)
-        dts = torch.einsum("mkrl,kdr->mkdl", dts, self.dt_projs_weight)
-        return dts, Bs.contiguous(), Cs.contiguous()
+        parts = torch.split(x_dbl, [R, N, N], dim=2)
+        dts = torch.einsum("mkrl,kdr->mkdl", parts[0], self.dt_projs_weight)
+        return dts, parts[1].contiguous(), parts[2].contiguous()
 
 
 @register_notrace_module
@@ -139,12 +155,11 @@ class SS2D(_SSMParams):
         xz = self.in_proj(x.permute(0, 2, 3, 1))  # (B, H, W, 2 d_inner)
         u, z = xz.chunk(2, dim=-1)
         u = self.act(self.conv2d(u.permute(0, 3, 1, 2).contiguous()))  # (B, d_inner, H, W)
-        ops = _scan_ops()
-        xs = ops.cross_scan(u)  # (B, 4, d_inner, L)
+        xs = _cross_scan(u)  # (B, 4, d_inner, L)
         dts, Bs, Cs = self._project(xs)
         As = -torch.exp(_acc(self.A_logs))
-        y = ops.selective_scan2d(u, dts, As, Bs, Cs, _acc(self.Ds), _acc(self.dt_projs_bias).view(-1),
-                                 delta_softplus=True, backend=self.backend)  # (B, d_inner, H, W)
+        y = _selective_scan2d(u, dts, As, Bs, Cs, _acc(self.Ds), _acc(self.dt_projs_bias).view(-1),
+                              self.backend)  # (B, d_inner, H, W)
         y = self.out_norm(y.permute(0, 2, 3, 1).to(z.dtype))
         y = y * F.silu(z)
         y = self.dropout(self.out_proj(y))
@@ -208,8 +223,8 @@ class SelectiveChannelMixer(_SSMParams):
         u = self.act(self.conv1d(u)[..., :S])  # causal conv along the steps
         dts, Bs, Cs = self._project(u.view(M, K, g, S))
         As = -torch.exp(_acc(self.A_logs))
-        y = _scan_ops().selective_scan(u, dts.reshape(M, K * g, S), As, Bs, Cs, _acc(self.Ds), None,
-                                       _acc(self.dt_projs_bias).view(-1), True, backend=self.backend)
+        y = _selective_scan(u, dts.reshape(M, K * g, S), As, Bs, Cs, _acc(self.Ds), _acc(self.dt_projs_bias).view(-1),
+                            self.backend)
         y = y.view(M, K, g, S)
         y = y[:, 0] + y[:, 1].flip(-1) if K == 2 else y[:, 0]
         y = y.transpose(1, 2).to(z.dtype) * z  # (M, S, g)

@@ -94,8 +94,9 @@ class CrossScaleEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = resize_to_multiple(x, self.stride)
         out = self.proj[0](x)
-        for conv in self.proj[1:]:
-            out = out + conv(x)
+        for i, conv in enumerate(self.proj):
+            if i > 0:
+                out = out + conv(x)
         return out
 
 
@@ -126,8 +127,6 @@ class RaftMLP(MetaFormerBase):
         img_size: the size the token MLPs are built for (grid = ceil(img / 4), then halved with ceil per level).
         drop_path_rate: **constant** drop path of every sub-block (official: 0.1 in every block; not linear).
     """
-    supports_torchscript = False  # the strip_mix custom-op wrapper and resampling helpers are Python functions
-
     def __init__(
             self,
             in_chans: int = 3,

@@ -122,8 +122,6 @@ class StripMLP(MetaFormerBase):
             instead of resampling the strip weights.
         drop_path_rate: constant drop path of every residual (official: hard-coded 0.1; not linear).
     """
-    supports_torchscript = False
-
     def __init__(
             self,
             in_chans: int = 3,
@@ -166,35 +164,38 @@ class StripMLP(MetaFormerBase):
         self.head = MetaFormerHead(dims[-1], num_classes, global_pool=global_pool, norm_layer=nn.BatchNorm2d,
                                    norm_first=True, drop_rate=drop_rate)
 
-    def _blocks(self, stage: MetaFormerStage, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(stage.blocks, x)
-        return stage.blocks(x)
-
-    def _forward_stages(self, x: torch.Tensor, take: Sequence[int] = (), last: int = 3):
-        feats = []
-        s1_14 = s1_7 = s2_7 = None
+    def _forward_stages(self, x: torch.Tensor, take: List[int], last: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Stages 0..``last`` with the cross-stage shortcuts; returns the last output and the outputs in ``take``."""
+        feats: List[torch.Tensor] = []
+        s1_14: Optional[torch.Tensor] = None
+        s1_7: Optional[torch.Tensor] = None
+        s2_7: Optional[torch.Tensor] = None
         for i, stage in enumerate(self.stages):
-            if i > last:
-                break
-            x = stage.downsample(x)
-            if i == 1:
-                s1_14 = self.conv_s1_28(x)  # merging1 output -> stage-3 input
-                s1_7 = self.conv_s1_14(s1_14)  # -> stage-4 input
-            elif i == 2:
-                s2_7 = self.conv_s2_14(x)  # merging2 output -> stage-4 input
-                x = x + s1_14
-            elif i == 3:
-                x = x + s1_7 + s2_7
-            x = self._blocks(stage, x)
-            if i in take:
-                feats.append(x)
+            if i <= last:
+                x = stage.downsample(x)
+                if i == 1:
+                    s1_14 = self.conv_s1_28(x)  # merging1 output -> stage-3 input
+                    s1_7 = self.conv_s1_14(s1_14)  # -> stage-4 input
+                elif i == 2:
+                    s2_7 = self.conv_s2_14(x)  # merging2 output -> stage-4 input
+                    assert s1_14 is not None
+                    x = x + s1_14
+                elif i == 3:
+                    assert s1_7 is not None and s2_7 is not None
+                    x = x + s1_7 + s2_7
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    x = checkpoint_seq(stage.blocks, x)
+                else:
+                    x = stage.blocks(x)
+                if i in take:
+                    feats.append(x)
         return x, feats
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         x = self.stem(x)
-        x, _ = self._forward_stages(x, (), len(self.stages) - 1)
+        no_take: List[int] = []
+        x, _ = self._forward_stages(x, no_take, len(self.stages) - 1)
         return x
 
     def forward_intermediates(
@@ -213,7 +214,7 @@ class StripMLP(MetaFormerBase):
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last = max_index if stop_early else len(self.stages) - 1
         x = self.stem(x)
-        x, feats = self._forward_stages(x, take_indices, last)
+        x, feats = self._forward_stages(x, list(take_indices), last)
         if intermediates_only:
             return feats
         return x, feats

@@ -66,7 +66,7 @@ class Vim2Stem(nn.Module):
 @register_notrace_function
 def pad_to_even(x: torch.Tensor) -> torch.Tensor:
     """Zero-pad an NCHW map at the bottom/right to even H and W (VMamba PatchMerging2D)."""
-    H, W = x.shape[-2:]
+    H, W = x.shape[-2], x.shape[-1]
     if H % 2 != 0 or W % 2 != 0:
         x = F.pad(x, (0, W % 2, 0, H % 2))
     return x
@@ -151,7 +151,7 @@ class Vim2Stage(nn.Module):
         super().__init__()
         self.grad_checkpointing = False
         self.downsample = downsample if downsample is not None else nn.Identity()
-        self.blocks = nn.Sequential(*layers)
+        self.blocks = nn.ModuleList(layers)  # layers take the history lists: iterated, never called in sequence
 
     @classmethod
     def build(cls, dim: int, num_layers: int, token_per_layer: int = 2, in_dim: Optional[int] = None,
@@ -208,8 +208,6 @@ class Vim2(MetaFormerBase):
         dims: channels per stage. d_state, ssm_ratio: SS2D's N and expansion. channel_expand, channel_group: channel
         mixer width (2C) and step width g. drop_path_rate: linear over all mixer blocks in order.
     """
-
-    supports_torchscript = False  # checkpointing over lists of layer outputs, einsum-based scan
 
     def __init__(
             self,
