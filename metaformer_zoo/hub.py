@@ -331,7 +331,7 @@ def model_card(model: nn.Module, model_name: Optional[str] = None, source: Optio
     in22k = "22k" in tag or "21k" in tag or model.num_classes in (21841, 21843, 11821)
     datasets = ["imagenet-1k"] + (["imagenet-22k"] if in22k else [])
     top1 = official_results().get(arch) if model.num_classes == 1000 and not in22k else None
-    paper_id = _arxiv_id(cfg.get("paper_ids", "")) or _arxiv_id(fam.paper)
+    paper_id = _arxiv_id(cfg.get("paper_ids", "")) or fam.arxiv or _arxiv_id(fam.paper)
     repo_id = (extra_info or {}).get("repo_id") or f"<org>/{name}"
 
     lines = ["---", "library_name: timm", f"license: {license_}", "tags:", "- image-classification", "- timm",
