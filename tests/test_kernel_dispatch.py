@@ -232,3 +232,39 @@ def test_mamba_ssm_missing_gives_clear_error(monkeypatch):
     assert not ss.mamba_ssm_available()
     with pytest.raises(RuntimeError, match="pip install mamba-ssm"):
         ss.selective_scan2d(**_scan2d_args(), backend="mamba_ssm")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the GPU proof tools (CPU side: syntax, clean exit without a GPU, the table layout)
+# ----------------------------------------------------------------------------------------------------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_check_script_without_gpu():
+    import subprocess
+    script = os.path.join(ROOT, "tools", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: tools/gpu_check.sh would run the real check")
+    env = {**os.environ, "PYTHON": sys.executable}
+    res = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "no CUDA device" in res.stderr
+
+
+def test_benchmark_table_columns():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("benchmark_kernels", os.path.join(ROOT, "tools", "benchmark_kernels.py"))
+    bk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bk)
+    case = dict(bytes=4e9, bytes_fwd_bwd=1e10, exps=1e9, exps_fwd_bwd=2e9)
+    row = dict(op="selective_scan2d", case="stage1", err=1e-7, eager=(10.0, 40.0), compiled=None, triton=(1.0, 3.0),
+               mamba_ssm=(0.5, 2.5))
+    row = bk._finish_row(row, case, copy_bw=2e12, exp_rate=1e12)
+    table = bk.format_op_table([row, dict(op="fft_filter", case="x", error="OOM: y")], 2e12, 1e12, "GPU")
+    header = table.splitlines()[4]
+    for col in ("eager f+b", "compiled f+b", "triton f+b", "mamba-ssm fwd", "mamba-ssm f+b", "roofline fwd",
+                "roofline f+b"):
+        assert col in header, col
+    line = table.splitlines()[6]
+    assert "| 0.500 | 2.500 | 2.000 |" in line  # mamba-ssm fwd / f+b, roofline fwd = max(4e9 / 2e12, 1e9 / 1e12) s
+    assert bk.parse_args(["--ops", "selective_scan2d", "--batch", "8"]).batch == 8
