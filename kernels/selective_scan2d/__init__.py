@@ -13,9 +13,11 @@ Public API (reference semantics in ``reference.py``; algorithm, layouts and tole
   4-route op = ``cross_merge(selective_scan(cross_scan(x), ...))``; x (B, C, H, W) (any strides, channels-last
   included); delta (B, 4, C, H*W) in route order; A (4*C, N); B, C (B, 4, N, H*W); D, delta_bias (4*C,).
 
-Dispatch: ``metaformer_zoo.kernels.resolve_backend(backend, *tensors)`` -- Triton on CUDA tensors (or on CPU under
-``TRITON_INTERPRET=1``), the plain-PyTorch reference otherwise; ``backend="reference"|"triton"`` or the environment
-variable ``METAFORMER_ZOO_KERNELS`` force one.
+Dispatch: ``metaformer_zoo.kernels.resolve_backend(backend, *tensors, op="selective_scan2d")``: the plain-PyTorch
+reference by default (also on CUDA until the kernels are GPU-verified, see ``kernels/README.md``); Triton under
+``TRITON_INTERPRET=1`` or when forced (``backend="triton"`` / ``METAFORMER_ZOO_KERNELS=triton``), with a warn-once
+fallback to the reference if a kernel fails to compile or launch; ``backend="mamba_ssm"``: mamba-ssm's CUDA
+``selective_scan_fn`` when installed (never a dependency).
 
 The Triton path is two ``torch.library`` custom ops, ``metaformer_zoo::selective_scan_fwd`` and
 ``metaformer_zoo::selective_scan_bwd``, with fake (meta) implementations and ``register_autograd``: torch.compile and

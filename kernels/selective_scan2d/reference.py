@@ -4,10 +4,11 @@ Pieces (all differentiable by autograd):
 
 * ``selective_scan`` -- the semantics of mamba-ssm's ``selective_scan_ref`` (state-spaces/mamba,
   ``mamba_ssm/ops/selective_scan_interface.py``), real A only, computed with a chunked scan: the sequence is cut into
-  chunks of ``chunk_size`` steps, each chunk runs a sequential recurrence over its (B, D, T, N) slice and passes its
-  last state on. Under autograd every chunk is recomputed in backward (non-reentrant activation checkpointing), so
-  only the (B, D, N) state at each chunk start is kept: nothing of size (B, D, L, N) for the whole sequence is ever
-  alive. Float32 accumulation whatever the input dtype (float64 stays float64).
+  chunks of ``chunk_size`` steps; each chunk runs the recurrence over its (T, B, D, N) slab and passes its last state
+  on. Under autograd a custom ``autograd.Function`` saves only the (B, D, N) state at each chunk start and its
+  hand-written backward walks the chunks in reverse (recompute the chunk's states, adjoint recurrence, reductions),
+  so nothing of size (B, D, L, N) is ever alive. ``selective_scan_backward`` / ``selective_scan2d_backward`` give the
+  same gradients without autograd. Float32 accumulation whatever the input dtype (float64 stays float64).
 * ``cross_scan`` / ``cross_merge`` -- VMamba's 4 routes (``csm_triton.py``, ``scans=0``): 0 row-major, 1 column-major,
   2 reverse of 0, 3 reverse of 1; merge = the exact adjoint of scan (sum of the routes mapped back).
 * ``selective_scan2d`` -- the fused 4-route op = ``cross_merge(selective_scan(cross_scan(x)))``.
