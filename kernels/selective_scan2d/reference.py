@@ -220,8 +220,7 @@ def _scan_backward(u, delta, A, B, C, starts, T: int, gy, gh):
             lams.append(lam)
         Lam = torch.stack(lams[::-1], 0)  # (Tc, b, d, N)
         mu = a[0] * Lam[0]  # the adjoint carried into the previous chunk
-        hm = torch.cat([h0.unsqueeze(0), H[:-1]], 0).mul_(a)  # a_t h_{t-1}
-        LH = Lam * hm
+        LH = Lam * (H - bu)  # lam_t * a_t h_{t-1}
         Lam5 = Lam.view(Tc, b, G, dg, N)
         lamB = torch.einsum("tbgdn,tbgn->tbgd", Lam5, Bt).reshape(Tc, b, d)
         dC[..., s:e] = torch.einsum("tbgd,tbgdn->bgnt", gyt.reshape(Tc, b, G, dg), H.view(Tc, b, G, dg, N))
