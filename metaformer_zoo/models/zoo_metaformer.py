@@ -23,7 +23,8 @@ SPEC = FamilySpec(
     notes="generic skeleton: token mixers of any family per stage, passed as model kwargs; no pretrained weights",
     models=(
         Variant("zoo_metaformer", dict(
-            depths=(3, 3, 9, 3), dims=(64, 128, 320, 512), token_mixers=("sepconv", "sepconv", "attention", "attention"),
+            depths=(3, 3, 9, 3), dims=(64, 128, 320, 512),
+            token_mixers=("sepconv", "sepconv", "attention", "attention"),
             mlp_act="starrelu", mlp_bias=False, norm_layers="layernorm2d_nobias", downsample_norm="layernorm2d_nobias",
             res_scale_init_values=(None, None, 1.0, 1.0),
         ), params=23_750_936, macs=4_104_356_864),
