@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, Mlp, SelectAdaptivePool2d, trunc_normal_
+from timm.layers import DropPath, Mlp, SelectAdaptivePool2d, calculate_drop_path_rates, trunc_normal_
 from timm.models import checkpoint, checkpoint_seq, register_notrace_function
 from timm.models._features import feature_take_indices
 from timm.models.metaformer import Downsampling, MlpHead, Scale, Stem
@@ -103,13 +103,9 @@ def to_stage_list(value: Any, num_stages: int, name: str) -> list:
 
 
 def drop_path_rates(drop_path_rate: float, depths: Sequence[int]) -> List[List[float]]:
-    """Stochastic depth rising linearly over all blocks (``linspace(0, rate, sum(depths))``), split per stage."""
-    rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
-    out, i = [], 0
-    for d in depths:
-        out.append(rates[i:i + d])
-        i += d
-    return out
+    """Stochastic depth rising linearly over all blocks (``linspace(0, rate, sum(depths))``), split per stage: timm's
+    ``calculate_drop_path_rates`` in its per-stage-list form."""
+    return calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
 
 
 def make_mlp(dim: int, mlp_ratio: float, act_layer: Union[str, Callable] = "gelu", bias: bool = True,

@@ -1,12 +1,25 @@
-"""IdentityFormer and RandFormer: exact official parameter counts and MACs, checkpoint conversion, RandFormer size."""
+"""IdentityFormer, RandFormer and the composed zoo_metaformer: exact official parameter counts and MACs, checkpoint
+conversion, RandFormer size, and their family declarations (FamilySpec)."""
+import re
+from pathlib import Path
+
 import pytest
 import timm
 import torch
+import yaml
+from helpers import perturb
 
 import metaformer_zoo
+from metaformer_zoo import hub, zoo
 from metaformer_zoo.checkpoint import CheckpointError
+from metaformer_zoo.dense.core import resolve_out_norms
+from metaformer_zoo.models import _baselines, identityformer, randformer, zoo_metaformer
 from metaformer_zoo.models._baselines import checkpoint_filter_fn, official_state_dict
+from metaformer_zoo.skeleton import MetaFormer
 from metaformer_zoo.zoo import count_frozen_buffers, count_macs, count_params
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = {"identityformer": identityformer, "randformer": randformer, "composed": zoo_metaformer}
 
 # reference/metaformer.md section 2.2 (measured on the official sail-sg/metaformer code)
 PARAMS = {
@@ -57,10 +70,7 @@ def test_random_matrices_are_buffers_every_parameter_gets_a_gradient():
 @pytest.mark.parametrize("name", ["identityformer_s12", "randformer_s12"])
 def test_official_checkpoint_converts_strictly(name, tmp_path):
     torch.manual_seed(0)
-    src = timm.create_model(name).eval()
-    with torch.no_grad():  # move norms / scales / StarReLU off their init values
-        for p in src.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    src = perturb(timm.create_model(name))  # norms / scales / StarReLU / random matrices off their init values
     official = official_state_dict(src)
     # official layout facts: NHWC Linear MLP weights, downsample_layers.* naming, plain state dict
     assert official["stages.0.0.mlp.fc1.weight"].dim() == 2
@@ -124,3 +134,55 @@ def test_identity_mixer_branch_is_not_skipped():
 def test_pretrained_without_known_weights_is_an_error():
     with pytest.raises(ValueError, match="no pretrained weights are known for zoo_metaformer"):
         timm.create_model("zoo_metaformer", pretrained=True)
+
+
+@pytest.mark.parametrize("family", list(SPECS))
+def test_spec_declares_the_official_numbers(family):
+    """Each family is one FamilySpec in its module, registered in the catalogue, with the official params / MACs of
+    catalogue.json and the top-1 of results.csv on every variant."""
+    spec = SPECS[family].SPEC
+    assert zoo.family_of(spec.variants[0]) is spec and spec.model_cls is MetaFormer
+    rows, results = zoo.load_catalogue(), hub.official_results()
+    for v in spec.models:
+        row = rows[v.name]
+        assert (v.params, v.frozen_params, v.macs) == (row["params"], row["frozen_buffers"], row["macs"]), v.name
+        assert (v.top1, v.top1_source) == (results[v.name] if v.name in results else (None, "")), v.name
+        assert timm.models.model_entrypoint(v.name).__module__ == SPECS[family].__name__
+    small = spec.models[0]  # the declaration builds the model it describes
+    assert count_params(timm.create_model(small.name, device="meta"))[0] == small.params
+
+
+@pytest.mark.parametrize("family", list(SPECS))
+def test_spec_identity_recipe_and_card(family):
+    spec = SPECS[family].SPEC
+    assert spec.citation == _baselines.CITATION and spec.arxiv == "2210.13452"
+    recipe = yaml.safe_load((ROOT / "configs" / "train" / f"{spec.recipe}.yaml").read_text())
+    assert recipe["model"] in spec.variants
+    assert set(recipe.get("variants", {})) <= set(spec.variants)
+    if family == "composed":
+        return
+    assert set(recipe["variants"]) == set(spec.variants)
+    card = (ROOT / "model_cards" / f"{spec.card}.md").read_text()
+    bibtex = re.search(r"```bibtex\n(.*?)\n```", card, re.S).group(1)
+    assert bibtex == spec.citation
+    for v in spec.models:
+        assert v.tags == {"sail_in1k": {"url": _baselines.official_url(family, v.name)}}
+
+
+@pytest.mark.parametrize("name", ["identityformer_s12", "randformer_s12"])
+def test_dense_out_norms_are_the_adapter_default(name):
+    """sail-sg/metaformer has no dense code: nothing is declared and every output gets LayerNorm2d (eps 1e-6)."""
+    assert zoo.family_of(name).dense_out_norms is None
+    norms = resolve_out_norms(name, (0, 1, 2, 3), (64, 128, 320, 512))
+    assert [(type(n).__name__, n.eps, n.normalized_shape) for n in norms] == [
+        ("LayerNorm2d", 1e-6, (d,)) for d in (64, 128, 320, 512)]
+
+
+def test_random_mixing_resize_reaches_the_mixers():
+    model = timm.create_model("randformer_s12", random_mixing_resize=True, device="meta")
+    assert [b.token_mixer.resize for s in model.stages[2:] for b in s.blocks] == [True] * 8
+    fixed = timm.create_model("randformer_s12", device="meta")
+    assert not any(b.token_mixer.resize for s in fixed.stages[2:] for b in s.blocks)
+    own = timm.create_model("randformer_s12", random_mixing_resize=True, device="meta",
+                            mixer_kwargs=(None, None, None, dict(resize=True)))  # explicit mixer_kwargs win
+    assert not own.stages[2].blocks[0].token_mixer.resize and own.stages[3].blocks[0].token_mixer.resize

@@ -1,14 +1,20 @@
-"""Shared by the MetaFormer-baselines families of the zoo (IdentityFormer, RandFormer): spec, cfg, checkpoint filter.
+"""Shared by the MetaFormer-baselines families of the zoo (IdentityFormer, RandFormer; the composed ``zoo_metaformer``
+and timm's PoolFormerV2 / ConvFormer / CAFormer specs reuse parts): identity, pretrained cfg, sizes, official format.
 
 They share PoolFormerV2's macro design (sail-sg/metaformer ``metaformer_baselines.py``): conv7 s4 stem with a
 post channel-LN (no bias, eps 1e-6), pre-norm conv3 s2 downsampling, "modified LN" block norms (GroupNorm(1) over
 (C, H, W), weight only, eps 1e-6), StarReLU MLP without bias, res-scale in stages 3-4, GAP -> LN(eps 1e-6) -> Linear.
 """
+from typing import Dict, Mapping
+
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ..checkpoint import linear_to_conv1x1, remap_keys, unwrap_state_dict, validate_state_dict
+from ..checkpoint import CheckpointError, linear_to_conv1x1, remap_keys, unwrap_state_dict, validate_state_dict
 from ..skeleton import MetaFormer
+
+__all__ = ["CITATION", "IDENTITY", "CFG", "SIZES", "BASE_ARGS", "official_url", "official_tags",
+           "checkpoint_filter_fn", "official_state_dict"]
 
 CITATION = """@article{yu2024metaformer,
   title={MetaFormer Baselines for Vision},
@@ -20,19 +26,41 @@ CITATION = """@article{yu2024metaformer,
   year={2024}
 }"""
 
+# family identity shared by IdentityFormer, RandFormer and the composed zoo_metaformer (FamilySpec fields)
+IDENTITY = dict(paper="MetaFormer Baselines for Vision", arxiv="2210.13452",
+                code="https://github.com/sail-sg/metaformer", license="apache-2.0", citation=CITATION)
+
+# pretrained-cfg fields shared by every variant (FamilySpec.cfg)
+CFG = dict(
+    input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=1.0, interpolation="bicubic",
+    mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="stem.conv", classifier="head.fc",
+)
+
+# depths and dims of the five sizes (sail-sg/metaformer metaformer_baselines.py)
 SIZES = {
-    # name: (depths, dims)
-    "s12": ((2, 2, 6, 2), (64, 128, 320, 512)),
-    "s24": ((4, 4, 12, 4), (64, 128, 320, 512)),
-    "s36": ((6, 6, 18, 6), (64, 128, 320, 512)),
-    "m36": ((6, 6, 18, 6), (96, 192, 384, 768)),
-    "m48": ((8, 8, 24, 8), (96, 192, 384, 768)),
+    "s12": dict(depths=(2, 2, 6, 2), dims=(64, 128, 320, 512)),
+    "s24": dict(depths=(4, 4, 12, 4), dims=(64, 128, 320, 512)),
+    "s36": dict(depths=(6, 6, 18, 6), dims=(64, 128, 320, 512)),
+    "m36": dict(depths=(6, 6, 18, 6), dims=(96, 192, 384, 768)),
+    "m48": dict(depths=(8, 8, 24, 8), dims=(96, 192, 384, 768)),
 }
 
+# MetaFormer constructor kwargs of the PoolFormerV2 macro design, shared by both families
 BASE_ARGS = dict(
     mlp_act="starrelu", mlp_bias=False, norm_layers="groupnorm1_nobias", downsample_norm="layernorm2d_nobias",
     res_scale_init_values=(None, None, 1.0, 1.0), output_norm="layernorm2d",
 )
+
+
+def official_url(family: str, name: str) -> str:
+    """The released checkpoint of ``name`` (sail-sg/metaformer README links, hosted on the Hugging Face Hub)."""
+    return f"https://huggingface.co/sail/dl/resolve/main/{family}/{name}.pth"
+
+
+def official_tags(family: str, name: str) -> Dict[str, Dict[str, str]]:
+    """The variant's one pretrained tag (``sail_in1k``) with its official URL (``Variant.tags``)."""
+    return {"sail_in1k": dict(url=official_url(family, name))}
+
 
 # official key -> zoo key (sail-sg/metaformer layout; same as timm's MetaFormer conversion)
 OFFICIAL_RULES = (
@@ -46,35 +74,20 @@ OFFICIAL_RULES = (
 )
 
 
-def cfg(url: str = "", **kwargs):
-    return {
-        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 1.0, "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv", "classifier": "head.fc", "license": "apache-2.0",
-        "paper_ids": "arXiv:2210.13452", "paper_name": "MetaFormer Baselines for Vision",
-        "origin_url": "https://github.com/sail-sg/metaformer", **kwargs,
-    }
-
-
-def official_url(family: str, name: str) -> str:
-    return f"https://huggingface.co/sail/dl/resolve/main/{family}/{name}.pth"
-
-
-def checkpoint_filter_fn(state_dict, model: MetaFormer):
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: MetaFormer) -> Dict[str, torch.Tensor]:
     """Official sail-sg/metaformer checkpoint (plain state dict, NHWC Linear weights) -> zoo layout, validated."""
     state_dict = unwrap_state_dict(state_dict)
     if "stem.conv.weight" not in state_dict:
         if "downsample_layers.0.conv.weight" not in state_dict:
-            raise_layout_error(state_dict, model)
+            raise _layout_error(state_dict, model)
         state_dict = remap_keys(state_dict, OFFICIAL_RULES)
     state_dict = linear_to_conv1x1(dict(state_dict), model)
     return validate_state_dict(state_dict, model, source="checkpoint (sail-sg/metaformer layout)")
 
 
-def raise_layout_error(state_dict, model):
-    from ..checkpoint import CheckpointError
+def _layout_error(state_dict: Mapping[str, torch.Tensor], model: MetaFormer) -> CheckpointError:
     sample = ", ".join(sorted(state_dict)[:5])
-    raise CheckpointError(
+    return CheckpointError(
         f"unrecognised checkpoint layout for {type(model).__name__}: expected official sail-sg/metaformer keys "
         f"('downsample_layers.0.conv.weight', 'stages.0.0.norm1.weight', ...) or zoo/timm keys ('stem.conv.weight'), "
         f"got {sample} ... Is this a checkpoint of another family?"
@@ -93,7 +106,7 @@ _TO_OFFICIAL = (
 )
 
 
-def official_state_dict(model: MetaFormer):
+def official_state_dict(model: MetaFormer) -> Dict[str, torch.Tensor]:
     """The model's weights in the official sail-sg/metaformer layout (NHWC Linear weights, plain state dict)."""
     out = {}
     for k, v in remap_keys(model.state_dict(), _TO_OFFICIAL).items():

@@ -1,4 +1,4 @@
-"""``zoo_metaformer``: the generic, composable MetaFormer of the zoo.
+"""``zoo_metaformer``: the generic, composable MetaFormer of the zoo (family ``composed``).
 
 Any registered token mixer per stage, from any family (``metaformer_zoo.mixers.list_mixers()``)::
 
@@ -6,28 +6,28 @@ Any registered token mixer per stage, from any family (``metaformer_zoo.mixers.l
                       depths=(2, 2, 6, 2), dims=(64, 128, 320, 512), num_classes=10)
 
 Defaults are a CAFormer-S18-like layout (SepConv, SepConv, Attention, Attention) with a Linear head. There are no
-pretrained weights for compositions; every argument of ``metaformer_zoo.MetaFormer`` is a model kwarg.
+pretrained weights for compositions; every argument of ``metaformer_zoo.MetaFormer`` is a model kwarg. The bundled
+``digits`` recipe trains it.
 """
-from timm.models import generate_default_cfgs, register_model
-
-from ..builder import build_zoo_model
 from ..skeleton import MetaFormer
+from ..spec import FamilySpec, Variant
 from ..zoo import register_family
-from ._baselines import cfg
+from ._baselines import CFG, IDENTITY
 
-default_cfgs = generate_default_cfgs({
-    "zoo_metaformer": cfg(paper_ids="arXiv:2210.13452", origin_url="https://github.com/sail-sg/metaformer"),
-})
+__all__ = ["SPEC"]
 
-register_family("composed", ["zoo_metaformer"], paper="MetaFormer Baselines for Vision (arXiv 2210.13452)",
-                notes="generic skeleton: token mixers of any family per stage, passed as model kwargs")
-
-
-@register_model
-def zoo_metaformer(pretrained=False, **kwargs) -> MetaFormer:
-    model_args = dict(
-        depths=(3, 3, 9, 3), dims=(64, 128, 320, 512), token_mixers=("sepconv", "sepconv", "attention", "attention"),
-        mlp_act="starrelu", mlp_bias=False, norm_layers="layernorm2d_nobias", downsample_norm="layernorm2d_nobias",
-        res_scale_init_values=(None, None, 1.0, 1.0),
-    )
-    return build_zoo_model(MetaFormer, "zoo_metaformer", pretrained, **dict(model_args, **kwargs))
+SPEC = FamilySpec(
+    name="composed", model_cls=MetaFormer, **IDENTITY,
+    cfg=dict(CFG, url=""),  # no weights (an empty url, as timm writes for weightless cfgs)
+    recipe="digits",
+    notes="generic skeleton: token mixers of any family per stage, passed as model kwargs; no pretrained weights",
+    models=(
+        Variant("zoo_metaformer", dict(
+            depths=(3, 3, 9, 3), dims=(64, 128, 320, 512),
+            token_mixers=("sepconv", "sepconv", "attention", "attention"),
+            mlp_act="starrelu", mlp_bias=False, norm_layers="layernorm2d_nobias", downsample_norm="layernorm2d_nobias",
+            res_scale_init_values=(None, None, 1.0, 1.0),
+        ), params=23_750_936, macs=4_104_356_864),
+    ),
+)
+register_family(SPEC, __name__)
