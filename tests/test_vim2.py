@@ -11,8 +11,8 @@ from metaformer_zoo.checkpoint import CheckpointError
 from metaformer_zoo.kernels.selective_scan2d.reference import selective_scan_ref_naive
 from metaformer_zoo.mixers import create_mixer
 from metaformer_zoo.mixers.vim2 import SS2D, SelectiveChannelMixer
-from metaformer_zoo.models.vim2 import (
-    DENSE_OUT_NORMS, Vim2, Vim2Layer, checkpoint_filter_fn, dense_out_norm)
+from metaformer_zoo.dense.core import resolve_out_norms
+from metaformer_zoo.models.vim2 import Vim2, Vim2Layer, checkpoint_filter_fn
 from metaformer_zoo.zoo import count_params
 
 # paper (arXiv 2403.19888 v1, ImageNet table); SS2D-only totals measured by instantiating VMamba-v0 code with the
@@ -23,7 +23,7 @@ VMAMBA_TOKEN_ONLY_M = {"vim2_tiny": 19.31, "vim2_small": 33.66, "vim2_base": 57.
 
 def _tiny_cfg(**kw):
     # a small ViM2 for fast mechanics tests (same code path as the registered variants)
-    return Vim2(**dict(dict(depths=(2, 2, 4, 2), layers=(1, 1, 2, 1), dims=(32, 64, 128, 256), num_classes=10), **kw))
+    return Vim2(**dict(dict(depths=(1, 1, 2, 1), dims=(32, 64, 128, 256), num_classes=10), **kw))
 
 
 @pytest.mark.parametrize("name", list(PAPER_M))
@@ -191,10 +191,12 @@ def test_registered_variant_features_only():
 
 
 def test_dense_out_norms():
-    assert len(DENSE_OUT_NORMS) == 4
-    norm = dense_out_norm(1, 192)
+    # VMamba's Backbone_VSSM outnorm{i}: a channel LayerNorm with nn.LayerNorm's eps 1e-5 on every output
+    norms = resolve_out_norms("vim2_tiny", (0, 1, 2, 3), (96, 192, 384, 768))
+    assert all(type(n) is timm.layers.LayerNorm2d and n.eps == 1e-5 for n in norms)
+    assert [n.normalized_shape[0] for n in norms] == [96, 192, 384, 768]
     x = torch.randn(2, 192, 3, 3) * 5 + 2
-    y = norm(x)
+    y = norms[1](x)
     torch.testing.assert_close(y.mean(1), torch.zeros(2, 3, 3), atol=1e-5, rtol=0)
 
 
@@ -225,8 +227,23 @@ def test_checkpoint_filter():
 
 
 def test_bad_config_raises():
-    with pytest.raises(ValueError, match="multiple of its layer count"):
-        Vim2(depths=(2, 2, 5, 2), layers=(1, 1, 3, 1))
+    with pytest.raises(ValueError, match="one entry per stage"):
+        Vim2(depths=(1, 1, 3), dims=(32, 64, 128, 256))
+    with pytest.raises(ValueError, match="at least one SS2D block"):
+        Vim2(depths=(1, 1, 1, 1), dims=(32, 64, 128, 256), token_blocks=0)
+    with pytest.raises(ValueError, match="token_blocks has 3 entries"):
+        Vim2(depths=(1, 1, 1, 1), dims=(32, 64, 128, 256), token_blocks=(2, 2, 2))
+
+
+def test_depths_count_layers_and_token_blocks_per_layer():
+    """``depths`` counts each stage's blocks (MambaMixer layers, keys ``stages.i.blocks.j``); ``token_blocks`` the
+    SS2D blocks inside each layer (one value or one per stage)."""
+    model = Vim2(depths=(1, 2, 1, 1), dims=(16, 32, 64, 128), token_blocks=(1, 2, 3, 2), d_state=4)
+    assert [len(s.blocks) for s in model.stages] == [1, 2, 1, 1]
+    assert [len(layer.token_blocks) for s in model.stages for layer in s.blocks] == [1, 2, 2, 3, 2]
+    vt = timm.create_model("vim2_tiny", device="meta")
+    assert [len(s.blocks) for s in vt.stages] == [1, 1, 3, 1]
+    assert {len(layer.token_blocks) for s in vt.stages for layer in s.blocks} == {2}
 
 
 @pytest.mark.slow
