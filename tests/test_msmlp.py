@@ -60,6 +60,29 @@ def test_macs(name):
     assert abs(macs / OFFICIAL[name][1] - 1) < 0.01
 
 
+def test_spec_declares_registry_and_cfgs():
+    """One FamilySpec: entrypoints, tags and pretrained cfgs derived from it are the published ones."""
+    spec = family_of("msmlp_tiny")
+    assert spec.variants == tuple(OFFICIAL) and spec.official.wrapper == "model"
+    assert timm.list_pretrained("msmlp*") == ["msmlp_base.in1k", "msmlp_small.in1k", "msmlp_tiny.in1k"]
+    for name, (params, macs) in OFFICIAL.items():
+        v = spec.variant(name)
+        assert v.params == params and abs(v.macs / macs - 1) < 1e-3
+        cfg = timm.models.get_pretrained_cfg(f"{name}.in1k").to_dict()
+        size = name.split("_")[1]
+        assert cfg["url"] == (f"https://tsciencescu.blob.core.windows.net/projectshzheng/MSMLP/released_model/"
+                              f"msmlp_{size}_patch4/msmlp_{size}_patch4_ckpt_epoch299.pth")
+        assert (cfg["input_size"], cfg["pool_size"], cfg["crop_pct"], cfg["interpolation"]) == \
+            ((3, 224, 224), (7, 7), 0.875, "bicubic")
+        assert (cfg["first_conv"], cfg["classifier"], cfg["license"], cfg["paper_ids"], cfg["origin_url"]) == \
+            ("stem.proj", "head.fc", "mit", "arXiv:2202.06510", "https://github.com/JegZheng/MS-MLP")
+        assert cfg["paper_name"] == "Mixing and Shifting: Exploiting Global and Local Dependencies in Vision MLPs"
+    # widths are per stage (official EMBED_DIM C -> (C, 2C, 4C, 8C)); the old scalar kwarg is gone
+    assert [f["num_chs"] for f in timm.create_model("msmlp_base", device="meta").feature_info] == [128, 256, 512, 1024]
+    with pytest.raises(TypeError, match="embed_dim"):
+        timm.create_model("msmlp_tiny", embed_dim=64, device="meta")
+
+
 def test_names_do_not_collide_with_timm():
     import importlib
     for name in OFFICIAL:

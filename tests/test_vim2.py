@@ -13,7 +13,7 @@ from metaformer_zoo.mixers import create_mixer
 from metaformer_zoo.mixers.vim2 import SS2D, SelectiveChannelMixer
 from metaformer_zoo.dense.core import resolve_out_norms
 from metaformer_zoo.models.vim2 import Vim2, Vim2Layer, checkpoint_filter_fn
-from metaformer_zoo.zoo import count_params
+from metaformer_zoo.zoo import count_params, family_of
 
 # paper (arXiv 2403.19888 v1, ImageNet table); SS2D-only totals measured by instantiating VMamba-v0 code with the
 # ViM2 depths (reference/vim2_scan.md §1.6)
@@ -224,6 +224,21 @@ def test_checkpoint_filter():
     bad.pop("stages.0.blocks.0.alpha")
     with pytest.raises(CheckpointError):
         checkpoint_filter_fn(bad, model)
+
+
+def test_spec_declares_registry_and_cfgs():
+    spec = family_of("vim2_tiny")
+    assert spec.variants == ("vim2_tiny", "vim2_small", "vim2_base")
+    assert spec.official.to_official is None and spec.official.wrapper is None
+    assert timm.list_pretrained("vim2*") == []  # no weights exist: the "untrained" tags carry no url
+    for name in spec.variants:
+        cfg = timm.models.get_pretrained_cfg(f"{name}.untrained").to_dict()
+        assert cfg["url"] == "" and not cfg.get("hf_hub_id")
+        assert (cfg["input_size"], cfg["pool_size"], cfg["crop_pct"], cfg["interpolation"]) == \
+            ((3, 224, 224), (7, 7), 0.875, "bicubic")
+        assert (cfg["first_conv"], cfg["classifier"], cfg["license"], cfg["paper_ids"], cfg["origin_url"]) == \
+            ("stem.conv", "head.fc", "apache-2.0", "arXiv:2403.19888", "https://github.com/MambaMixer/M2")
+        assert spec.variant(name).params == count_params(timm.create_model(name, device="meta"))[0]
 
 
 def test_bad_config_raises():
