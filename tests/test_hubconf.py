@@ -38,7 +38,7 @@ def test_hub_load_zoo_and_timm_models():
 def test_hub_load_official_checkpoint(tmp_path):
     """An official release file (MS-MLP: pickles a yacs config) through torch.hub.load(..., checkpoint_path=...)."""
     from test_loading import write_official
-    kw = dict(embed_dim=10, depths=(1, 1, 1, 1))
+    kw = dict(dims=(10, 20, 40, 80), depths=(1, 1, 1, 1))
     path = tmp_path / "msmlp_tiny_patch4_ckpt_epoch299.pth"
     src = write_official("msmlp_tiny", path, **kw)
     model = torch.hub.load(str(ROOT), "msmlp_tiny", source="local", checkpoint_path=str(path), **kw)

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # CheckpointSaver format: test_ema_weights_are_picked_the_same_way_everywhere; TransXNet's own under -m slow)
 TINY = {
     "identityformer_s12": dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)),
-    "msmlp_tiny": dict(embed_dim=10, depths=(1, 1, 1, 1)),
+    "msmlp_tiny": dict(dims=(10, 20, 40, 80), depths=(1, 1, 1, 1)),
     "stripmlp_light_t": dict(embed_dim=16, layers=(1, 1, 1, 1)),
 }
 

@@ -8,12 +8,12 @@ import timm
 import torch
 
 import metaformer_zoo  # noqa: F401  (registers the models)
-from metaformer_zoo.checkpoint import CheckpointError
+from helpers import perturb
+from metaformer_zoo.checkpoint import CheckpointError, load_checkpoint_file
+from metaformer_zoo.dense.core import resolve_out_norms
 from metaformer_zoo.mixers import create_mixer
 from metaformer_zoo.mixers.msmlp import MIX_SIZES, MixShift, chunk_sizes, mix_shift
-from metaformer_zoo.models.msmlp import (
-    DENSE_OUT_NORMS, checkpoint_filter_fn, dense_out_norm, load_official_checkpoint, official_state_dict,
-)
+from metaformer_zoo.models.msmlp import checkpoint_filter_fn, official_state_dict
 from metaformer_zoo.zoo import count_macs, count_params, family_of
 
 # measured on the official code (reference/mlp_freq.md section 3.1)
@@ -33,7 +33,7 @@ SHALLOW = dict(depths=(1, 1, 1, 1))
 def tiny():
     torch.manual_seed(0)
     model = timm.create_model("msmlp_tiny", **SHALLOW).eval()
-    _randomise(model)
+    perturb(model, seed=1)
     return model
 
 
@@ -41,20 +41,9 @@ def tiny():
 def narrow():
     """A narrow MS-MLP (widths 40..320, two blocks in stage 3) for the checkpoint round trips."""
     torch.manual_seed(0)
-    model = timm.create_model("msmlp_tiny", embed_dim=40, depths=(1, 1, 2, 1)).eval()
-    _randomise(model)
+    model = timm.create_model("msmlp_tiny", dims=(40, 80, 160, 320), depths=(1, 1, 2, 1)).eval()
+    perturb(model, seed=1)
     return model
-
-
-def _randomise(model):
-    """Move gamma (1e-6 at init) and the norms away from their init so every weight shows in the output."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("gamma"):
-                p.copy_(0.5 * torch.rand(p.shape, generator=g))
-            elif "norm" in n or n.endswith("bias"):
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
 
 
 @pytest.mark.parametrize("name", list(OFFICIAL))
@@ -69,6 +58,29 @@ def test_param_counts(name):
 def test_macs(name):
     macs = count_macs(timm.create_model(name, device="meta"), (3, 224, 224), device="meta")
     assert abs(macs / OFFICIAL[name][1] - 1) < 0.01
+
+
+def test_spec_declares_registry_and_cfgs():
+    """One FamilySpec: entrypoints, tags and pretrained cfgs derived from it are the published ones."""
+    spec = family_of("msmlp_tiny")
+    assert spec.variants == tuple(OFFICIAL) and spec.official.wrapper == "model"
+    assert timm.list_pretrained("msmlp*") == ["msmlp_base.in1k", "msmlp_small.in1k", "msmlp_tiny.in1k"]
+    for name, (params, macs) in OFFICIAL.items():
+        v = spec.variant(name)
+        assert v.params == params and abs(v.macs / macs - 1) < 1e-3
+        cfg = timm.models.get_pretrained_cfg(f"{name}.in1k").to_dict()
+        size = name.split("_")[1]
+        assert cfg["url"] == (f"https://tsciencescu.blob.core.windows.net/projectshzheng/MSMLP/released_model/"
+                              f"msmlp_{size}_patch4/msmlp_{size}_patch4_ckpt_epoch299.pth")
+        assert (cfg["input_size"], cfg["pool_size"], cfg["crop_pct"], cfg["interpolation"]) == \
+            ((3, 224, 224), (7, 7), 0.875, "bicubic")
+        assert (cfg["first_conv"], cfg["classifier"], cfg["license"], cfg["paper_ids"], cfg["origin_url"]) == \
+            ("stem.proj", "head.fc", "mit", "arXiv:2202.06510", "https://github.com/JegZheng/MS-MLP")
+        assert cfg["paper_name"] == "Mixing and Shifting: Exploiting Global and Local Dependencies in Vision MLPs"
+    # widths are per stage (official EMBED_DIM C -> (C, 2C, 4C, 8C)); the old scalar kwarg is gone
+    assert [f["num_chs"] for f in timm.create_model("msmlp_base", device="meta").feature_info] == [128, 256, 512, 1024]
+    with pytest.raises(TypeError, match="embed_dim"):
+        timm.create_model("msmlp_tiny", embed_dim=64, device="meta")
 
 
 def test_names_do_not_collide_with_timm():
@@ -268,21 +280,21 @@ def test_official_checkpoint_safe_load_filter_strict(narrow, tmp_path):
     with zipfile.ZipFile(path) as z:  # the file pickles a yacs CfgNode (plain torch refuses it: tests/test_loading.py)
         assert any(b"yacs.config\nCfgNode" in z.read(n) for n in z.namelist() if n.endswith("data.pkl"))
 
-    ckpt = load_official_checkpoint(path)
+    ckpt = load_checkpoint_file(path)
     assert "yacs" not in sys.modules  # nothing imported yacs (or any stand-in) behind our back
     cfg = ckpt["config"]
     assert type(cfg) is dict and type(cfg["MODEL"]["MSMLP"]) is dict
     assert cfg["MODEL"]["MSMLP"]["DEPTHS"] == [3, 3, 9, 3] and cfg["TRAIN"]["OPTIMIZER"]["BETAS"] == (0.9, 0.999)
     assert ckpt["epoch"] == 299
 
-    fresh = timm.create_model("msmlp_tiny", embed_dim=40, depths=(1, 1, 2, 1)).eval()
+    fresh = timm.create_model("msmlp_tiny", dims=(40, 80, 160, 320), depths=(1, 1, 2, 1)).eval()
     fresh.load_state_dict(checkpoint_filter_fn(ckpt, fresh), strict=True)
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), tiny(x), rtol=0, atol=0)
 
     # timm's pretrained path (custom_load -> MSMLP.load_pretrained), with a re-sized classifier
-    m10 = timm.create_model("msmlp_tiny", embed_dim=40, depths=(1, 1, 2, 1), pretrained=True, num_classes=10,
+    m10 = timm.create_model("msmlp_tiny", dims=(40, 80, 160, 320), depths=(1, 1, 2, 1), pretrained=True, num_classes=10,
                             pretrained_cfg_overlay=dict(file=path, custom_load=True)).eval()
     torch.testing.assert_close(m10.stages[2].blocks[1].mlp.fc2.weight, tiny.stages[2].blocks[1].mlp.fc2.weight)
     with torch.no_grad():
@@ -299,7 +311,7 @@ def test_loader_never_runs_foreign_pickles(tmp_path, capsys):
     path = str(tmp_path / "evil.pth")
     torch.save({"model": {"x": torch.ones(1)}, "config": _Evil()}, path)
     with pytest.raises(CheckpointError, match="cannot read"):
-        load_official_checkpoint(path)
+        load_checkpoint_file(path)
     assert "PWNED" not in capsys.readouterr().out
 
 
@@ -312,7 +324,7 @@ def test_checkpoint_errors():
     with pytest.raises(CheckpointError, match="unexpected key"):
         checkpoint_filter_fn({"model": sd}, tiny)  # a small checkpoint into tiny: 18 stage-3 blocks too many
     with pytest.raises(CheckpointError, match="not found"):
-        load_official_checkpoint("/nonexistent/msmlp.pth")
+        load_checkpoint_file("/nonexistent/msmlp.pth")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -335,9 +347,11 @@ def test_features_only_and_dense_norms():
     with torch.no_grad():
         feats = model(torch.randn(1, 3, 96, 64))
     assert [tuple(f.shape) for f in feats] == [(1, 192, 12, 8), (1, 768, 3, 2)]
-    assert len(DENSE_OUT_NORMS) == 4
-    norm = dense_out_norm(2, 384)
-    y = norm(torch.randn(2, 384, 5, 7) * 3 + 1)
+    # dense adapter: a channel LayerNorm (eps 1e-6) on each of the 4 outputs, declared as data in the spec
+    norms = resolve_out_norms("msmlp_tiny", (0, 1, 2, 3), (96, 192, 384, 768))
+    assert all(type(n) is timm.layers.LayerNorm2d and n.eps == 1e-6 for n in norms)
+    assert [n.normalized_shape[0] for n in norms] == [96, 192, 384, 768]
+    y = norms[2](torch.randn(2, 384, 5, 7) * 3 + 1)
     torch.testing.assert_close(y.mean(1), torch.zeros(2, 5, 7), atol=1e-5, rtol=0)
 
 

@@ -11,9 +11,9 @@ from metaformer_zoo.checkpoint import CheckpointError
 from metaformer_zoo.kernels.selective_scan2d.reference import selective_scan_ref_naive
 from metaformer_zoo.mixers import create_mixer
 from metaformer_zoo.mixers.vim2 import SS2D, SelectiveChannelMixer
-from metaformer_zoo.models.vim2 import (
-    DENSE_OUT_NORMS, Vim2, Vim2Layer, checkpoint_filter_fn, dense_out_norm)
-from metaformer_zoo.zoo import count_params
+from metaformer_zoo.dense.core import resolve_out_norms
+from metaformer_zoo.models.vim2 import Vim2, Vim2Layer, checkpoint_filter_fn
+from metaformer_zoo.zoo import count_params, family_of
 
 # paper (arXiv 2403.19888 v1, ImageNet table); SS2D-only totals measured by instantiating VMamba-v0 code with the
 # ViM2 depths (reference/vim2_scan.md §1.6)
@@ -23,7 +23,7 @@ VMAMBA_TOKEN_ONLY_M = {"vim2_tiny": 19.31, "vim2_small": 33.66, "vim2_base": 57.
 
 def _tiny_cfg(**kw):
     # a small ViM2 for fast mechanics tests (same code path as the registered variants)
-    return Vim2(**dict(dict(depths=(2, 2, 4, 2), layers=(1, 1, 2, 1), dims=(32, 64, 128, 256), num_classes=10), **kw))
+    return Vim2(**dict(dict(depths=(1, 1, 2, 1), dims=(32, 64, 128, 256), num_classes=10), **kw))
 
 
 @pytest.mark.parametrize("name", list(PAPER_M))
@@ -191,10 +191,12 @@ def test_registered_variant_features_only():
 
 
 def test_dense_out_norms():
-    assert len(DENSE_OUT_NORMS) == 4
-    norm = dense_out_norm(1, 192)
+    # VMamba's Backbone_VSSM outnorm{i}: a channel LayerNorm with nn.LayerNorm's eps 1e-5 on every output
+    norms = resolve_out_norms("vim2_tiny", (0, 1, 2, 3), (96, 192, 384, 768))
+    assert all(type(n) is timm.layers.LayerNorm2d and n.eps == 1e-5 for n in norms)
+    assert [n.normalized_shape[0] for n in norms] == [96, 192, 384, 768]
     x = torch.randn(2, 192, 3, 3) * 5 + 2
-    y = norm(x)
+    y = norms[1](x)
     torch.testing.assert_close(y.mean(1), torch.zeros(2, 3, 3), atol=1e-5, rtol=0)
 
 
@@ -224,9 +226,39 @@ def test_checkpoint_filter():
         checkpoint_filter_fn(bad, model)
 
 
+def test_spec_declares_registry_and_cfgs():
+    spec = family_of("vim2_tiny")
+    assert spec.variants == ("vim2_tiny", "vim2_small", "vim2_base")
+    assert spec.official.to_official is None and spec.official.wrapper is None
+    assert timm.list_pretrained("vim2*") == []  # no weights exist: the "untrained" tags carry no url
+    for name in spec.variants:
+        cfg = timm.models.get_pretrained_cfg(f"{name}.untrained").to_dict()
+        assert cfg["url"] == "" and not cfg.get("hf_hub_id")
+        assert (cfg["input_size"], cfg["pool_size"], cfg["crop_pct"], cfg["interpolation"]) == \
+            ((3, 224, 224), (7, 7), 0.875, "bicubic")
+        assert (cfg["first_conv"], cfg["classifier"], cfg["license"], cfg["paper_ids"], cfg["origin_url"]) == \
+            ("stem.conv", "head.fc", "apache-2.0", "arXiv:2403.19888", "https://github.com/MambaMixer/M2")
+        assert spec.variant(name).params == count_params(timm.create_model(name, device="meta"))[0]
+
+
 def test_bad_config_raises():
-    with pytest.raises(ValueError, match="multiple of its layer count"):
-        Vim2(depths=(2, 2, 5, 2), layers=(1, 1, 3, 1))
+    with pytest.raises(ValueError, match="one entry per stage"):
+        Vim2(depths=(1, 1, 3), dims=(32, 64, 128, 256))
+    with pytest.raises(ValueError, match="at least one SS2D block"):
+        Vim2(depths=(1, 1, 1, 1), dims=(32, 64, 128, 256), token_blocks=0)
+    with pytest.raises(ValueError, match="token_blocks has 3 entries"):
+        Vim2(depths=(1, 1, 1, 1), dims=(32, 64, 128, 256), token_blocks=(2, 2, 2))
+
+
+def test_depths_count_layers_and_token_blocks_per_layer():
+    """``depths`` counts each stage's blocks (MambaMixer layers, keys ``stages.i.blocks.j``); ``token_blocks`` the
+    SS2D blocks inside each layer (one value or one per stage)."""
+    model = Vim2(depths=(1, 2, 1, 1), dims=(16, 32, 64, 128), token_blocks=(1, 2, 3, 2), d_state=4)
+    assert [len(s.blocks) for s in model.stages] == [1, 2, 1, 1]
+    assert [len(layer.token_blocks) for s in model.stages for layer in s.blocks] == [1, 2, 2, 3, 2]
+    vt = timm.create_model("vim2_tiny", device="meta")
+    assert [len(s.blocks) for s in vt.stages] == [1, 1, 3, 1]
+    assert {len(layer.token_blocks) for s in vt.stages for layer in s.blocks} == {2}
 
 
 @pytest.mark.slow

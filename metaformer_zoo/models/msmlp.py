@@ -21,40 +21,32 @@ strided convs, as in the official model rebuilt with ``img_size`` = that size).
 
 Official checkpoints (``msmlp_*_patch4_ckpt_epoch299.pth``) are Swin-style training dicts (``model``, ``optimizer``,
 ``lr_scheduler``, ``max_accuracy``, ``epoch``, ``config``) whose ``config`` is a pickled yacs ``CfgNode``. Every
-loading path reads them safely (``metaformer_zoo.checkpoint``; ``load_official_checkpoint`` here) and converts them
-with ``checkpoint_filter_fn``: ``pretrained=True`` (URL or ``pretrained_cfg_overlay=dict(file=...)``),
-``checkpoint_path=``, ``tools/convert.py``, ``hubconf`` and the dense ``init_cfg``.
+loading path reads them with the zoo's one safe reader (``metaformer_zoo.checkpoint.load_checkpoint_file``:
+weights-only, the CfgNode allow-listed as a plain-dict stand-in, yacs not needed) and converts them with
+``checkpoint_filter_fn``: ``pretrained=True`` (URL or ``pretrained_cfg_overlay=dict(file=...)``), ``checkpoint_path=``,
+``tools/convert.py``, ``hubconf`` and the dense ``init_cfg``.
+
+Why not a spec over the skeleton's ``MetaFormer``: the MS-MLP block has one residual branch with no norm before the
+token mixer (``x + gamma * MLP(LN(mix_shift(x)))``), and its MLP is NHWC ``nn.Linear`` (keys ``mlp.fc1``/``fc2``),
+neither of which ``MetaFormerBlock`` expresses; the model keeps its own block inside the skeleton's
+``MetaFormerStage`` / ``MetaFormerBase`` / ``MetaFormerHead`` (features, ``forward_intermediates``, ``group_matcher``
+come from ``MetaFormerBase``).
 """
 import re
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm2d, Mlp, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.layers import DropPath, LayerNorm2d, Mlp, calculate_drop_path_rates, trunc_normal_
 
-from ..builder import build_zoo_model
-from ..checkpoint import CheckpointError, load_checkpoint_file, unwrap_state_dict, validate_state_dict
+from ..checkpoint import CheckpointError, unwrap_state_dict, validate_state_dict
 from ..mixers.msmlp import MIX_SIZES, SHIFT_DIST, MixShift
-from ..skeleton import MetaFormerBase, MetaFormerHead, MetaFormerStage, drop_path_rates, to_stage_list
+from ..skeleton import MetaFormerBase, MetaFormerHead, MetaFormerStage, to_stage_list
+from ..spec import FamilySpec, OfficialFormat, Variant
 from ..zoo import register_family
 
-__all__ = ["MSMLP", "MixShiftBlock", "checkpoint_filter_fn", "official_state_dict", "load_official_checkpoint",
-           "DENSE_OUT_NORMS", "dense_out_norm"]
-
-# Dense prediction: the official repo has no detection/segmentation code, and its stage outputs carry no norm.
-# The zoo's dense adapters put one channel LayerNorm (eps 1e-6, like every MS-MLP norm) on each of the 4 outputs
-# (strides 4/8/16/32), as Swin/ConvNeXt-style hierarchical backbones do: norm names per output index.
-DENSE_OUT_NORMS: Tuple[str, ...] = ("layernorm2d", "layernorm2d", "layernorm2d", "layernorm2d")
-
-
-def dense_out_norm(index: int, num_chs: int) -> nn.Module:
-    """The norm the dense adapter puts on output ``index`` (channel LN with bias, eps 1e-6, NCHW)."""
-    if DENSE_OUT_NORMS[index] != "layernorm2d":
-        raise ValueError(f"no dense norm defined for output {index}")
-    return LayerNorm2d(num_chs, eps=1e-6)
-
+__all__ = ["MSMLP", "MixShiftBlock", "checkpoint_filter_fn", "official_state_dict", "SPEC"]
 
 class PatchEmbed2d(nn.Module):
     """Non-overlapping patch conv (kernel = stride = ``patch_size``, bias) then channel LayerNorm (eps 1e-6).
@@ -62,10 +54,10 @@ class PatchEmbed2d(nn.Module):
     The official ``PatchEmbed`` (stem and downsampling) without its ``img_size`` assert.
     """
 
-    def __init__(self, in_chans: int, embed_dim: int, patch_size: int):
+    def __init__(self, in_chans: int, dim: int, patch_size: int):
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-        self.norm = LayerNorm2d(embed_dim, eps=1e-6)
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = LayerNorm2d(dim, eps=1e-6)
 
     def forward(self, x):
         return self.norm(self.proj(x))
@@ -112,13 +104,13 @@ class MSMLP(MetaFormerBase):
 
     Args:
         in_chans, num_classes, global_pool: as timm.
-        embed_dim: stage-1 width; stage i has ``embed_dim * 2**i`` channels (or give ``dims``).
+        dims: channels per stage (official ``EMBED_DIM`` C gives ``(C, 2C, 4C, 8C)``).
         depths: blocks per stage.
         shift_groups: channel groups of the mix-shift mixer (official ``SHIFT_SIZE``, a count, not pixels).
         shift_dist: circular shift per group (official ``SHIFT_DIST``).
         mix_size: per stage, the depthwise kernel size per group (official ``MIX_SIZE``); one flat list applies to
             every stage.
-        mlp_ratio: channel-MLP expansion.
+        mlp_ratios: channel-MLP expansion, one for every stage or one per stage.
         layer_scale_init_value: initial gamma (official 1e-6; <= 0 disables gamma).
         patch_size: stem patch size.
         drop_rate: dropout before the classifier (timm convention; the official code has ``pos_drop`` after the stem
@@ -133,13 +125,12 @@ class MSMLP(MetaFormerBase):
             in_chans: int = 3,
             num_classes: int = 1000,
             global_pool: str = "avg",
-            embed_dim: int = 96,
             depths: Sequence[int] = (3, 3, 9, 3),
-            dims: Optional[Sequence[int]] = None,
+            dims: Sequence[int] = (96, 192, 384, 768),
             shift_groups: int = 5,
             shift_dist: Sequence[int] = SHIFT_DIST,
             mix_size: Sequence[Sequence[int]] = MIX_SIZES,
-            mlp_ratio: float = 4.,
+            mlp_ratios: Union[float, Sequence[float]] = 4.,
             layer_scale_init_value: float = 1e-6,
             patch_size: int = 4,
             drop_rate: float = 0.,
@@ -149,19 +140,20 @@ class MSMLP(MetaFormerBase):
     ):
         super().__init__()
         num_stages = len(depths)
-        dims = list(dims) if dims is not None else [int(embed_dim * 2 ** i) for i in range(num_stages)]
+        dims = list(dims)
         if len(dims) != num_stages:
-            raise ValueError(f"depths has {num_stages} stages but dims has {len(dims)}")
+            raise ValueError(f"depths has {num_stages} stages but dims has {len(dims)}: give one width per stage")
+        mlp_ratios = to_stage_list(mlp_ratios, num_stages, "mlp_ratios")
         if all(isinstance(k, int) for k in mix_size):  # one kernel-size list for every stage
             mix_size = [list(mix_size)] * num_stages
         mix_size = to_stage_list([list(m) for m in mix_size], num_stages, "mix_size")
         self.stem = PatchEmbed2d(in_chans, dims[0], patch_size)
-        dpr = drop_path_rates(drop_path_rate, depths)
+        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         stages = []
         for i in range(num_stages):
             downsample = PatchEmbed2d(dims[i - 1], dims[i], 2) if i > 0 else None
             blocks = [
-                MixShiftBlock(dims[i], shift_groups, shift_dist, mix_size[i], mlp_ratio, dpr[i][j],
+                MixShiftBlock(dims[i], shift_groups, shift_dist, mix_size[i], mlp_ratios[i], dpr[i][j],
                               layer_scale_init_value, proj_drop_rate)
                 for j in range(depths[i])
             ]
@@ -187,21 +179,6 @@ class MSMLP(MetaFormerBase):
 # ----------------------------------------------------------------------------------------------------------------------
 # official checkpoints
 # ----------------------------------------------------------------------------------------------------------------------
-def load_official_checkpoint(path: str, map_location: str = "cpu") -> Dict[str, Any]:
-    """Read an official MS-MLP checkpoint (or any zoo/timm checkpoint file) without executing arbitrary pickles.
-
-    The official files (Swin-style ``save_checkpoint``) pickle the yacs ``CfgNode`` training config next to the
-    weights; plain ``torch.load(weights_only=True)`` rejects them and the official ``weights_only=False`` would run
-    whatever the pickle says. They are read by the zoo's one safe reader (``metaformer_zoo.checkpoint.
-    load_checkpoint_file``: weights-only with the CfgNode name allow-listed to a plain-dict stand-in, yacs not needed),
-    the reader every loading path uses (``pretrained=True``, ``checkpoint_path=``, ``tools/convert.py``, dense).
-
-    Returns the checkpoint object with every config node as a plain ``dict`` (e.g. ``ckpt["config"]["MODEL"]
-    ["MSMLP"]["DEPTHS"]``). Raises ``CheckpointError`` naming the file and what it cannot read.
-    """
-    return load_checkpoint_file(path, map_location=map_location)
-
-
 def _official_to_zoo_key(k: str) -> str:
     m = re.match(r"^layers\.(\d+)\.downsample\.(.*)$", k)
     if m:  # official: downsample at the end of stage i; zoo: at the start of stage i + 1
@@ -233,7 +210,7 @@ def _zoo_to_official_key(k: str) -> str:
 def checkpoint_filter_fn(state_dict, model: MSMLP):
     """Official JegZheng/MS-MLP checkpoint (training dict with ``model``, or a flat state dict) -> zoo, validated.
 
-    Accepts what ``load_official_checkpoint`` returns, a bare official state dict, or zoo-layout weights. Shapes are
+    Accepts what ``metaformer_zoo.checkpoint.load_checkpoint_file`` returns, a bare official state dict, or zoo-layout weights. Shapes are
     unchanged (the official MLP layers are nn.Linear, as here). Raises ``CheckpointError`` when nothing fits.
     """
     state_dict = unwrap_state_dict(state_dict)
@@ -255,19 +232,16 @@ def official_state_dict(model: MSMLP) -> Dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# registry
+# family declaration
 # ----------------------------------------------------------------------------------------------------------------------
-def _cfg(url: str = "", **kwargs):
-    return {
-        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875,  # official eval: resize int(256 / 224 * 224) = 256, center crop 224
-        "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.proj", "classifier": "head.fc", "license": "mit",
-        "paper_ids": "arXiv:2202.06510",
-        "paper_name": "Mixing and Shifting: Exploiting Global and Local Dependencies in Vision MLPs",
-        "origin_url": "https://github.com/JegZheng/MS-MLP",
-        **kwargs,
-    }
+CITATION = """@article{zheng2022mixing,
+  title   = {Mixing and Shifting: Exploiting Global and Local Dependencies in Vision MLPs},
+  author  = {Zheng, Huangjie and He, Pengcheng and Chen, Weizhu and Zhou, Mingyuan},
+  journal = {arXiv preprint arXiv:2202.06510},
+  year    = {2022}
+}"""
+
+PAPER_TITLE = "Mixing and Shifting: Exploiting Global and Local Dependencies in Vision MLPs"
 
 
 def _official_url(size: str) -> str:
@@ -275,44 +249,36 @@ def _official_url(size: str) -> str:
             f"msmlp_{size}_patch4/msmlp_{size}_patch4_ckpt_epoch299.pth")
 
 
-default_cfgs = generate_default_cfgs({
-    "msmlp_tiny.in1k": _cfg(url=_official_url("tiny")),
-    "msmlp_small.in1k": _cfg(url=_official_url("small")),
-    "msmlp_base.in1k": _cfg(url=_official_url("base")),
-})
+_TOP1_SOURCE = "JegZheng/MS-MLP README"
 
-# name: (embed_dim, depths, drop_path_rate) from configs/msmlp_{tiny,small,base}_patch4_shift5_224.yaml
-MODEL_SPECS = {
-    "msmlp_tiny": (96, (3, 3, 9, 3), 0.1),
-    "msmlp_small": (96, (3, 3, 27, 3), 0.4),
-    "msmlp_base": (128, (3, 3, 27, 3), 0.5),
-}
-
-register_family(
-    "msmlp", list(MODEL_SPECS),
-    paper="Mixing and Shifting: Exploiting Global and Local Dependencies in Vision MLPs (arXiv 2202.06510)",
-    code="https://github.com/JegZheng/MS-MLP",
-    filter_fn=checkpoint_filter_fn, to_official=official_state_dict, official_wrapper="model",
+# variants: configs/msmlp_{tiny,small,base}_patch4_shift5_224.yaml (EMBED_DIM C -> dims (C, 2C, 4C, 8C))
+SPEC = FamilySpec(
+    name="msmlp", model_cls=MSMLP,
+    paper=f"{PAPER_TITLE} (arXiv preprint 2022)", arxiv="2202.06510", code="https://github.com/JegZheng/MS-MLP",
+    license="mit", citation=CITATION,
+    cfg=dict(
+        input_size=(3, 224, 224), pool_size=(7, 7),
+        crop_pct=0.875,  # official eval: resize int(256 / 224 * 224) = 256, center crop 224
+        interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        first_conv="stem.proj", classifier="head.fc", paper_name=PAPER_TITLE,
+    ),
+    official=OfficialFormat(filter=checkpoint_filter_fn, to_official=official_state_dict, wrapper="model"),
+    # the official repo has no detection/segmentation code and its stage outputs carry no norm: the zoo's dense
+    # adapter puts a channel LayerNorm (eps 1e-6, like every MS-MLP norm) on each output, Swin/ConvNeXt style
+    dense_out_norms=(dict(type="layernorm2d", eps=1e-6),) * 4,
+    recipe="msmlp", card="msmlp",
+    notes="Dense out norms are a zoo choice (no official dense code). Official checkpoints are Swin-style training "
+          "dicts (weights under 'model', a pickled yacs CfgNode config), read safely by load_checkpoint_file.",
+    models=(
+        Variant("msmlp_tiny", dict(dims=(96, 192, 384, 768), depths=(3, 3, 9, 3), drop_path_rate=0.1),
+                params=28_656_232, macs=4_437_768_960, top1=82.1, top1_source=_TOP1_SOURCE,
+                tags={"in1k": dict(url=_official_url("tiny"))}),
+        Variant("msmlp_small", dict(dims=(96, 192, 384, 768), depths=(3, 3, 27, 3), drop_path_rate=0.4),
+                params=50_303_752, macs=8_667_135_360, top1=83.4, top1_source=_TOP1_SOURCE,
+                tags={"in1k": dict(url=_official_url("small"))}),
+        Variant("msmlp_base", dict(dims=(128, 256, 512, 1024), depths=(3, 3, 27, 3), drop_path_rate=0.5),
+                params=88_696_792, macs=15_334_215_328, top1=83.8, top1_source=_TOP1_SOURCE,
+                tags={"in1k": dict(url=_official_url("base"))}),
+    ),
 )
-
-
-def _create(variant: str, pretrained: bool = False, **kwargs) -> MSMLP:
-    embed_dim, depths, dpr = MODEL_SPECS[variant]
-    model_args = dict(embed_dim=embed_dim, depths=depths, drop_path_rate=dpr)
-    return build_zoo_model(MSMLP, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                           **dict(model_args, **kwargs))
-
-
-@register_model
-def msmlp_tiny(pretrained=False, **kwargs) -> MSMLP:
-    return _create("msmlp_tiny", pretrained, **kwargs)
-
-
-@register_model
-def msmlp_small(pretrained=False, **kwargs) -> MSMLP:
-    return _create("msmlp_small", pretrained, **kwargs)
-
-
-@register_model
-def msmlp_base(pretrained=False, **kwargs) -> MSMLP:
-    return _create("msmlp_base", pretrained, **kwargs)
+register_family(SPEC, __name__)

@@ -15,6 +15,14 @@ in ``model_cards/vim2.md``. In short:
       x_C(l) = sum_{i<=l} theta_{l,i} y_T(i) + sum_{i<l} gamma_{l,i} y_C(i),   y_T(0) = y_C(0) = stage input
 
   learnable scalars, no softmax, identity init (a plain sequential stack at init), no weight decay.
+
+Vocabulary: ``depths`` counts a stage's blocks as every zoo family does, i.e. its MambaMixer layers
+(``stages.i.blocks.j`` is layer j + 1); ``token_blocks`` is the number of SS2D blocks inside each layer (2).
+
+Why not a spec over the skeleton's ``MetaFormer``: a stage is not a sequence of blocks; every layer reads a learned
+weighted sum of all earlier token- and channel-mixer outputs of its stage, so the stage keeps its own module
+(``Vim2Stage``) inside ``MetaFormerBase`` (features, ``forward_intermediates``, ``group_matcher`` come from there);
+the token and channel blocks themselves are the skeleton's ``MetaFormerBlock``.
 """
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -22,33 +30,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerNorm2d, trunc_normal_
-from timm.models import checkpoint, generate_default_cfgs, register_model, register_notrace_function
+from timm.layers import LayerNorm2d, calculate_drop_path_rates, trunc_normal_
+from timm.models import checkpoint, register_notrace_function
 
-from ..builder import build_zoo_model
 from ..checkpoint import CheckpointError, unwrap_state_dict, validate_state_dict
 from ..mixers.vim2 import SS2D, SelectiveChannelMixer
-from ..skeleton import MetaFormerBase, MetaFormerBlock, MetaFormerHead, drop_path_rates
+from ..skeleton import MetaFormerBase, MetaFormerBlock, MetaFormerHead, to_stage_list
+from ..spec import FamilySpec, OfficialFormat, Variant
 from ..zoo import register_family
 
-__all__ = ["Vim2", "Vim2Layer", "Vim2Stage", "PatchMerging2d", "checkpoint_filter_fn", "DENSE_OUT_NORMS",
-           "dense_out_norm"]
+__all__ = ["Vim2", "Vim2Layer", "Vim2Stage", "PatchMerging2d", "checkpoint_filter_fn", "SPEC"]
 
 LN_EPS = 1e-5  # VMamba uses nn.LayerNorm defaults everywhere
 
 
 def _ln2d(dim: int) -> nn.Module:
     return LayerNorm2d(dim, eps=LN_EPS)
-
-
-# Norms for dense-prediction outputs: VMamba's detection/segmentation backbone (Backbone_VSSM) adds a LayerNorm
-# ``outnorm{i}`` on every returned stage output; the classification model has only the final LN (in the head).
-DENSE_OUT_NORMS = ("layernorm2d", "layernorm2d", "layernorm2d", "layernorm2d")
-
-
-def dense_out_norm(stage_idx: int, num_chs: int) -> nn.Module:
-    """The norm a dense adapter puts on stage ``stage_idx``'s output: channel LayerNorm (eps 1e-5) as in VMamba."""
-    return _ln2d(num_chs)
 
 
 class Vim2Stem(nn.Module):
@@ -203,8 +200,9 @@ class Vim2(MetaFormerBase):
     r"""ViM2 (Vision MambaMixer), reconstructed; see the module docstring and ``model_cards/vim2.md``.
 
     Args:
-        depths: token-mixer (SS2D) blocks per stage, ``token_per_layer`` of them per MambaMixer layer.
-        layers: MambaMixer layers (= channel mixers) per stage; ``depths[i] == token_per_layer * layers[i]``.
+        depths: MambaMixer layers (= channel mixers, the stage's ``blocks``) per stage.
+        token_blocks: SS2D (Selective Token Mixer) blocks in each layer, one for every stage or one per stage; a
+            stage has ``token_blocks * depths[i]`` SS2D blocks.
         dims: channels per stage. d_state, ssm_ratio: SS2D's N and expansion. channel_expand, channel_group: channel
         mixer width (2C) and step width g. drop_path_rate: linear over all mixer blocks in order.
     """
@@ -214,8 +212,8 @@ class Vim2(MetaFormerBase):
             in_chans: int = 3,
             num_classes: int = 1000,
             global_pool: str = "avg",
-            depths: Sequence[int] = (2, 2, 6, 2),
-            layers: Sequence[int] = (1, 1, 3, 1),
+            depths: Sequence[int] = (1, 1, 3, 1),
+            token_blocks: Union[int, Sequence[int]] = 2,
             dims: Sequence[int] = (96, 192, 384, 768),
             d_state: int = 16,
             ssm_ratio: float = 2.0,
@@ -228,18 +226,18 @@ class Vim2(MetaFormerBase):
     ):
         super().__init__()
         num_stages = len(dims)
-        if not (len(depths) == len(layers) == num_stages):
-            raise ValueError(f"depths {depths}, layers {layers} and dims {dims} must have one entry per stage")
-        token_per_layer = []
-        for d, l in zip(depths, layers):
-            if l < 1 or d % l != 0:
-                raise ValueError(f"each stage's token-mixer count must be a multiple of its layer count, got depths "
-                                 f"{tuple(depths)} and layers {tuple(layers)}")
-            token_per_layer.append(d // l)
+        if len(depths) != num_stages:
+            raise ValueError(f"depths {tuple(depths)} and dims {tuple(dims)} must have one entry per stage")
+        token_per_layer = to_stage_list(token_blocks, num_stages, "token_blocks")
+        if any(l < 1 for l in depths) or any(t < 1 for t in token_per_layer):
+            raise ValueError(f"every stage needs at least one MambaMixer layer with at least one SS2D block, got "
+                             f"depths {tuple(depths)} and token_blocks {token_blocks}")
         self.stem = Vim2Stem(in_chans, dims[0])
-        dpr = drop_path_rates(drop_path_rate, [d + l for d, l in zip(depths, layers)])
+        # stochastic depth over every mixer block in order (token_blocks SS2D blocks + 1 channel mixer per layer)
+        dpr = calculate_drop_path_rates(drop_path_rate, [l * (t + 1) for l, t in zip(depths, token_per_layer)],
+                                        stagewise=True)
         self.stages = nn.Sequential(*[
-            Vim2Stage.build(dims[i], layers[i], token_per_layer[i], in_dim=dims[i - 1] if i > 0 else None,
+            Vim2Stage.build(dims[i], depths[i], token_per_layer[i], in_dim=dims[i - 1] if i > 0 else None,
                             drop_path=dpr[i], d_state=d_state, ssm_ratio=ssm_ratio, channel_expand=channel_expand,
                             channel_group=channel_group, proj_drop=proj_drop_rate, backend=backend)
             for i in range(num_stages)
@@ -279,55 +277,47 @@ def checkpoint_filter_fn(state_dict, model: Vim2):
     return validate_state_dict(state_dict, model, source="checkpoint (metaformer_zoo ViM2 layout)")
 
 
-def _cfg(**kwargs):
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875, "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv", "classifier": "head.fc", "license": "apache-2.0",
-        "paper_ids": "arXiv:2403.19888",
-        "paper_name": "MambaMixer: Efficient Selective State Space Models with Dual Token and Channel Selection",
-        "origin_url": "https://github.com/MambaMixer/M2", **kwargs,
-    }
+CITATION = """@article{behrouz2024mambamixer,
+  title   = {MambaMixer: Efficient Selective State Space Models with Dual Token and Channel Selection},
+  author  = {Behrouz, Ali and Santacatterina, Michele and Zabih, Ramin},
+  journal = {arXiv preprint arXiv:2403.19888},
+  year    = {2024}
+}"""
 
+PAPER_TITLE = "MambaMixer: Efficient Selective State Space Models with Dual Token and Channel Selection"
 
-default_cfgs = generate_default_cfgs({
-    "vim2_tiny.untrained": _cfg(),
-    "vim2_small.untrained": _cfg(),
-    "vim2_base.untrained": _cfg(),
-})
+_TOP1_SOURCE = "paper arXiv 2403.19888v1 (preliminary; zoo model is a reconstruction; no code or weights)"
 
-VARIANTS = {
-    # name: depths (SS2D blocks), layers (channel mixers), dims, drop_path (VMamba-v0 vanilla_vmamba_* values)
-    "vim2_tiny": dict(depths=(2, 2, 6, 2), layers=(1, 1, 3, 1), dims=(96, 192, 384, 768), drop_path_rate=0.2),
-    "vim2_small": dict(depths=(2, 2, 18, 2), layers=(1, 1, 9, 1), dims=(96, 192, 384, 768), drop_path_rate=0.3),
-    "vim2_base": dict(depths=(2, 2, 18, 2), layers=(1, 1, 9, 1), dims=(128, 256, 512, 1024), drop_path_rate=0.6),
-}
-
-register_family(
-    "vim2", list(VARIANTS),
-    paper="MambaMixer: Efficient Selective State Space Models with Dual Token and Channel Selection "
-          "(arXiv 2403.19888 v1)",
-    code="none (https://github.com/MambaMixer/M2 holds only a README); reconstruction",
-    notes="No official code or checkpoint: filter_fn validates zoo-layout checkpoints only; to_official=None.",
-    filter_fn=checkpoint_filter_fn, to_official=None, official_wrapper=None,
+# variants: dims and drop path of VMamba-v0 vanilla_vmamba_*; depths = MambaMixer layers per stage (reference
+# vim2_scan.md §1.6), 2 SS2D blocks each. params / MACs are the reconstruction's (the paper's 20 / 43 / 74 M differ,
+# see the card); no weights exist (tag "untrained").
+SPEC = FamilySpec(
+    name="vim2", model_cls=Vim2,
+    paper=f"{PAPER_TITLE} (arXiv preprint 2024, v1)", arxiv="2403.19888", code="https://github.com/MambaMixer/M2",
+    license="apache-2.0", citation=CITATION,
+    cfg=dict(
+        url="", input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875, interpolation="bicubic",
+        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="stem.conv", classifier="head.fc",
+        paper_name=PAPER_TITLE,
+    ),
+    # no official code or checkpoint: the filter validates zoo-layout checkpoints only
+    official=OfficialFormat(filter=checkpoint_filter_fn, to_official=None, wrapper=None),
+    # VMamba's dense backbone (Backbone_VSSM) puts a LayerNorm ``outnorm{i}`` (nn.LayerNorm default eps) on every
+    # returned stage output
+    dense_out_norms=(dict(type="layernorm2d", eps=LN_EPS),) * 4,
+    recipe="vim2", card="vim2",
+    notes="Reconstruction: https://github.com/MambaMixer/M2 holds only a README, so there is no official code or "
+          "checkpoint; the filter validates zoo-layout checkpoints only and to_official is None.",
+    models=(
+        Variant("vim2_tiny", dict(depths=(1, 1, 3, 1), dims=(96, 192, 384, 768), drop_path_rate=0.2),
+                params=23_635_954, macs=4_057_318_848, top1=82.7, top1_source=_TOP1_SOURCE,
+                tags={"untrained": {}}),
+        Variant("vim2_small", dict(depths=(1, 1, 9, 1), dims=(96, 192, 384, 768), drop_path_rate=0.3),
+                params=41_541_268, macs=7_650_346_944, top1=83.7, top1_source=_TOP1_SOURCE,
+                tags={"untrained": {}}),
+        Variant("vim2_base", dict(depths=(1, 1, 9, 1), dims=(128, 256, 512, 1024), drop_path_rate=0.6),
+                params=71_771_956, macs=13_051_698_112, top1=83.9, top1_source=_TOP1_SOURCE,
+                tags={"untrained": {}}),
+    ),
 )
-
-
-def _create(variant: str, pretrained: bool = False, **kwargs) -> Vim2:
-    return build_zoo_model(Vim2, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                           **dict(VARIANTS[variant], **kwargs))
-
-
-@register_model
-def vim2_tiny(pretrained=False, **kwargs) -> Vim2:
-    return _create("vim2_tiny", pretrained, **kwargs)
-
-
-@register_model
-def vim2_small(pretrained=False, **kwargs) -> Vim2:
-    return _create("vim2_small", pretrained, **kwargs)
-
-
-@register_model
-def vim2_base(pretrained=False, **kwargs) -> Vim2:
-    return _create("vim2_base", pretrained, **kwargs)
+register_family(SPEC, __name__)
