@@ -6,9 +6,11 @@ import timm
 import torch
 
 import metaformer_zoo  # noqa: F401
+from helpers import perturb
 from metaformer_zoo.checkpoint import CheckpointError
+from metaformer_zoo.dense.core import resolve_out_norms
 from metaformer_zoo.mixers.affnet import AFFMixer
-from metaformer_zoo.models.affnet import DENSE_OUT_NORMS, checkpoint_filter_fn, dense_out_norm, official_state_dict
+from metaformer_zoo.models.affnet import checkpoint_filter_fn, official_state_dict
 from metaformer_zoo.zoo import count_macs, count_params, family_of
 
 # measured on microsoft/TokenMixers (reference/mlp_freq.md §1.4): params, MACs at 256 and 224 (FFT not counted)
@@ -33,7 +35,8 @@ def test_catalogue():
     fam = family_of("affnet_t")
     assert fam.name == "affnet" and set(fam.variants) == set(OFFICIAL)
     assert fam.official.filter is checkpoint_filter_fn and fam.official.to_official is official_state_dict
-    assert len(DENSE_OUT_NORMS) == 4 and dense_out_norm(2, 160) is None
+    # no per-output norm for the dense adapter (the official dense heads take the raw end points)
+    assert resolve_out_norms("affnet_t", (0, 1, 2, 3), (48, 96, 160, 192)) == [None] * 4
 
 
 def _explicit_aff(x, w1, b1, w2, b2, G, lam):
@@ -81,21 +84,10 @@ def test_aff_mixer_matches_explicit_dft(hw):
     torch.testing.assert_close(m(x), want - x, atol=1e-10, rtol=1e-10)
 
 
-def _randomize(model):
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if t.is_floating_point():
-                if name.endswith("running_var"):
-                    t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-                else:
-                    t.add_(0.1 * torch.randn(t.shape, generator=g))
-
-
 def test_official_checkpoint_roundtrip():
     torch.manual_seed(0)
     src = timm.create_model("affnet_et").eval()
-    _randomize(src)
+    perturb(src, seed=1)
     official = official_state_dict(src)
     assert len(official) == 416
     for key in ("conv_1.block.conv.weight", "layer_1.0.block.exp_1x1.block.conv.weight",
