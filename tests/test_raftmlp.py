@@ -5,7 +5,10 @@ import torch
 import torch.nn.functional as F
 
 import metaformer_zoo  # noqa: F401
+from helpers import perturb
 from metaformer_zoo.checkpoint import CheckpointError
+from metaformer_zoo.dense.core import resolve_out_norms
+from metaformer_zoo.hub import convert_checkpoint
 from metaformer_zoo.mixers.raft import RaftTokenMLP, raft_ln_from_official, raft_ln_to_official
 from metaformer_zoo.models import raftmlp as R
 from metaformer_zoo.zoo import count_macs, count_params
@@ -80,16 +83,14 @@ def test_raft_grouping_matches_official_layout():
 def test_official_checkpoint_roundtrip(tmp_path):
     torch.manual_seed(0)
     src = timm.create_model("raftmlp_s", **TINY, num_classes=10).eval()
-    with torch.no_grad():
-        for p in src.parameters():
-            p.add_(torch.randn_like(p) * 0.1)  # make LN weights non-trivial so the permutation matters
+    perturb(src)  # make LN weights non-trivial so the permutation matters
     official = R.official_state_dict(src)
     assert "levels.0.fn.0.fc.weight" in official and official["levels.0.fn.0.fc.weight"].shape == (16, 3 * (16 + 64))
     assert "levels.0.fn.2.1.norm.1.weight" in official and "heads.0.1.weight" in official
     path = tmp_path / "last_model_0.pt"
     torch.save(official, path)
-    dst = timm.create_model("raftmlp_s", **TINY, num_classes=10).eval()
-    R.load_official_checkpoint(str(path), dst)
+    # the one safe reader + the family's filter (what every loading path uses)
+    dst = convert_checkpoint("raftmlp_s", str(path), **TINY, num_classes=10)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(dst(x), src(x))
@@ -137,7 +138,8 @@ def test_stride4_feature_is_pre_block_embedding():
     fmodel = timm.create_model("raftmlp_s", **TINY, features_only=True, out_indices=(0, 2)).eval()
     fmodel.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("head.")}, strict=False)
     assert fmodel.feature_info.reduction() == [4, 16]
-    assert R.DENSE_OUT_NORMS == (None, None, None, None)
+    # the official dense wrappers return the raw maps: no per-output norm
+    assert resolve_out_norms("raftmlp_s", (0, 1, 2, 3), TINY["dims"]) == [None] * 4
 
 
 def test_zoo_metaformer_composes_raft():
