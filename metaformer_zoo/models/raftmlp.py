@@ -39,7 +39,7 @@ from timm.models import register_notrace_function
 
 from ..checkpoint import CheckpointError, unwrap_state_dict, validate_state_dict
 from ..mixers.raft import RaftTokenMixing, raft_ln_from_official, raft_ln_to_official
-from ..skeleton import MetaFormerBase, MetaFormerHead, MetaFormerStage
+from ..skeleton import MetaFormerBase, MetaFormerHead, MetaFormerStage, to_stage_list
 from ..spec import FamilySpec, OfficialFormat, Variant
 from ..zoo import register_family
 
@@ -112,7 +112,8 @@ class RaftMLP(MetaFormerBase):
 
     Args:
         dims, depths: per level. embed_kernels / strides: cross-scale embedding per level.
-        raft_size: r (channels per raft, strided). token_expansion / channel_expansion: MLP ratios (2 / 4).
+        raft_size: r (channels per raft, strided). token_expansion: token-MLP ratio (2). mlp_ratios: channel-MLP
+            ratio (4), one value or one per level.
         img_size: the size the token MLPs are built for (grid = ceil(img / 4), then halved with ceil per level).
         drop_path_rate: **constant** drop path of every sub-block (official: 0.1 in every block; not linear).
     """
@@ -128,7 +129,7 @@ class RaftMLP(MetaFormerBase):
             strides: Sequence[int] = STRIDES,
             raft_size: int = 2,
             token_expansion: int = 2,
-            channel_expansion: int = 4,
+            mlp_ratios: Union[int, Sequence[int]] = 4,
             drop_rate: float = 0.,
             proj_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
@@ -138,13 +139,14 @@ class RaftMLP(MetaFormerBase):
         self.img_size = img_size
         self.raft_size = raft_size
         grid = img_size
+        mlp_ratios = to_stage_list(mlp_ratios, len(dims), "mlp_ratios")
         stages = []
         for i, (dim, depth) in enumerate(zip(dims, depths)):
             grid = tuple(int(math.ceil(g / strides[i])) for g in grid)
             embed = CrossScaleEmbedding(in_chans if i == 0 else dims[i - 1], dim, embed_kernels[i], strides[i])
             if i == 0:
                 self.stem = embed
-            blocks = [RaftBlock(dim, grid, raft_size, token_expansion, channel_expansion, proj_drop_rate,
+            blocks = [RaftBlock(dim, grid, raft_size, token_expansion, mlp_ratios[i], proj_drop_rate,
                                 drop_path_rate) for _ in range(depth)]
             stages.append(MetaFormerStage(blocks, None if i == 0 else embed))
         self.stages = nn.Sequential(*stages)
