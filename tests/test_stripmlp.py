@@ -5,6 +5,8 @@ import types
 import zipfile
 from collections import OrderedDict
 
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -17,7 +19,10 @@ from metaformer_zoo.dense.core import resolve_out_norms
 from metaformer_zoo.hub import convert_checkpoint
 from metaformer_zoo.mixers.strip import CGSMM, resize_strip_weight, strip_groups
 from metaformer_zoo.models import stripmlp as S
-from metaformer_zoo.zoo import count_macs, count_params
+from metaformer_zoo.skeleton import MetaFormerBase
+from metaformer_zoo.zoo import count_macs, count_params, family_of
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # measured on the official code (reference/mlp_freq.md §4.1)
 OFFICIAL = {
@@ -220,3 +225,46 @@ def test_loader_returns_config_as_plain_dict(tmp_path):
         obj = torch.load(path, weights_only=True)
     assert type(obj["config"]) is OrderedDict and obj["config"]["MODEL"]["TYPE"] == "x"
     assert unwrap_state_dict(load_checkpoint_file(str(path)))["w"].shape == (2,)
+
+
+def test_spec_declaration():
+    """One FamilySpec: registered names and cfgs derived from it, official numbers, card citation, recipe."""
+    spec = family_of("stripmlp_light_t")
+    assert spec is S.SPEC and spec.variants == ('stripmlp_light_t', 'stripmlp_t', 'stripmlp_s', 'stripmlp_b')
+    assert all(timm.models.model_entrypoint(n).__module__ == S.__name__ for n in spec.variants)
+    assert {v.name: v.params for v in spec.models} == {n: p for n, (p, _) in OFFICIAL.items()}
+    cfg = timm.models.get_pretrained_cfg("stripmlp_t.in1k").to_dict()
+    assert (cfg["input_size"], cfg["crop_pct"], cfg["interpolation"], cfg["license"]) == (
+        (3, 224, 224), 0.875, "bicubic", "mit")
+    assert not cfg.get("url")  # Baidu Pan: not directly downloadable
+    assert cfg["origin_url"].startswith("https://pan.baidu.com/")
+    assert {f"{n}.in1k" for n in spec.variants} <= set(timm.models._registry._model_pretrained_cfgs)  # the tag
+    assert dict(spec.variant("stripmlp_s").kwargs) == dict(dims=(96, 192, 384, 768), depths=(2, 2, 18, 2))
+    assert not hasattr(S, "load_official_checkpoint")
+    assert spec.citation and spec.citation in (ROOT / "model_cards" / f"{spec.card}.md").read_text()
+    assert (ROOT / "configs" / "train" / f"{spec.recipe}.yaml").is_file()
+    assert not hasattr(S, "DENSE_OUT_NORMS") and not hasattr(S, "dense_out_norm")
+
+
+def test_skeleton_hooks_cross_stage_shortcuts():
+    """forward_intermediates is the skeleton's; the cross-stage shortcuts come in through its _forward_stages hook."""
+    torch.manual_seed(0)
+    model = perturb(timm.create_model("stripmlp_light_t", **TINY, num_classes=3))
+    assert type(model).forward_intermediates is MetaFormerBase.forward_intermediates
+    assert type(model).group_matcher is MetaFormerBase.group_matcher
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        final, feats = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        # a plain chain of the stages (no shortcuts) differs from stage 2 on
+        chain = model.stages[1](model.stages[0](model.stem(x)))
+        torch.testing.assert_close(feats[1], chain)
+        assert not torch.allclose(feats[2], model.stages[2](chain))
+        early, (f2,) = model.forward_intermediates(x, indices=[2], stop_early=True)
+        torch.testing.assert_close(f2, feats[2])
+        torch.testing.assert_close(early, feats[2])
+
+
+def test_dims_must_nest():
+    with pytest.raises(ValueError, match="multiple of dims"):
+        timm.create_model("stripmlp_light_t", dims=(16, 32, 48, 96), depths=(1, 1, 1, 1))
