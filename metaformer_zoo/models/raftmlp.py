@@ -93,11 +93,11 @@ class RaftBlock(nn.Module):
     """[vertical, horizontal raft token MLP] (``token_mixer``) then the channel MLP: ``x + dp(mlp(norm(x)))``."""
 
     def __init__(self, dim: int, grid: Tuple[int, int], raft_size: int = 2, token_expansion: int = 2,
-                 channel_expansion: int = 4, drop: float = 0., drop_path: float = 0.):
+                 mlp_ratio: float = 4, drop: float = 0., drop_path: float = 0.):
         super().__init__()
         self.token_mixer = RaftTokenMixing(dim, grid, raft_size, token_expansion, drop_path=drop_path, proj_drop=drop)
         self.norm = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, dim * channel_expansion, act_layer=nn.GELU, drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
