@@ -282,6 +282,8 @@ class MetaFormerBase(nn.Module):
         self.num_features = dims[-1]
         self.head_hidden_size = head_hidden_size or self.num_features
         self.grad_checkpointing = False
+        # forward_intermediates output 0 is the stem output instead of stage 0's (RaftMLP, as its dense wrappers)
+        self.stem_is_first_feature = False
         self.feature_info = [
             dict(num_chs=d, reduction=r, module=f"stages.{i}") for i, (d, r) in enumerate(zip(dims, reductions))
         ]
@@ -292,6 +294,9 @@ class MetaFormerBase(nn.Module):
         self.input_check(x)
 
     # --- timm interface -------------------------------------------------------------------------------------------
+    # group_matcher: the last group (after every stage), e.g. AFFNet's ``r"^final_conv"``
+    final_group_pattern: str = r"^head\.norm"
+
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(
@@ -299,7 +304,7 @@ class MetaFormerBase(nn.Module):
             blocks=r"^stages\.(\d+)" if coarse else [
                 (r"^stages\.(\d+)\.downsample", (0,)),
                 (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^head\.norm", (99999,)),
+                (self.final_group_pattern, (99999,)),
             ],
         )
 
@@ -348,28 +353,42 @@ class MetaFormerBase(nn.Module):
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Stage outputs (NCHW, strides per ``feature_info``) and, unless ``intermediates_only``, the final map.
 
-        ``indices``: last n stages if int, all if None, the listed stages if a sequence.
+        ``indices``: last n stages if int, all if None, the listed stages if a sequence. Families hook in through
+        ``_forward_stages`` (the stage loop, e.g. cross-stage shortcuts), ``stem_is_first_feature`` (output 0 is the
+        stem output) and ``_forward_final`` (applied to the final map after the last stage).
         """
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt {output_fmt!r} is not supported; zoo models return NCHW intermediates")
         self.check_input(x)
-        intermediates = []
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last = max_index if stop_early and not torch.jit.is_scripting() else len(self.stages) - 1
         x = self.stem(x)
-        if torch.jit.is_scripting() or not stop_early:
-            stages = self.stages
-        else:
-            stages = self.stages[:max_index + 1]
-        for feat_idx, stage in enumerate(stages):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(stage, x)
-            else:
-                x = stage(x)
-            if feat_idx in take_indices:
-                intermediates.append(x)
+        x, intermediates = self._forward_stages(x, list(take_indices), last)
         if intermediates_only:
             return intermediates
+        if last == len(self.stages) - 1:
+            x = self._forward_final(x)
         return x, intermediates
+
+    def _forward_stages(self, x: torch.Tensor, take: List[int], last: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Stages ``0 .. last`` on the stem output; returns the last stage's output and the outputs listed in ``take``
+        (output 0 is the stem output when ``stem_is_first_feature``). Override for stage wiring beyond a chain."""
+        feats: List[torch.Tensor] = []
+        if self.stem_is_first_feature and 0 in take:
+            feats.append(x)
+        for i, stage in enumerate(self.stages):
+            if i <= last:
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    x = checkpoint(stage, x)
+                else:
+                    x = stage(x)
+                if i in take and not (i == 0 and self.stem_is_first_feature):
+                    feats.append(x)
+        return x, feats
+
+    def _forward_final(self, x: torch.Tensor) -> torch.Tensor:
+        """Applied to the last stage's output in ``forward_features`` (e.g. AFFNet's 1x1 expansion); default: none."""
+        return x
 
     def prune_intermediate_layers(
             self,
@@ -394,7 +413,7 @@ class MetaFormerBase(nn.Module):
             x = checkpoint_seq(self.stages, x)
         else:
             x = self.stages(x)
-        return x
+        return self._forward_final(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)

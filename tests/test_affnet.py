@@ -1,15 +1,22 @@
 """AFFNet: sizes against the official code, the AFF mixer against an explicit DFT, checkpoints, input sizes."""
 import math
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 
 import metaformer_zoo  # noqa: F401
+from helpers import perturb
 from metaformer_zoo.checkpoint import CheckpointError
+from metaformer_zoo.dense.core import resolve_out_norms
 from metaformer_zoo.mixers.affnet import AFFMixer
-from metaformer_zoo.models.affnet import DENSE_OUT_NORMS, checkpoint_filter_fn, dense_out_norm, official_state_dict
+from metaformer_zoo.models import affnet as A
+from metaformer_zoo.models.affnet import checkpoint_filter_fn, official_state_dict
+from metaformer_zoo.skeleton import MetaFormerBase
 from metaformer_zoo.zoo import count_macs, count_params, family_of
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # measured on microsoft/TokenMixers (reference/mlp_freq.md §1.4): params, MACs at 256 and 224 (FFT not counted)
 OFFICIAL = {
@@ -33,7 +40,8 @@ def test_catalogue():
     fam = family_of("affnet_t")
     assert fam.name == "affnet" and set(fam.variants) == set(OFFICIAL)
     assert fam.official.filter is checkpoint_filter_fn and fam.official.to_official is official_state_dict
-    assert len(DENSE_OUT_NORMS) == 4 and dense_out_norm(2, 160) is None
+    # no per-output norm for the dense adapter (the official dense heads take the raw end points)
+    assert resolve_out_norms("affnet_t", (0, 1, 2, 3), (48, 96, 160, 192)) == [None] * 4
 
 
 def _explicit_aff(x, w1, b1, w2, b2, G, lam):
@@ -81,21 +89,10 @@ def test_aff_mixer_matches_explicit_dft(hw):
     torch.testing.assert_close(m(x), want - x, atol=1e-10, rtol=1e-10)
 
 
-def _randomize(model):
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if t.is_floating_point():
-                if name.endswith("running_var"):
-                    t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-                else:
-                    t.add_(0.1 * torch.randn(t.shape, generator=g))
-
-
 def test_official_checkpoint_roundtrip():
     torch.manual_seed(0)
     src = timm.create_model("affnet_et").eval()
-    _randomize(src)
+    perturb(src, seed=1)
     official = official_state_dict(src)
     assert len(official) == 416
     for key in ("conv_1.block.conv.weight", "layer_1.0.block.exp_1x1.block.conv.weight",
@@ -191,3 +188,35 @@ def test_aff_mixer_compiles_without_graph_breaks():
     y.sum().backward()
     torch.testing.assert_close(y, m(x))
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_spec_declaration():
+    """One FamilySpec: registered names and cfgs derived from it, official numbers, card citation, recipe."""
+    spec = family_of("affnet")
+    assert spec is A.SPEC and spec.variants == ("affnet", "affnet_t", "affnet_et")
+    assert all(timm.models.model_entrypoint(n).__module__ == A.__name__ for n in spec.variants)
+    assert {v.name: v.params for v in spec.models} == {n: p for n, (p, _, _) in OFFICIAL.items()}
+    cfg = timm.models.get_pretrained_cfg("affnet_t").to_dict()
+    assert (cfg["input_size"], cfg["crop_pct"], cfg["mean"], cfg["std"], cfg["license"], cfg["paper_ids"]) == (
+        (3, 256, 256), 0.888, (0., 0., 0.), (1., 1., 1.), "mit", "arXiv:2307.14008")
+    assert spec.citation and spec.citation in (ROOT / "model_cards" / f"{spec.card}.md").read_text()
+    assert (ROOT / "configs" / "train" / f"{spec.recipe}.yaml").is_file()
+    assert not hasattr(A, "DENSE_OUT_NORMS") and not hasattr(A, "dense_out_norm")
+
+
+def test_skeleton_hooks_final_conv():
+    """forward_intermediates / group_matcher are the skeleton's; the 1x1 expansion comes in through its hooks."""
+    model = timm.create_model("affnet_et", num_classes=3).eval()
+    assert type(model).forward_intermediates is MetaFormerBase.forward_intermediates
+    assert type(model).group_matcher is MetaFormerBase.group_matcher
+    assert model.group_matcher()["blocks"][-1] == (r"^final_conv", (99999,))
+    groups = timm.models.group_parameters(model, model.group_matcher())
+    assert sum(len(v) for v in groups.values()) == len(list(model.named_parameters()))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        assert final.shape[1] == 576 and inter[-1].shape[1] == 144
+        early, inter1 = model.forward_intermediates(x, indices=[1], stop_early=True)
+        torch.testing.assert_close(inter1[0], inter[1])
+        torch.testing.assert_close(early, inter[1])  # stopped before the last stage: no expansion

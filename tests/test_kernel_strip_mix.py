@@ -213,7 +213,7 @@ def test_torch_compile_fullgraph_one_op():
 @pytest.mark.slow
 @pytest.mark.parametrize("name,kw", [
     ("raftmlp_s", dict(dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), img_size=32)),
-    ("stripmlp_light_t", dict(embed_dim=16, layers=(1, 1, 1, 1), img_size=32)),
+    ("stripmlp_light_t", dict(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), img_size=32)),
 ])
 def test_models_through_triton_interpreter(name, kw, monkeypatch):
     """The model seam end to end: logits and parameter gradients with the Triton kernels equal the reference path."""

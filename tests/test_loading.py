@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "identityformer_s12": dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)),
     "msmlp_tiny": dict(dims=(10, 20, 40, 80), depths=(1, 1, 1, 1)),
-    "stripmlp_light_t": dict(embed_dim=16, layers=(1, 1, 1, 1)),
+    "stripmlp_light_t": dict(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1)),
 }
 
 

@@ -1,14 +1,22 @@
 """RaftMLP: parameter counts / MACs vs the official code, raft channel grouping, checkpoint conversion, sizes."""
+from pathlib import Path
+
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 
 import metaformer_zoo  # noqa: F401
+from helpers import perturb
 from metaformer_zoo.checkpoint import CheckpointError
+from metaformer_zoo.dense.core import resolve_out_norms
+from metaformer_zoo.hub import convert_checkpoint
 from metaformer_zoo.mixers.raft import RaftTokenMLP, raft_ln_from_official, raft_ln_to_official
 from metaformer_zoo.models import raftmlp as R
-from metaformer_zoo.zoo import count_macs, count_params
+from metaformer_zoo.skeleton import MetaFormerBase
+from metaformer_zoo.zoo import count_macs, count_params, family_of
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # measured on the official code (reference/mlp_freq.md §2.1)
 OFFICIAL = {
@@ -80,16 +88,14 @@ def test_raft_grouping_matches_official_layout():
 def test_official_checkpoint_roundtrip(tmp_path):
     torch.manual_seed(0)
     src = timm.create_model("raftmlp_s", **TINY, num_classes=10).eval()
-    with torch.no_grad():
-        for p in src.parameters():
-            p.add_(torch.randn_like(p) * 0.1)  # make LN weights non-trivial so the permutation matters
+    perturb(src)  # make LN weights non-trivial so the permutation matters
     official = R.official_state_dict(src)
     assert "levels.0.fn.0.fc.weight" in official and official["levels.0.fn.0.fc.weight"].shape == (16, 3 * (16 + 64))
     assert "levels.0.fn.2.1.norm.1.weight" in official and "heads.0.1.weight" in official
     path = tmp_path / "last_model_0.pt"
     torch.save(official, path)
-    dst = timm.create_model("raftmlp_s", **TINY, num_classes=10).eval()
-    R.load_official_checkpoint(str(path), dst)
+    # the one safe reader + the family's filter (what every loading path uses)
+    dst = convert_checkpoint("raftmlp_s", str(path), **TINY, num_classes=10)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(dst(x), src(x))
@@ -137,7 +143,8 @@ def test_stride4_feature_is_pre_block_embedding():
     fmodel = timm.create_model("raftmlp_s", **TINY, features_only=True, out_indices=(0, 2)).eval()
     fmodel.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("head.")}, strict=False)
     assert fmodel.feature_info.reduction() == [4, 16]
-    assert R.DENSE_OUT_NORMS == (None, None, None, None)
+    # the official dense wrappers return the raw maps: no per-output norm
+    assert resolve_out_norms("raftmlp_s", (0, 1, 2, 3), TINY["dims"]) == [None] * 4
 
 
 def test_zoo_metaformer_composes_raft():
@@ -165,3 +172,36 @@ def test_full_model_sizes_slow(size):
     with torch.no_grad():
         feats = model(torch.randn(1, 3, *size))
     assert [f.shape[-2:] for f in feats] == [(-(-size[0] // s), -(-size[1] // s)) for s in (4, 8, 16, 32)]
+
+
+def test_spec_declaration():
+    """One FamilySpec: registered names and cfgs derived from it, official numbers, card citation, recipe."""
+    spec = family_of("raftmlp_s")
+    assert spec is R.SPEC and spec.variants == ('raftmlp_s', 'raftmlp_m', 'raftmlp_l')
+    assert all(timm.models.model_entrypoint(n).__module__ == R.__name__ for n in spec.variants)
+    assert {v.name: v.params for v in spec.models} == {n: p for n, (p, _) in OFFICIAL.items()}
+    cfg = timm.models.get_pretrained_cfg("raftmlp_m").to_dict()
+    assert (cfg["input_size"], cfg["crop_pct"], cfg["interpolation"], cfg["license"], cfg["paper_ids"]) == (
+        (3, 224, 224), 0.875, "bilinear", "apache-2.0", "arXiv:2108.04384")
+    assert all(v.kwargs["drop_path_rate"] == 0.1 for v in spec.models)  # constant 0.1, official recipe
+    assert spec.citation and spec.citation in (ROOT / "model_cards" / f"{spec.card}.md").read_text()
+    assert (ROOT / "configs" / "train" / f"{spec.recipe}.yaml").is_file()
+    assert not hasattr(R, "DENSE_OUT_NORMS") and not hasattr(R, "dense_out_norm")
+
+
+def test_skeleton_hooks_stem_feature():
+    """forward_intermediates / group_matcher are the skeleton's; output 0 is the stem output (stem_is_first_feature)."""
+    torch.manual_seed(0)
+    model = timm.create_model("raftmlp_s", **TINY, num_classes=3).eval()
+    assert type(model).forward_intermediates is MetaFormerBase.forward_intermediates
+    assert type(model).group_matcher is MetaFormerBase.group_matcher
+    groups = timm.models.group_parameters(model, model.group_matcher())
+    assert sum(len(v) for v in groups.values()) == len(list(model.named_parameters()))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        final, feats = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        early, (f0, f2) = model.forward_intermediates(x, indices=[0, 2], stop_early=True)
+        torch.testing.assert_close(f0, model.stem(x))
+        torch.testing.assert_close(f2, feats[2])
+        torch.testing.assert_close(early, feats[2])

@@ -3,6 +3,9 @@ official-file loading (yacs config, safely), sizes and errors."""
 import sys
 import types
 import zipfile
+from collections import OrderedDict
+
+from pathlib import Path
 
 import pytest
 import timm
@@ -10,10 +13,16 @@ import torch
 import torch.nn.functional as F
 
 import metaformer_zoo  # noqa: F401
-from metaformer_zoo.checkpoint import CheckpointError
+from helpers import perturb
+from metaformer_zoo.checkpoint import SAFE_GLOBALS, CheckpointError, load_checkpoint_file, unwrap_state_dict
+from metaformer_zoo.dense.core import resolve_out_norms
+from metaformer_zoo.hub import convert_checkpoint
 from metaformer_zoo.mixers.strip import CGSMM, resize_strip_weight, strip_groups
 from metaformer_zoo.models import stripmlp as S
-from metaformer_zoo.zoo import count_macs, count_params
+from metaformer_zoo.skeleton import MetaFormerBase
+from metaformer_zoo.zoo import count_macs, count_params, family_of
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # measured on the official code (reference/mlp_freq.md §4.1)
 OFFICIAL = {
@@ -22,7 +31,7 @@ OFFICIAL = {
     "stripmlp_s": (42_568_600, 6.8031e9),
     "stripmlp_b": (57_216_480, 9.1849e9),
 }
-TINY = dict(embed_dim=16, layers=(1, 1, 1, 1))
+TINY = dict(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1))
 
 
 
@@ -113,9 +122,7 @@ class _Evil:
 def test_official_file_with_yacs_config_loads_safely(tmp_path):
     torch.manual_seed(0)
     src = timm.create_model("stripmlp_light_t", **TINY, num_classes=10).eval()
-    with torch.no_grad():
-        for n, p in src.named_parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    perturb(src)
     official = S.official_state_dict(src)
     assert "patch_embed.weight" in official and "blocks1.0.token_mixing.smlp_block.proj_h.weight" in official
     assert "merging1.weight" in official and "conv_s1_28.weight" in official and "head.weight" in official
@@ -129,9 +136,8 @@ def test_official_file_with_yacs_config_loads_safely(tmp_path):
     # the file pickles the yacs object (plain torch refuses it without the zoo: tests/test_loading.py) ...
     with zipfile.ZipFile(path) as z:
         assert any(b"yacs.config\nCfgNode" in z.read(n) for n in z.namelist() if n.endswith("data.pkl"))
-    # ... the family loader reads it (CfgNode rebuilt as a plain dict, yacs not needed) and loads strictly
-    dst = timm.create_model("stripmlp_light_t", **TINY, num_classes=10).eval()
-    S.load_official_checkpoint(str(path), dst)
+    # ... the one safe reader reads it (CfgNode rebuilt as a plain dict, yacs not needed), the filter loads strictly
+    dst = convert_checkpoint("stripmlp_light_t", str(path), **TINY, num_classes=10)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(dst(x), src(x))
@@ -139,7 +145,7 @@ def test_official_file_with_yacs_config_loads_safely(tmp_path):
     bad = tmp_path / "bad.pth"
     torch.save({"model": official, "config": _Evil()}, bad)
     with pytest.raises(CheckpointError, match="weights_only"):
-        S.load_official_checkpoint(str(bad), dst)
+        convert_checkpoint("stripmlp_light_t", str(bad), **TINY, num_classes=10)
 
 
 def test_bad_checkpoint_layout():
@@ -184,7 +190,8 @@ def test_features_and_composition():
     with torch.no_grad():
         feats = model(torch.randn(1, 3, 64, 64))
     assert [f.shape[1] for f in feats] == [32, 128]
-    assert S.DENSE_OUT_NORMS == (None, None, None, None)
+    # no official dense code: no per-output norm
+    assert resolve_out_norms("stripmlp_light_t", (0, 1, 2, 3), TINY["dims"]) == [None] * 4
     zoo = timm.create_model("zoo_metaformer", token_mixers=["strip", "cgsmm", "lsmm", "attention"],
                             depths=(1, 1, 1, 1), dims=(16, 32, 64, 64), num_classes=3, img_size=64).eval()
     with torch.no_grad():
@@ -214,7 +221,50 @@ def test_loader_returns_config_as_plain_dict(tmp_path):
         torch.save({"model": {"w": torch.ones(2)}, "config": CfgNode({"MODEL": CfgNode({"TYPE": "x"})})}, path)
     finally:
         del sys.modules["yacs"], sys.modules["yacs.config"]
-    with torch.serialization.safe_globals(S._SAFE_GLOBALS):
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
         obj = torch.load(path, weights_only=True)
-    assert type(obj["config"]) is S.OrderedDict and obj["config"]["MODEL"]["TYPE"] == "x"
-    assert S.load_official_checkpoint(str(path))["w"].shape == (2,)
+    assert type(obj["config"]) is OrderedDict and obj["config"]["MODEL"]["TYPE"] == "x"
+    assert unwrap_state_dict(load_checkpoint_file(str(path)))["w"].shape == (2,)
+
+
+def test_spec_declaration():
+    """One FamilySpec: registered names and cfgs derived from it, official numbers, card citation, recipe."""
+    spec = family_of("stripmlp_light_t")
+    assert spec is S.SPEC and spec.variants == ('stripmlp_light_t', 'stripmlp_t', 'stripmlp_s', 'stripmlp_b')
+    assert all(timm.models.model_entrypoint(n).__module__ == S.__name__ for n in spec.variants)
+    assert {v.name: v.params for v in spec.models} == {n: p for n, (p, _) in OFFICIAL.items()}
+    cfg = timm.models.get_pretrained_cfg("stripmlp_t.in1k").to_dict()
+    assert (cfg["input_size"], cfg["crop_pct"], cfg["interpolation"], cfg["license"]) == (
+        (3, 224, 224), 0.875, "bicubic", "mit")
+    assert not cfg.get("url")  # Baidu Pan: not directly downloadable
+    assert cfg["origin_url"].startswith("https://pan.baidu.com/")
+    assert {f"{n}.in1k" for n in spec.variants} <= set(timm.models._registry._model_pretrained_cfgs)  # the tag
+    assert dict(spec.variant("stripmlp_s").kwargs) == dict(dims=(96, 192, 384, 768), depths=(2, 2, 18, 2))
+    assert not hasattr(S, "load_official_checkpoint")
+    assert spec.citation and spec.citation in (ROOT / "model_cards" / f"{spec.card}.md").read_text()
+    assert (ROOT / "configs" / "train" / f"{spec.recipe}.yaml").is_file()
+    assert not hasattr(S, "DENSE_OUT_NORMS") and not hasattr(S, "dense_out_norm")
+
+
+def test_skeleton_hooks_cross_stage_shortcuts():
+    """forward_intermediates is the skeleton's; the cross-stage shortcuts come in through its _forward_stages hook."""
+    torch.manual_seed(0)
+    model = perturb(timm.create_model("stripmlp_light_t", **TINY, num_classes=3))
+    assert type(model).forward_intermediates is MetaFormerBase.forward_intermediates
+    assert type(model).group_matcher is MetaFormerBase.group_matcher
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        final, feats = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        # a plain chain of the stages (no shortcuts) differs from stage 2 on
+        chain = model.stages[1](model.stages[0](model.stem(x)))
+        torch.testing.assert_close(feats[1], chain)
+        assert not torch.allclose(feats[2], model.stages[2](chain))
+        early, (f2,) = model.forward_intermediates(x, indices=[2], stop_early=True)
+        torch.testing.assert_close(f2, feats[2])
+        torch.testing.assert_close(early, feats[2])
+
+
+def test_dims_must_nest():
+    with pytest.raises(ValueError, match="multiple of dims"):
+        timm.create_model("stripmlp_light_t", dims=(16, 32, 48, 96), depths=(1, 1, 1, 1))

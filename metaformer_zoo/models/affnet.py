@@ -22,34 +22,22 @@ over (C, H, W), eps 1e-5, the code's fallback) and ``act_layer="silu"`` (cvnets 
 Switch with ``block_norm="layer_norm"`` (cvnets channel LN: per pixel over C, ``(x - mean) / (std + eps)``) and
 ``act_layer="relu"`` (the argparse defaults). Both choices have identical parameter shapes.
 """
-from typing import List, Optional, Tuple, Union
+import re
+from typing import List, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, GroupNorm1, make_divisible
-from timm.models import checkpoint, checkpoint_seq, generate_default_cfgs, register_model
+from timm.layers import DropPath, GroupNorm1, calculate_drop_path_rates, make_divisible
 from timm.models._features import feature_take_indices
 
-from ..builder import build_zoo_model
 from ..checkpoint import CheckpointError, remap_keys, unwrap_state_dict, validate_state_dict
 from ..layers import get_act
 from ..mixers.affnet import AFFMixer
 from ..skeleton import MetaFormerBase, MetaFormerHead, MetaFormerStage
+from ..spec import FamilySpec, OfficialFormat, Variant
 from ..zoo import register_family
 
-__all__ = ["AFFNet", "checkpoint_filter_fn", "official_state_dict", "DENSE_OUT_NORMS", "dense_out_norm",
-           "BLOCK_NORMS"]
-
-# Dense prediction: no per-output norm. The official dense heads (cvnets DeepLabv3 / PSPNet / SSDLite) take the
-# encoder end points ``out_l2 .. out_l5`` as they are (each AFF stage already ends with BN'd fusion conv, each MV2
-# stage with a BN'd projection), so the dense adapter adds nothing: one entry per output index (stride 4/8/16/32).
-DENSE_OUT_NORMS = (None, None, None, None)
-
-
-def dense_out_norm(stage_idx: int, num_chs: int) -> Optional[nn.Module]:
-    """Norm the dense adapter puts on output ``stage_idx``: always None for AFFNet (see ``DENSE_OUT_NORMS``)."""
-    return DENSE_OUT_NORMS[stage_idx]
+__all__ = ["AFFNet", "checkpoint_filter_fn", "official_state_dict", "BLOCK_NORMS", "SPEC"]
 
 
 class CvnetsLayerNorm2d(nn.LayerNorm):
@@ -73,13 +61,6 @@ BLOCK_NORMS = {
     "layer_norm_2d": _layer_norm_2d,  # cvnets LayerNorm2D_NCHW = GroupNorm(1, C), eps 1e-5 (zoo default)
     "groupnorm1": _layer_norm_2d,
     "layer_norm": _layer_norm,        # cvnets LayerNorm, channel-first branch
-}
-
-# variant -> (mode, stage dims (stride 4, 8, 16, 32), MV2 expansion, AFF blocks per stage 8/16/32)
-VARIANTS = {
-    "affnet": ("small", (64, 128, 256, 320), 4, (2, 4, 3)),
-    "affnet_t": ("x_small", (48, 96, 160, 192), 4, (2, 4, 3)),
-    "affnet_et": ("xx_small", (48, 64, 104, 144), 2, (2, 4, 3)),
 }
 
 
@@ -152,7 +133,19 @@ class AFFBlock(nn.Module):
 
 
 class AFFNet(MetaFormerBase):
-    """AFFNet (see module docstring). ``mode``: ``small`` (AFFNet), ``x_small`` (-T), ``xx_small`` (-ET)."""
+    """AFFNet (see module docstring); variants ``affnet`` / ``affnet_t`` / ``affnet_et`` = cvnets modes ``small`` /
+    ``x_small`` / ``xx_small``.
+
+    Args:
+        dims: stage widths at strides 4/8/16/32. mv2_expand: MV2 expansion ratio.
+        aff_depths: inner blocks of the one AFF block of each of the stages at strides 8/16/32 (stage 0 is three
+            fixed MV2 blocks, so this is not a 4-stage ``depths``).
+
+    Own stage modules, not a spec over ``MetaFormer``: the stride-4 stage is MobileNetV2 blocks, each later stage is
+    one MobileViT-style AFF block (inner blocks, trailing norm, projection and a fusion conv with the block input),
+    the stem ends at stride 2 and a 1x1 expansion (``final_conv``) follows the stages; none of this is a MetaFormer
+    block. The skeleton's hooks cover the rest (``_forward_final``, ``final_group_pattern``).
+    """
 
     def __init__(
             self,
@@ -190,7 +183,7 @@ class AFFNet(MetaFormerBase):
         stem.add_module("mv2", InvertedResidual(stem_chs, layer1_chs, 1, mv2_expand, act))
         self.stem = stem
 
-        aff_dpr = torch.linspace(0, drop_path_rate, sum(aff_depths), device="cpu").tolist()
+        aff_dpr = calculate_drop_path_rates(drop_path_rate, sum(aff_depths))
         stages, prev, k = [], layer1_chs, 0
         # stride 4: 3 MV2 blocks (first one strided)
         stages.append(MetaFormerStage(
@@ -226,55 +219,11 @@ class AFFNet(MetaFormerBase):
             nn.init.xavier_uniform_(fc.weight)
             nn.init.zeros_(fc.bias)
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False):
-        return dict(
-            stem=r"^stem",
-            blocks=r"^stages\.(\d+)" if coarse else [
-                (r"^stages\.(\d+)\.downsample", (0,)),
-                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^final_conv", (99999,)),
-            ],
-        )
+    final_group_pattern = r"^final_conv"  # group_matcher: the 1x1 expansion is the last group
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        x = self.stem(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.stages, x)
-        else:
-            x = self.stages(x)
+    def _forward_final(self, x: torch.Tensor) -> torch.Tensor:
+        # the 1x1 expansion ends forward_features (and the final map of forward_intermediates), not the stage outputs
         return self.final_conv(x)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (cvnets ``out_l2 .. out_l5``, NCHW, strides 4/8/16/32); final = ``final_conv`` output."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt {output_fmt!r} is not supported; AFFNet returns NCHW intermediates")
-        self.check_input(x)
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        x = self.stem(x)
-        stages = self.stages if (torch.jit.is_scripting() or not stop_early) else self.stages[:max_index + 1]
-        for feat_idx, stage in enumerate(stages):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(stage, x)
-            else:
-                x = stage(x)
-            if feat_idx in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        if len(stages) == len(self.stages):
-            x = self.final_conv(x)
-        return x, intermediates
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True):
@@ -318,7 +267,6 @@ _TO_OFFICIAL = (
 
 def _add_block_levels(key: str) -> str:
     """Put back cvnets' ``.block.`` containers: ConvLayer (``x.block.conv``) and InvertedResidual (``x.block.exp_1x1``)."""
-    import re
     key = re.sub(r"\.(conv|norm)\.(weight|bias|running_mean|running_var|num_batches_tracked)$", r".block.\1.\2", key)
     # InvertedResidual container: "<mv2>.exp_1x1" -> "<mv2>.block.exp_1x1"
     key = re.sub(r"(^layer_\d+\.\d+|\.mlp)\.(exp_1x1|conv_3x3|red_1x1)\.", r"\1.block.\2.", key)
@@ -345,7 +293,6 @@ def checkpoint_filter_fn(state_dict, model: AFFNet):
                 f"unrecognised checkpoint layout for AFFNet: expected official cvnets keys ('conv_1.block.conv.weight',"
                 f" 'layer_3.1.global_rep.0.filter.w1', ...) or zoo keys ('stem.conv.conv.weight'), got {sample} ... "
                 f"Is this a checkpoint of another family?")
-        import re
         sd = {}
         for k, v in state_dict.items():
             k = re.sub(r"(^|\.)block\.", r"\1", k)
@@ -359,53 +306,46 @@ def checkpoint_filter_fn(state_dict, model: AFFNet):
 # ------------------------------------------------------------------------------------------------------------------
 # registration
 
-def _cfg(url: str = "", **kwargs):
-    return {
-        "url": url, "num_classes": 1000, "input_size": (3, 256, 256), "pool_size": (8, 8),
-        "crop_pct": 0.888, "interpolation": "bicubic", "mean": (0., 0., 0.), "std": (1., 1., 1.),
-        "first_conv": "stem.conv.conv", "classifier": "head.fc", "license": "mit",
-        "paper_ids": "arXiv:2307.14008", "paper_name": "Adaptive Frequency Filters As Efficient Global Token Mixers",
-        "origin_url": "https://github.com/microsoft/TokenMixers/tree/main/Adaptive%20Frequency%20Filters",
-        **kwargs,
-    }
+CITATION = """@inproceedings{huang2023adaptive,
+  title={Adaptive Frequency Filters As Efficient Global Token Mixers},
+  author={Huang, Zhipeng and Zhang, Zhizheng and Lan, Cuiling and Zha, Zheng-Jun and Lu, Yan and Guo, Baining},
+  booktitle={Proceedings of the IEEE/CVF International Conference on Computer Vision (ICCV)},
+  year={2023}
+}"""
 
+_TOP1 = "microsoft/TokenMixers README (256 px)"
 
-default_cfgs = generate_default_cfgs({
-    "affnet": _cfg(),
-    "affnet_t": _cfg(),
-    "affnet_et": _cfg(),
-})
-
-register_family(
-    "affnet", list(VARIANTS),
-    paper="Adaptive Frequency Filters As Efficient Global Token Mixers (ICCV 2023, arXiv 2307.14008)",
-    code="https://github.com/microsoft/TokenMixers", filter_fn=checkpoint_filter_fn, to_official=official_state_dict,
-    official_wrapper=None, dense_out_norms=DENSE_OUT_NORMS,
+# variants: cvnets mode small (AFFNet), x_small (-T), xx_small (-ET); dims per stride 4/8/16/32, AFF blocks per
+# stage 8/16/32. MACs exclude the FFTs (FlopCounterMode counts none).
+SPEC = FamilySpec(
+    name="affnet",
+    model_cls=AFFNet,
+    paper="Adaptive Frequency Filters As Efficient Global Token Mixers (ICCV 2023)",
+    arxiv="2307.14008",
+    code="https://github.com/microsoft/TokenMixers",
+    license="mit",
+    citation=CITATION,
+    cfg=dict(
+        input_size=(3, 256, 256), pool_size=(8, 8), crop_pct=0.888, interpolation="bicubic",
+        mean=(0., 0., 0.), std=(1., 1., 1.), first_conv="stem.conv.conv", classifier="head.fc",
+        paper_name="Adaptive Frequency Filters As Efficient Global Token Mixers",
+        origin_url="https://github.com/microsoft/TokenMixers/tree/main/Adaptive%20Frequency%20Filters",
+    ),
+    official=OfficialFormat(filter=checkpoint_filter_fn, to_official=official_state_dict, wrapper=None),
+    # no per-output norm: the official dense heads (cvnets DeepLabv3 / PSPNet / SSDLite) take the end points
+    # out_l2 .. out_l5 as they are (each stage already ends with a BN'd conv)
+    dense_out_norms=(None, None, None, None),
+    recipe="affnet",
+    card="affnet",
     notes="Official weights are on OneDrive (not fetchable here); in-block norm and activation default to the "
           "reference recommendation (layer_norm_2d, silu), switchable with block_norm= / act_layer=.",
+    models=(
+        Variant("affnet", dict(dims=(64, 128, 256, 320), mv2_expand=4, aff_depths=(2, 4, 3)),
+                params=5_568_696, macs=1_453_721_088, top1=79.8, top1_source=_TOP1),
+        Variant("affnet_t", dict(dims=(48, 96, 160, 192), mv2_expand=4, aff_depths=(2, 4, 3)),
+                params=2_654_232, macs=786_462_720, top1=77.0, top1_source=_TOP1),
+        Variant("affnet_et", dict(dims=(48, 64, 104, 144), mv2_expand=2, aff_depths=(2, 4, 3)),
+                params=1_436_264, macs=356_236_800, top1=73.0, top1_source=_TOP1),
+    ),
 )
-
-
-def _create(variant: str, pretrained: bool = False, **kwargs) -> AFFNet:
-    _, dims, expand, depths = VARIANTS[variant]
-    model_args = dict(dims=dims, mv2_expand=expand, aff_depths=depths)
-    return build_zoo_model(AFFNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                           **dict(model_args, **kwargs))
-
-
-@register_model
-def affnet(pretrained=False, **kwargs) -> AFFNet:
-    """AFFNet (cvnets mode ``small``): 5.57M params, 1.45 GMACs at 256 (FFT not counted)."""
-    return _create("affnet", pretrained, **kwargs)
-
-
-@register_model
-def affnet_t(pretrained=False, **kwargs) -> AFFNet:
-    """AFFNet-T (cvnets mode ``x_small``): 2.65M params."""
-    return _create("affnet_t", pretrained, **kwargs)
-
-
-@register_model
-def affnet_et(pretrained=False, **kwargs) -> AFFNet:
-    """AFFNet-ET (cvnets mode ``xx_small``): 1.44M params."""
-    return _create("affnet_et", pretrained, **kwargs)
+register_family(SPEC, __name__)

@@ -16,49 +16,38 @@ Faithfulness notes (see model_cards/raftmlp.md):
   so any input size works and 224 (the built size) is the faithful one;
 * the stride-4 feature (``forward_intermediates`` / ``features_only`` index 0) is the embedding output **before** the
   stage-1 blocks, as in the official mmdet/mmseg wrappers; strides 8/16/32 are level outputs. The official dense
-  wrappers put no norm on their outputs (``DENSE_OUT_NORMS``).
+  wrappers put no norm on their outputs (``SPEC.dense_out_norms``).
 * the LN weights of the token-mixing sub-blocks are stored in natural channel order (official: permuted).
 
 There are no public RaftMLP weights; ``checkpoint_filter_fn`` converts the flat state dicts the official Ignite
-training writes (``levels.*``, ``heads.0.1.*``, ``classifier.*``).
+training writes (``levels.*``, ``heads.0.1.*``, ``classifier.*``); read a file with
+``metaformer_zoo.hub.convert_checkpoint("raftmlp_s", path)``.
+
+Own stage modules, not a spec over ``MetaFormer``: the embedding of every level is a cross-scale unfold-MLP (not a
+conv stem / downsampling layer), the blocks are the raft token MLPs on a fixed grid plus a channel MLP in NHWC, and
+the drop path is constant; the skeleton's ``stem_is_first_feature`` hook gives the official stride-4 feature.
 """
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, Mlp
-from timm.models import checkpoint, generate_default_cfgs, register_model, register_notrace_function
-from timm.models._features import feature_take_indices
+from timm.models import register_notrace_function
 
-from ..builder import build_zoo_model
-from ..checkpoint import CheckpointError, load_checkpoint_file, unwrap_state_dict, validate_state_dict
+from ..checkpoint import CheckpointError, unwrap_state_dict, validate_state_dict
 from ..mixers.raft import RaftTokenMixing, raft_ln_from_official, raft_ln_to_official
-from ..skeleton import MetaFormerBase, MetaFormerHead, MetaFormerStage
+from ..skeleton import MetaFormerBase, MetaFormerHead, MetaFormerStage, to_stage_list
+from ..spec import FamilySpec, OfficialFormat, Variant
 from ..zoo import register_family
 
-__all__ = ["RaftMLP", "checkpoint_filter_fn", "official_state_dict", "load_official_checkpoint", "DENSE_OUT_NORMS",
-           "dense_out_norm"]
+__all__ = ["RaftMLP", "checkpoint_filter_fn", "official_state_dict", "SPEC"]
 
-# official settings imagenet-raft-mlp-cross-mlp-emb-{s,m,l}
-ARCHS = {
-    "s": dict(dims=(64, 128, 256, 512)),
-    "m": dict(dims=(96, 192, 384, 768)),
-    "l": dict(dims=(128, 192, 512, 1024)),  # irregular stage 2 (192), as official
-}
 DEPTHS = (2, 2, 6, 2)
 EMBED_KERNELS = ((4, 8), (2, 4), (2, 4), (2,))
 STRIDES = (4, 2, 2, 2)
-
-# The official dense wrappers (backbones/__init__.py) return the raw maps: no norm on any output.
-DENSE_OUT_NORMS = (None, None, None, None)
-
-
-def dense_out_norm(index: int, num_chs: int) -> Optional[nn.Module]:
-    """Norm the dense adapter should put on output ``index`` (None: the official wrappers use none)."""
-    return None
 
 
 @register_notrace_function
@@ -104,11 +93,11 @@ class RaftBlock(nn.Module):
     """[vertical, horizontal raft token MLP] (``token_mixer``) then the channel MLP: ``x + dp(mlp(norm(x)))``."""
 
     def __init__(self, dim: int, grid: Tuple[int, int], raft_size: int = 2, token_expansion: int = 2,
-                 channel_expansion: int = 4, drop: float = 0., drop_path: float = 0.):
+                 mlp_ratio: float = 4, drop: float = 0., drop_path: float = 0.):
         super().__init__()
         self.token_mixer = RaftTokenMixing(dim, grid, raft_size, token_expansion, drop_path=drop_path, proj_drop=drop)
         self.norm = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, dim * channel_expansion, act_layer=nn.GELU, drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +112,8 @@ class RaftMLP(MetaFormerBase):
 
     Args:
         dims, depths: per level. embed_kernels / strides: cross-scale embedding per level.
-        raft_size: r (channels per raft, strided). token_expansion / channel_expansion: MLP ratios (2 / 4).
+        raft_size: r (channels per raft, strided). token_expansion: token-MLP ratio (2). mlp_ratios: channel-MLP
+            ratio (4), one value or one per level.
         img_size: the size the token MLPs are built for (grid = ceil(img / 4), then halved with ceil per level).
         drop_path_rate: **constant** drop path of every sub-block (official: 0.1 in every block; not linear).
     """
@@ -139,7 +129,7 @@ class RaftMLP(MetaFormerBase):
             strides: Sequence[int] = STRIDES,
             raft_size: int = 2,
             token_expansion: int = 2,
-            channel_expansion: int = 4,
+            mlp_ratios: Union[int, Sequence[int]] = 4,
             drop_rate: float = 0.,
             proj_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
@@ -149,13 +139,14 @@ class RaftMLP(MetaFormerBase):
         self.img_size = img_size
         self.raft_size = raft_size
         grid = img_size
+        mlp_ratios = to_stage_list(mlp_ratios, len(dims), "mlp_ratios")
         stages = []
         for i, (dim, depth) in enumerate(zip(dims, depths)):
             grid = tuple(int(math.ceil(g / strides[i])) for g in grid)
             embed = CrossScaleEmbedding(in_chans if i == 0 else dims[i - 1], dim, embed_kernels[i], strides[i])
             if i == 0:
                 self.stem = embed
-            blocks = [RaftBlock(dim, grid, raft_size, token_expansion, channel_expansion, proj_drop_rate,
+            blocks = [RaftBlock(dim, grid, raft_size, token_expansion, mlp_ratios[i], proj_drop_rate,
                                 drop_path_rate) for _ in range(depth)]
             stages.append(MetaFormerStage(blocks, None if i == 0 else embed))
         self.stages = nn.Sequential(*stages)
@@ -165,47 +156,7 @@ class RaftMLP(MetaFormerBase):
         self.feature_info[0]["module"] = "stem"
         self.head = MetaFormerHead(dims[-1], num_classes, global_pool=global_pool,
                                    norm_layer=lambda c: LayerNorm2d(c, eps=1e-5), norm_first=True, drop_rate=drop_rate)
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False):
-        return dict(
-            stem=r"^stem",
-            blocks=r"^stages\.(\d+)" if coarse else [
-                (r"^stages\.(\d+)\.downsample", (0,)),
-                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^head\.norm", (99999,)),
-            ],
-        )
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ):
-        """Stride 4/8/16/32 maps; index 0 is the embedding output before the stage-1 blocks (official dense code)."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt {output_fmt!r} is not supported; zoo models return NCHW intermediates")
-        self.check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        intermediates = []
-        x = self.stem(x)
-        if 0 in take_indices:
-            intermediates.append(x)
-        stages = self.stages if (torch.jit.is_scripting() or not stop_early) else self.stages[:max_index + 1]
-        for i, stage in enumerate(stages):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(stage, x)
-            else:
-                x = stage(x)
-            if i > 0 and i in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
+        self.stem_is_first_feature = True
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------------
@@ -317,57 +268,48 @@ def official_state_dict(model: RaftMLP, _keys_only: bool = False):
     return list(out) if _keys_only else out
 
 
-def load_official_checkpoint(path: str, model: Optional[RaftMLP] = None):
-    """Read an official RaftMLP file (a flat state dict, tensors only: plain ``weights_only=True`` load) and, when
-    ``model`` is given, convert + strictly load it. Returns the (converted) state dict."""
-    sd = unwrap_state_dict(load_checkpoint_file(path))
-    if model is None:
-        return sd
-    sd = checkpoint_filter_fn(sd, model)
-    model.load_state_dict(sd, strict=True)
-    return sd
-
-
 # --- registration --------------------------------------------------------------------------------------------------
 
-def _cfg(**kwargs):
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875, "interpolation": "bilinear",  # official eval: Resize(256) + CenterCrop(224), bilinear
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.proj.0", "classifier": "head.fc", "license": "apache-2.0",
-        "paper_ids": "arXiv:2108.04384", "paper_name": "RaftMLP: How Much Can Be Done Without Attention and with "
-                                                      "Less Spatial Locality?",
-        "origin_url": "https://github.com/okojoalg/raft-mlp", **kwargs,
-    }
+CITATION = """@misc{tatsunami2021raftmlp,
+  title         = {RaftMLP: How Much Can Be Done Without Attention and with Less Spatial Locality?},
+  author        = {Yuki Tatsunami and Masato Taki},
+  year          = {2021},
+  eprint        = {2108.04384},
+  archivePrefix = {arXiv},
+  primaryClass  = {cs.CV}
+}"""
 
+_TOP1 = "paper arXiv 2108.04384 (recalled; README has none; no weights)"
 
-default_cfgs = generate_default_cfgs({f"raftmlp_{s}": _cfg() for s in ARCHS})
-
-register_family(
-    "raftmlp", [f"raftmlp_{s}" for s in ARCHS],
-    paper="RaftMLP: How Much Can Be Done Without Attention and with Less Spatial Locality? (arXiv 2108.04384)",
-    code="https://github.com/okojoalg/raft-mlp", filter_fn=checkpoint_filter_fn, to_official=official_state_dict,
-    official_wrapper=None, notes="no public weights; stride-4 dense feature taken before the stage-1 blocks",
+# official settings imagenet-raft-mlp-cross-mlp-emb-{s,m,l}; constant drop path 0.1 (official recipe)
+SPEC = FamilySpec(
+    name="raftmlp",
+    model_cls=RaftMLP,
+    paper="RaftMLP: How Much Can Be Done Without Attention and with Less Spatial Locality? (arXiv 2021)",
+    arxiv="2108.04384",
+    code="https://github.com/okojoalg/raft-mlp",
+    license="apache-2.0",
+    citation=CITATION,
+    cfg=dict(
+        input_size=(3, 224, 224), pool_size=(7, 7),
+        crop_pct=0.875, interpolation="bilinear",  # official eval: Resize(256) + CenterCrop(224), bilinear
+        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="stem.proj.0", classifier="head.fc",
+        paper_name="RaftMLP: How Much Can Be Done Without Attention and with Less Spatial Locality?",
+    ),
+    official=OfficialFormat(filter=checkpoint_filter_fn, to_official=official_state_dict, wrapper=None),
+    # the official dense wrappers (backbones/__init__.py) return the raw maps: no norm on any output
+    dense_out_norms=(None, None, None, None),
+    feature_cfg=dict(feature_cls="getter"),
+    recipe="raftmlp",
+    card="raftmlp",
+    notes="no public weights; stride-4 dense feature taken before the stage-1 blocks",
+    models=(
+        Variant("raftmlp_s", dict(dims=(64, 128, 256, 512), drop_path_rate=0.1),
+                params=9_868_768, macs=2_087_030_784, top1=76.1, top1_source=_TOP1),
+        Variant("raftmlp_m", dict(dims=(96, 192, 384, 768), drop_path_rate=0.1),
+                params=21_413_632, macs=4_267_333_632, top1=78.8, top1_source=_TOP1),
+        Variant("raftmlp_l", dict(dims=(128, 192, 512, 1024), drop_path_rate=0.1),  # irregular stage 2, as official
+                params=36_184_672, macs=6_543_974_400, top1=79.4, top1_source=_TOP1),
+    ),
 )
-
-
-def _create(variant: str, pretrained: bool = False, **kwargs) -> RaftMLP:
-    model_args = dict(ARCHS[variant.split("_")[-1]], drop_path_rate=0.1)
-    return build_zoo_model(RaftMLP, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                           feature_cfg=dict(feature_cls="getter"), **dict(model_args, **kwargs))
-
-
-@register_model
-def raftmlp_s(pretrained=False, **kwargs) -> RaftMLP:
-    return _create("raftmlp_s", pretrained, **kwargs)
-
-
-@register_model
-def raftmlp_m(pretrained=False, **kwargs) -> RaftMLP:
-    return _create("raftmlp_m", pretrained, **kwargs)
-
-
-@register_model
-def raftmlp_l(pretrained=False, **kwargs) -> RaftMLP:
-    return _create("raftmlp_l", pretrained, **kwargs)
+register_family(SPEC, __name__)

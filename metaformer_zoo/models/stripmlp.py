@@ -14,47 +14,34 @@ Maps are floored by the stride-4 stem and stride-2 merges as in the official con
 
 Checkpoints: the official files are Swin-style dicts ``{"model", "optimizer", "lr_scheduler", "max_accuracy",
 "epoch", "config", ...}`` whose ``config`` is a pickled yacs ``CfgNode``. Every loading path (``pretrained=True``,
-``checkpoint_path=``, ``tools/convert.py``, dense ``init_cfg``, ``load_official_checkpoint``) reads them without
+``checkpoint_path=``, ``tools/convert.py``, ``metaformer_zoo.hub.convert_checkpoint``, dense ``init_cfg``) reads
+them with the one safe reader ``metaformer_zoo.checkpoint.load_checkpoint_file``, without
 executing arbitrary pickles: ``torch.load(weights_only=True)`` with the name ``yacs.config.CfgNode`` allow-listed to
 a plain ``OrderedDict`` stand-in (``metaformer_zoo.checkpoint.SAFE_GLOBALS``), so the config comes back as nested
 dicts and yacs need not be installed. The dense outputs: the official code has no dense wrapper; the zoo puts no
-norm on the stride 4/8/16/32 stage outputs (``DENSE_OUT_NORMS``).
+norm on the stride 4/8/16/32 stage outputs (``SPEC.dense_out_norms``).
+
+Own stage modules, not a spec over ``MetaFormer``: the blocks are two plain residuals with a shared constant drop
+path (no norm before the token mixer, the channel mixer brings its own dwconv + LN + GRN), and the cross-stage
+shortcuts feed stage inputs from earlier stages, which a chain of MetaFormer stages cannot express; the skeleton's
+``_forward_stages`` hook carries that wiring into ``forward_intermediates``.
 """
 from typing import List, Optional, Sequence, Tuple, Union
-
-from collections import OrderedDict  # noqa: F401  (the type yacs configs are read back as)
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
-from timm.models import checkpoint, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 
-from ..builder import build_zoo_model
-from ..checkpoint import (
-    SAFE_GLOBALS, CheckpointError, load_checkpoint_file, remap_keys, unwrap_state_dict, validate_state_dict)
+from ..checkpoint import CheckpointError, remap_keys, unwrap_state_dict, validate_state_dict
 from ..mixers.strip import StripTokenMixing
-from ..skeleton import MetaFormerBase, MetaFormerHead, MetaFormerStage
+from ..skeleton import MetaFormerBase, MetaFormerHead, MetaFormerStage, to_stage_list
+from ..spec import FamilySpec, OfficialFormat, Variant
 from ..zoo import register_family
 
-__all__ = ["StripMLP", "checkpoint_filter_fn", "official_state_dict", "load_official_checkpoint", "DENSE_OUT_NORMS",
-           "dense_out_norm"]
-
-ARCHS = {
-    # name: (embed_dim, layers)  -- official __main__ comments / configs
-    "light_t": (80, (2, 2, 6, 2)),
-    "t": (80, (2, 2, 12, 2)),
-    "s": (96, (2, 2, 18, 2)),
-    "b": (112, (2, 2, 18, 2)),
-}
-
-DENSE_OUT_NORMS = (None, None, None, None)
-
-
-def dense_out_norm(index: int, num_chs: int) -> Optional[nn.Module]:
-    """Norm for dense output ``index``: none (no official dense code; stage outputs are used raw)."""
-    return None
+__all__ = ["StripMLP", "checkpoint_filter_fn", "official_state_dict", "SPEC"]
 
 
 class GRN(nn.Module):
@@ -114,10 +101,13 @@ class Stem(nn.Module):
 
 
 class StripMLP(MetaFormerBase):
-    """Strip-MLP. Stage i has width ``embed_dim * 2**i`` and feature size ``img_size / 4 / 2**i``.
+    """Strip-MLP. Stage i has width ``dims[i]`` (official: ``EMBED_DIM * 2**i``) and feature size
+    ``img_size / 4 / 2**i``.
 
     Args:
-        embed_dim, layers: official ``EMBED_DIM`` / ``LAYERS``. alpha: channel-MLP ratio (3).
+        dims, depths: widths and blocks per stage (official ``EMBED_DIM`` doubled per stage, ``LAYERS``); each width
+            must be a multiple of the previous one (grouped cross-stage shortcuts).
+        mlp_ratios: channel-MLP ratio (official ``alpha`` = 3), one value or one per stage.
         img_size: size the strip weights are built for (224). strict_size: raise at other sizes (official behaviour)
             instead of resampling the strip weights.
         drop_path_rate: constant drop path of every residual (official: hard-coded 0.1; not linear).
@@ -128,9 +118,9 @@ class StripMLP(MetaFormerBase):
             num_classes: int = 1000,
             global_pool: str = "avg",
             img_size: Union[int, Tuple[int, int]] = 224,
-            embed_dim: int = 80,
-            layers: Sequence[int] = (2, 2, 12, 2),
-            alpha: int = 3,
+            dims: Sequence[int] = (80, 160, 320, 640),
+            depths: Sequence[int] = (2, 2, 12, 2),
+            mlp_ratios: Union[int, Sequence[int]] = 3,
             strict_size: bool = False,
             drop_rate: float = 0.,
             proj_drop_rate: float = 0.,
@@ -141,17 +131,23 @@ class StripMLP(MetaFormerBase):
         if img_size[0] != img_size[1]:
             raise ValueError(f"Strip-MLP strip weights are square (official assert H == W): build with a square "
                              f"img_size, not {img_size}; other input sizes still run (strip weights are resampled)")
-        if len(layers) != 4:
-            raise ValueError("Strip-MLP has 4 stages (cross-stage shortcuts are wired for 4)")
+        if len(depths) != 4 or len(dims) != 4:
+            raise ValueError(f"Strip-MLP has 4 stages (cross-stage shortcuts are wired for 4): got depths={depths}, "
+                             f"dims={dims}")
+        for i in (2, 3):
+            if dims[i] % dims[i - 1]:
+                raise ValueError(f"Strip-MLP dims={tuple(dims)}: dims[{i}] must be a multiple of dims[{i - 1}] (the "
+                                 f"cross-stage shortcut convs are grouped by dims[{i - 1}]); official: doubling")
+        mlp_ratios = to_stage_list(mlp_ratios, 4, "mlp_ratios")
         self.img_size = img_size
-        dims = [embed_dim * 2 ** i for i in range(4)]
+        dims = list(dims)
         res = img_size[0] // 4
-        self.stem = Stem(in_chans, embed_dim, 4)
+        self.stem = Stem(in_chans, dims[0], 4)
         stages = []
         for i in range(4):
             feat = int(res / 2 ** i)
-            blocks = [StripBlock(dims[i], (feat, feat), alpha, proj_drop_rate, drop_path_rate, strict_size)
-                      for _ in range(layers[i])]
+            blocks = [StripBlock(dims[i], (feat, feat), mlp_ratios[i], proj_drop_rate, drop_path_rate, strict_size)
+                      for _ in range(depths[i])]
             merge = None if i == 0 else nn.Conv2d(dims[i - 1], dims[i], 2, 2, bias=False)
             stages.append(MetaFormerStage(blocks, merge))
         self.stages = nn.Sequential(*stages)
@@ -165,7 +161,8 @@ class StripMLP(MetaFormerBase):
                                    norm_first=True, drop_rate=drop_rate)
 
     def _forward_stages(self, x: torch.Tensor, take: List[int], last: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Stages 0..``last`` with the cross-stage shortcuts; returns the last output and the outputs in ``take``."""
+        """Stages 0..``last`` with the cross-stage shortcuts (the skeleton's stage-loop hook, used by
+        ``forward_intermediates``); returns the last output and the outputs in ``take``."""
         feats: List[torch.Tensor] = []
         s1_14: Optional[torch.Tensor] = None
         s1_7: Optional[torch.Tensor] = None
@@ -197,27 +194,6 @@ class StripMLP(MetaFormerBase):
         no_take: List[int] = []
         x, _ = self._forward_stages(x, no_take, len(self.stages) - 1)
         return x
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ):
-        """Stage outputs at strides 4/8/16/32 (after the cross-stage shortcuts are added to the stage inputs)."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt {output_fmt!r} is not supported; zoo models return NCHW intermediates")
-        self.check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last = max_index if stop_early else len(self.stages) - 1
-        x = self.stem(x)
-        x, feats = self._forward_stages(x, list(take_indices), last)
-        if intermediates_only:
-            return feats
-        return x, feats
 
     def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
@@ -275,30 +251,6 @@ def official_state_dict(model: StripMLP):
     return remap_keys(sd, _TO_OFFICIAL)
 
 
-# the zoo's weights-only allow-list (yacs CfgNode read as a plain OrderedDict, argparse.Namespace)
-_SAFE_GLOBALS = SAFE_GLOBALS
-
-
-def load_official_checkpoint(path: str, model: Optional[StripMLP] = None):
-    """Read an official Strip-MLP ``.pth`` safely and (with ``model``) convert + strictly load it.
-
-    The file is a Swin-style dict whose ``config`` entry is a pickled yacs ``CfgNode``, which plain
-    ``torch.load(weights_only=True)`` rejects. It is read by the zoo's one safe reader
-    (``metaformer_zoo.checkpoint.load_checkpoint_file``): ``weights_only=True`` with the name ``yacs.config.CfgNode``
-    allow-listed to a plain ``OrderedDict`` stand-in, so the config comes back as nested dicts and no yacs (or any
-    other) code runs; yacs need not be installed. ``weights_only=False`` is never used; any other pickled object
-    raises ``CheckpointError``. The same reader serves ``pretrained=True``, ``checkpoint_path=``,
-    ``tools/convert.py`` and the dense ``init_cfg``. Returns the converted state dict (the raw tensors of
-    ``model``/flat dict when ``model`` is None).
-    """
-    sd = unwrap_state_dict(load_checkpoint_file(path))
-    if model is None:
-        return sd
-    sd = checkpoint_filter_fn(sd, model)
-    model.load_state_dict(sd, strict=True)
-    return sd
-
-
 # --- registration --------------------------------------------------------------------------------------------------
 
 _URLS = {  # Baidu Pan (extraction code 1234): not directly downloadable; kept for provenance
@@ -309,50 +261,53 @@ _URLS = {  # Baidu Pan (extraction code 1234): not directly downloadable; kept f
 }
 
 
-def _cfg(variant: str, **kwargs):
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875, "interpolation": "bicubic",  # Swin-style eval: resize 256 (bicubic) + center crop 224
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv", "classifier": "head.fc", "license": "mit",
-        "paper_ids": "arXiv:2307.11458", "paper_name": "Strip-MLP: Efficient Token Interaction for Vision MLP",
-        "origin_url": _URLS[variant], **kwargs,
-    }
+CITATION = """@inproceedings{cao2023stripmlp,
+  title     = {Strip-MLP: Efficient Token Interaction for Vision MLP},
+  author    = {Cao, Guiping and Luo, Shengda and Huang, Wenjian and Lan, Xiangyuan and Jiang, Dongmei and
+               Wang, Yaowei and Zhang, Jianguo},
+  booktitle = {Proceedings of the IEEE/CVF International Conference on Computer Vision (ICCV)},
+  year      = {2023}
+}"""
+
+_TOP1 = "Med-Process/Strip_MLP README"
 
 
-default_cfgs = generate_default_cfgs({f"stripmlp_{v}.in1k": _cfg(v) for v in ARCHS})
+def _dims(embed_dim: int) -> Tuple[int, ...]:
+    return tuple(embed_dim * 2 ** i for i in range(4))
 
-register_family(
-    "stripmlp", [f"stripmlp_{v}" for v in ARCHS],
-    paper="Strip-MLP: Efficient Token Interaction for Vision MLP (ICCV 2023, arXiv 2307.11458)",
-    code="https://github.com/Med-Process/Strip_MLP", filter_fn=checkpoint_filter_fn, to_official=official_state_dict,
-    official_wrapper="model",
-    notes="official weights on Baidu Pan (code 1234); yacs config in the file: see load_official_checkpoint",
+
+# official __main__ comments / configs: EMBED_DIM (doubled per stage) and LAYERS
+SPEC = FamilySpec(
+    name="stripmlp",
+    model_cls=StripMLP,
+    paper="Strip-MLP: Efficient Token Interaction for Vision MLP (ICCV 2023)",
+    arxiv="2307.11458",
+    code="https://github.com/Med-Process/Strip_MLP",
+    license="mit",
+    citation=CITATION,
+    cfg=dict(
+        input_size=(3, 224, 224), pool_size=(7, 7),
+        crop_pct=0.875, interpolation="bicubic",  # Swin-style eval: resize 256 (bicubic) + center crop 224
+        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="stem.conv", classifier="head.fc",
+        paper_name="Strip-MLP: Efficient Token Interaction for Vision MLP",
+    ),
+    official=OfficialFormat(filter=checkpoint_filter_fn, to_official=official_state_dict, wrapper="model"),
+    # no official dense code: the stage outputs are used raw
+    dense_out_norms=(None, None, None, None),
+    feature_cfg=dict(feature_cls="getter"),
+    recipe="stripmlp",
+    card="stripmlp",
+    notes="official weights on Baidu Pan (code 1234); the yacs config in the file is read safely by "
+          "metaformer_zoo.checkpoint.load_checkpoint_file",
+    models=tuple(
+        Variant(f"stripmlp_{v}", dict(dims=_dims(embed_dim), depths=depths), params=params, macs=macs, top1=top1,
+                top1_source=_TOP1, tags={"in1k": dict(origin_url=_URLS[v])})
+        for v, embed_dim, depths, params, macs, top1 in (
+            ("light_t", 80, (2, 2, 6, 2), 18_243_920, 2_518_593_280, 81.2),
+            ("t", 80, (2, 2, 12, 2), 24_903_920, 3_648_236_800, 82.2),
+            ("s", 96, (2, 2, 18, 2), 42_568_600, 6_803_134_464, 83.3),
+            ("b", 112, (2, 2, 18, 2), 57_216_480, 9_184_947_968, 83.6),
+        )
+    ),
 )
-
-
-def _create(variant: str, pretrained: bool = False, **kwargs) -> StripMLP:
-    embed_dim, layers = ARCHS[variant[len("stripmlp_"):]]
-    return build_zoo_model(StripMLP, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                           feature_cfg=dict(feature_cls="getter"),
-                           **dict(dict(embed_dim=embed_dim, layers=layers), **kwargs))
-
-
-@register_model
-def stripmlp_light_t(pretrained=False, **kwargs) -> StripMLP:
-    return _create("stripmlp_light_t", pretrained, **kwargs)
-
-
-@register_model
-def stripmlp_t(pretrained=False, **kwargs) -> StripMLP:
-    return _create("stripmlp_t", pretrained, **kwargs)
-
-
-@register_model
-def stripmlp_s(pretrained=False, **kwargs) -> StripMLP:
-    return _create("stripmlp_s", pretrained, **kwargs)
-
-
-@register_model
-def stripmlp_b(pretrained=False, **kwargs) -> StripMLP:
-    return _create("stripmlp_b", pretrained, **kwargs)
+register_family(SPEC, __name__)
