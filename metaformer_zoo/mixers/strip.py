@@ -42,12 +42,13 @@ def strip_mix_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 
     Eager (and FX leaf) calls go through the kernel package's wrapper (argument checks, autocast, backend dispatch
     including ``METAFORMER_ZOO_KERNELS``). Under TorchScript the registered op ``torch.ops.metaformer_zoo.strip_mix``
-    is called directly: weights in x's dtype, ``backend="auto"`` -> Triton for CUDA tensors, the reference otherwise
-    (TorchScript reads no environment variables; pass ``backend=`` to force one).
+    is called directly: weights in x's dtype, ``backend="auto"`` -> the reference (a scripted call has no kernel
+    fallback, and no strip-mix kernel is GPU-verified yet: see kernels/README.md; TorchScript reads no environment
+    variables, so pass ``backend="triton"`` to opt in).
     """
     if torch.jit.is_scripting():
         if backend == "auto":
-            backend = "triton" if x.is_cuda else "reference"
+            backend = "reference"
         b: Optional[torch.Tensor] = None
         if bias is not None:
             b = bias.to(x.dtype)
