@@ -257,3 +257,23 @@ def test_pretrained_file_overlay(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), src(x), rtol=0, atol=0)
+
+
+def test_spec_declares_the_registered_models():
+    """The one declaration generates timm's names, tags and cfgs (unchanged) and carries the official numbers."""
+    spec = ifm.SPEC
+    assert family_of("iformer_large") is spec and spec.model_cls is ifm.InceptionTransformer
+    ours = [n for n in timm.list_pretrained("iformer_*") if n.split(".")[0] in PARAMS]  # not timm's iformer_t/s/m/l/h
+    assert sorted(ours) == sorted(f"{n}.sail_in1k" for n in PARAMS)
+    for name, cfg in spec.pretrained_cfgs().items():
+        assert timm.models.model_entrypoint(name.split(".")[0]).__module__ == ifm.__name__
+        registered = timm.models.get_pretrained_cfg(name).to_dict()
+        assert {k: registered[k] for k in cfg} == dict(cfg), name
+        assert registered["url"] == f"https://huggingface.co/sail/dl2/resolve/main/iformer/{name.split('.')[0]}.pth"
+        big = name.split(".")[0].endswith("_384")
+        assert registered["input_size"] == (3,) + (384 if big else 224,) * 2
+        assert registered["crop_pct"] == (1.0 if big else 0.9) and registered["first_conv"] == "stem.proj1"
+    for v in spec.models:
+        assert v.params == PARAMS[v.name] and abs(v.macs / MACS[v.name] - 1) < 1e-3 and v.top1 > 80
+    assert spec.official.filter is ifm.checkpoint_filter_fn and spec.official.wrapper is None
+    assert "si2022inception" in spec.citation and spec.recipe == "iformer" and spec.arxiv == "2205.12956"

@@ -254,3 +254,24 @@ def test_official_file_with_args_namespace(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(x), src(x), rtol=0, atol=0)
         torch.testing.assert_close(convert_checkpoint("transxnet_t", str(path), **kw)(x), ema_src(x), rtol=0, atol=0)
+
+
+def test_spec_declares_the_registered_models():
+    """The one declaration generates timm's names, tags and cfgs (unchanged) and carries the official numbers."""
+    spec = txn.SPEC
+    assert family_of("transxnet_b") is spec and spec.model_cls is txn.TransXNet
+    assert sorted(timm.list_pretrained("transxnet_*")) == [
+        "transxnet_b.in1k", "transxnet_b.in1k_384", "transxnet_s.in1k", "transxnet_t.in1k"]
+    assert timm.models.get_pretrained_cfg("transxnet_b").tag == "in1k"  # the default tag
+    for name, cfg in spec.pretrained_cfgs().items():
+        assert timm.models.model_entrypoint(name.split(".")[0]).__module__ == txn.__name__
+        registered = timm.models.get_pretrained_cfg(name).to_dict()
+        assert {k: registered[k] for k in cfg} == dict(cfg), name
+    crop = {n: timm.models.get_pretrained_cfg(n).crop_pct for n in timm.list_pretrained("transxnet_*")}
+    assert crop == {"transxnet_t.in1k": 0.9, "transxnet_s.in1k": 0.9, "transxnet_b.in1k": 0.95,
+                    "transxnet_b.in1k_384": 1.0}
+    assert timm.models.get_pretrained_cfg("transxnet_b.in1k_384").url.endswith("/transx-b-384.pth.tar")
+    for v in spec.models:
+        assert v.params == PARAMS[v.name] and abs(v.macs / MACS[v.name] - 1) < 3e-3 and v.top1 > 80
+    assert spec.official.filter is txn.checkpoint_filter_fn and spec.official.wrapper == "state_dict"
+    assert "lou2025transxnet" in spec.citation and spec.recipe == "transxnet" and spec.arxiv == "2310.19380"
