@@ -34,7 +34,7 @@ import torch.nn as nn
 from .checkpoint import (
     CheckpointError, check_classifier, load_checkpoint_file, remap_keys, unwrap_state_dict, validate_state_dict)
 from .spec import FamilySpec, OfficialFormat
-from .zoo import count_macs, count_params, family_of, list_families
+from .zoo import count_macs, count_params, family_of, list_families, published_results
 
 __all__ = [
     "WeightsUnavailableError", "family_protocol", "load_official_file", "convert_checkpoint",
@@ -42,8 +42,6 @@ __all__ = [
     "weights_unavailable_error", "official_results", "sample_input",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS_CSV = REPO_ROOT / "model_cards" / "results.csv"
 
 
 class WeightsUnavailableError(OSError):
@@ -291,12 +289,13 @@ def push_folder(folder: str, repo_id: str, private: bool = False, token: Optiona
 # model cards
 
 def official_results(path: Optional[str] = None) -> Dict[str, Tuple[float, str]]:
-    """``model_cards/results.csv`` as {model: (top1, source)}; empty if the file is absent (installed wheel)."""
-    p = Path(path) if path else RESULTS_CSV
-    if not p.is_file():
-        return {}
+    """Published top-1 as {model: (top1, source)}: from the family specs (``zoo.published_results``), or from a CSV
+    with columns model, top1, source when ``path`` is given (e.g. ``model_cards/results.csv``, generated from the
+    specs, or a file of the user's own numbers)."""
+    if path is None:
+        return published_results()
     out = {}
-    with open(p, newline="") as f:
+    with open(path, newline="") as f:
         for row in csv.DictReader(line for line in f if not line.startswith("#")):
             try:
                 out[row["model"].strip()] = (float(row["top1"]), row.get("source", "").strip())
@@ -331,7 +330,7 @@ def model_card(model: nn.Module, model_name: Optional[str] = None, source: Optio
     in22k = "22k" in tag or "21k" in tag or model.num_classes in (21841, 21843, 11821)
     datasets = ["imagenet-1k"] + (["imagenet-22k"] if in22k else [])
     top1 = official_results().get(arch) if model.num_classes == 1000 and not in22k else None
-    paper_id = _arxiv_id(cfg.get("paper_ids", "")) or _arxiv_id(fam.paper)
+    paper_id = _arxiv_id(cfg.get("paper_ids", "")) or fam.arxiv or _arxiv_id(fam.paper)
     repo_id = (extra_info or {}).get("repo_id") or f"<org>/{name}"
 
     lines = ["---", "library_name: timm", f"license: {license_}", "tags:", "- image-classification", "- timm",

@@ -8,14 +8,10 @@ Families are listed in ``FAMILY_ORDER`` (the order of the README's Families tabl
 the zoo families from the MetaFormer baselines to the MLP / frequency / scan models, then the composed model); a
 family registered outside that list comes after them, in registration order.
 
-Counting every variant on the meta device takes about a minute on a small CPU, so params and MACs at each variant's
-default input size are precomputed in ``catalogue.json`` (next to this module; rewrite it with
-``python -m metaformer_zoo catalogue``). ``variant_info`` reads a row from there when it matches the live model
-(same name and default input size) and counts the model otherwise, or always with ``recompute=True``; a slow test
-recomputes every stored row.
+Params and MACs at each variant's default input size are declared in its spec (``Variant.params`` / ``macs``, the
+official numbers), so listing counts nothing; ``check_catalogue`` (``python -m metaformer_zoo check``, run by a slow
+test) counts every variant and compares.
 """
-import json
-import os
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
@@ -24,17 +20,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .spec import FamilySpec, OfficialFormat, Variant, register_entrypoints
 
-__all__ = ["Family", "FAMILY_ORDER", "CATALOGUE_PATH", "register_family", "list_families", "list_variants",
+__all__ = ["Family", "FAMILY_ORDER", "register_family", "list_families", "list_variants",
            "family_of", "variant_info", "count_params", "count_frozen_buffers", "count_macs", "measure_variant",
-           "load_catalogue", "build_catalogue", "write_catalogue", "zoo_registered_models"]
+           "load_catalogue", "check_catalogue", "declared_row", "published_results", "zoo_registered_models"]
 
 FAMILY_ORDER: Tuple[str, ...] = (
     "poolformer", "poolformerv2", "convformer", "caformer", "mambaout",  # timm's own
     "identityformer", "randformer", "iformer", "transxnet", "affnet", "raftmlp", "msmlp", "stripmlp", "vim2",
     "composed",
 )
-
-CATALOGUE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "catalogue.json")
 
 
 Family = FamilySpec  # the catalogue's entries are the families' own declarations
@@ -174,62 +168,55 @@ def measure_variant(name: str, macs: bool = True) -> Dict:
                 macs=count_macs(model, input_size, device="meta") if macs else None)
 
 
-_CATALOGUE: Optional[Dict[str, Dict]] = None
+def declared_row(name: str) -> Optional[Dict]:
+    """The catalogue row a family spec declares for variant ``name`` (official params incl. frozen tensors, MACs at
+    the default input size), or None when the spec leaves params or MACs out (then ``variant_info`` counts)."""
+    v = family_of(name).variant(name)
+    if v.params is None or v.macs is None:
+        return None
+    return dict(input_size=list(_default_input_size(name)), params=v.params, trainable_params=v.params - v.frozen_params,
+                frozen_buffers=v.frozen_params, macs=v.macs)
 
 
-def load_catalogue(path: Optional[str] = None) -> Dict[str, Dict]:
-    """The precomputed rows of ``catalogue.json`` (name -> input_size, params, trainable_params, frozen_buffers,
-    macs); an empty table if the file is missing."""
-    global _CATALOGUE
-    if path is None and _CATALOGUE is not None:
-        return _CATALOGUE
-    path = path or CATALOGUE_PATH
-    rows: Dict[str, Dict] = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            rows = json.load(f)["variants"]
-    if path == CATALOGUE_PATH:
-        _CATALOGUE = rows
-    return rows
+def load_catalogue() -> Dict[str, Dict]:
+    """{name: declared row} for every catalogued variant whose spec declares params and MACs."""
+    rows = {n: declared_row(n) for n in list_variants()}
+    return {n: r for n, r in rows.items() if r is not None}
 
 
-def build_catalogue(names: Optional[Sequence[str]] = None, progress=None) -> Dict:
-    """Recompute the rows of ``catalogue.json`` (every catalogued variant unless ``names`` is given); ``progress``
-    wraps the name list (e.g. ``tqdm``)."""
+def check_catalogue(names: Optional[Sequence[str]] = None, progress=None) -> List[str]:
+    """Count every variant now (``measure_variant``) and compare with what its spec declares; returns one line per
+    mismatch (empty: the specs are right). ``progress`` wraps the name list (e.g. ``tqdm``)."""
     names = list(list_variants() if names is None else names)
-    rows = {n: measure_variant(n) for n in (progress(names) if progress else names)}
-    return {
-        "about": "params / MACs of every catalogued variant at its default input size, written by "
-                 "`python -m metaformer_zoo catalogue`; params include frozen buffers (see zoo.count_params); MACs "
-                 "are FlopCounterMode FLOPs / 2 on the meta device",
-        "versions": {"timm": timm.__version__, "torch": torch.__version__.split("+")[0]},
-        "variants": rows,
-    }
+    bad = []
+    for n in (progress(names) if progress else names):
+        declared, fresh = declared_row(n), measure_variant(n)
+        if declared != fresh:
+            bad.append(f"{n}: spec declares {declared}, counted {fresh}")
+    return bad
 
 
-def write_catalogue(data: Dict, path: str = CATALOGUE_PATH) -> None:
-    """Write ``build_catalogue()``'s result as JSON with one variant per line (so a diff shows which rows changed)."""
-    global _CATALOGUE
-    head = json.dumps({k: v for k, v in data.items() if k != "variants"}, indent=1)
-    body = ",\n".join(f"  {json.dumps(n)}: {json.dumps(r)}" for n, r in data["variants"].items())
-    with open(path, "w") as f:
-        f.write(head[:-2] + ',\n "variants": {\n' + body + "\n }\n}\n")
-    if os.path.abspath(path) == CATALOGUE_PATH:
-        _CATALOGUE = None
+def published_results() -> Dict[str, Tuple[float, str]]:
+    """{name: (top-1, source)} of every variant whose spec declares a published ImageNet-1k top-1."""
+    out = {}
+    for fam in list_families():
+        for v in fam.models:
+            if v.top1 is not None:
+                out[v.name] = (v.top1, v.top1_source)
+    return out
 
 
 def variant_info(name: str, macs: bool = True, recompute: bool = False) -> Dict:
     """Family, params, MACs at the default resolution and weight availability of one variant.
 
-    Params and MACs come from the precomputed catalogue when it has a row for ``name`` at the variant's current
-    default input size (``source="catalogue"``), else they are counted now (``source="measured"``, also with
-    ``recompute=True``). ``params`` is the total of ``count_params`` (frozen buffers included, as in the official
+    Params and MACs come from the family spec when it declares them (``source="catalogue"``), else they are counted
+    now (``source="measured"``, also with ``recompute=True``). ``params`` is the total of ``count_params`` (frozen buffers included, as in the official
     counts), ``trainable_params`` and ``frozen_buffers`` its parts.
     """
     fam = family_of(name)
     cfg = _pretrained_cfg(name)
     input_size = tuple(cfg.get("input_size", (3, 224, 224)))
-    row = None if recompute else load_catalogue().get(name)
+    row = None if recompute else declared_row(name)
     if row is not None and tuple(row["input_size"]) == input_size and (row["macs"] is not None or not macs):
         source = "catalogue"
     else:

@@ -1,8 +1,7 @@
 """``python -m metaformer_zoo list`` and the catalogue behind it.
 
-Rows come from the precomputed ``metaformer_zoo/catalogue.json``: the default stage checks that it covers exactly the
-catalogued variants at their live default input sizes and recomputes a few cheap rows; the slow stage recomputes
-every row. Also: family order (the README's Families table), CSV columns, the unknown-family error, and the ops'
+Rows come from the family specs (``Variant.params`` / ``macs``): the default stage checks that they cover exactly the
+catalogued variants and recomputes a few cheap rows; the slow stage recomputes every row. Also: family order (the README's Families table), CSV columns, the unknown-family error, and the ops'
 autocast guards on every device type (the catalogue counts models on the meta device).
 """
 import csv
@@ -147,15 +146,25 @@ def test_unknown_family_is_one_line_and_exit_2(capsys):
     assert "unknown family 'nosuch'" in err and "randformer" in err and "poolformer" in err
 
 
-def test_write_catalogue_roundtrip(tmp_path):
-    data = zoo.build_catalogue(["affnet_et", "randformer_s12"])
-    path = tmp_path / "catalogue.json"
-    zoo.write_catalogue(data, str(path))
-    rows = zoo.load_catalogue(str(path))
-    assert list(rows) == ["affnet_et", "randformer_s12"]
-    assert len(path.read_text().splitlines()) == 11  # one line per variant
-    stored = zoo.load_catalogue()
-    assert all(stored[n] == r for n, r in rows.items())
+def test_check_reports_a_spec_that_is_wrong(capsys, monkeypatch):
+    """``check`` compares the declared numbers with a fresh count and names the variant whose spec is wrong."""
+    monkeypatch.setattr(zoo, "list_variants", lambda *a, **k: ["affnet_et", "randformer_s12"])
+    rc, out, _ = _run_main(capsys, "check")
+    assert rc == 0 and "2 of 2 variants match their spec" in out
+    real = zoo.declared_row
+    monkeypatch.setattr(zoo, "declared_row", lambda n: dict(real(n), params=1) if n == "affnet_et" else real(n))
+    rc, out, _ = _run_main(capsys, "check")
+    assert rc == 1 and out.startswith("affnet_et: spec declares") and "1 of 2 variants" in out
+
+
+def test_results_csv_is_generated_from_the_specs(capsys):
+    rc, out, _ = _run_main(capsys, "results")
+    assert rc == 0
+    assert (ROOT / "model_cards" / "results.csv").read_text() == out, \
+        "model_cards/results.csv differs from the specs: run `python -m metaformer_zoo results --write " \
+        "model_cards/results.csv`"
+    rows = list(csv.DictReader(line for line in io.StringIO(out) if not line.startswith("#")))
+    assert {r["model"] for r in rows} == set(zoo.published_results())
 
 
 def test_autocast_guards_on_every_device_type():
@@ -187,6 +196,6 @@ def test_autocast_guards_on_every_device_type():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", zoo.list_variants())
 def test_stored_row_equals_a_fresh_count(name):
-    stored = zoo.load_catalogue()[name]
+    declared = zoo.declared_row(name)
     fresh = zoo.measure_variant(name)
-    assert fresh == stored, f"catalogue.json is stale for {name}: rewrite it with `python -m metaformer_zoo catalogue`"
+    assert fresh == declared, f"the {zoo.family_of(name).name} spec declares other numbers for {name} than it counts"

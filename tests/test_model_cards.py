@@ -55,3 +55,16 @@ def test_results_csv_covers_family(family):
         assert f"{top1:.1f}" in card, f"{v}: top-1 {top1} is not in model_cards/{fam.card}.md"
         if "README" not in source:  # paper-only numbers say so, and why
             assert source.startswith("paper arXiv") and "(" in source, f"{v}: source {source!r}"
+
+
+@pytest.mark.parametrize("family", [f.name for f in FAMILIES])
+def test_card_carries_the_spec_numbers(family):
+    """The card's row of each variant shows the parameter count its spec declares (exact, or in M to 3 decimals)."""
+    fam = next(f for f in FAMILIES if f.name == family)
+    card = (CARDS / f"{fam.card}.md").read_text().splitlines()
+    for v in fam.models:
+        assert v.params is not None, f"{v.name}: the {family} spec declares no parameter count"
+        rows = [line for line in card if line.startswith("|") and (f"`{v.name}`" in line or f"| {v.name} " in line)]
+        shown = (f"{v.params:,}", f"{v.params / 1e6:.3f}", f"{(v.params - v.frozen_params):,}")
+        assert any(s in r for r in rows for s in shown), \
+            f"model_cards/{fam.card}.md: no table row of {v.name} shows its {v.params:,} params"

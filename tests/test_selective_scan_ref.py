@@ -152,3 +152,80 @@ def test_selective_scan2d_equals_composition():
         torch.testing.assert_close(g, ge, rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="delta must be"):
         ops.selective_scan2d(x, delta[:, :2], A, B, C)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the chunked scan's hand-written backward (reference.selective_scan's default under autograd)
+# ----------------------------------------------------------------------------------------------------------------------
+CHUNKED = [
+    # b, d, L, N, GB, GC, chunk   (G = 0: shared (batch, N, L) B / C)
+    (2, 6, 37, 1, 2, 2, 8),     # N = 1, odd L, last chunk partial
+    (1, 8, 41, 16, 4, 4, 16),   # N = 16, 4 groups
+    (2, 12, 19, 16, 0, 3, 5),   # shared B, 3 groups of C (mixed group counts)
+    (1, 8, 23, 3, 2, 4, 32),    # mixed 2 / 4 groups, one chunk
+]
+
+
+@pytest.mark.parametrize("b,d,L,N,GB,GC,chunk", CHUNKED)
+def test_chunked_scan_matches_float64_recurrence(b, d, L, N, GB, GC, chunk):
+    g = torch.Generator().manual_seed(b * 100 + L)
+    f = torch.float64
+
+    def bc(G):
+        return torch.randn(b, N, L, generator=g, dtype=f) if G == 0 else torch.randn(b, G, N, L, generator=g, dtype=f)
+    args = [torch.randn(b, d, L, generator=g, dtype=f), torch.randn(b, d, L, generator=g, dtype=f) * 0.5,
+            -(torch.rand(d, N, generator=g, dtype=f) * 2 + 0.1), bc(GB), bc(GC), torch.randn(d, generator=g, dtype=f),
+            torch.randn(b, d, L, generator=g, dtype=f), torch.randn(d, generator=g, dtype=f) * 0.3]
+    leaves = [t.requires_grad_() for t in args]
+    G = max(GB, GC, 1)
+
+    def oracle(u, delta, A, B, C, D, z, bias):  # the naive oracle needs one group count
+        ex = lambda t: (t.unsqueeze(1) if t.dim() == 3 else t).repeat_interleave(  # noqa: E731
+            G // (1 if t.dim() == 3 else t.shape[1]), 1)
+        return ref.selective_scan_ref_naive(u, delta, A, ex(B), ex(C), D, z, bias, True, True)
+
+    out, h = ref.selective_scan(*args, delta_softplus=True, return_last_state=True, chunk_size=chunk)
+    exp, h_exp = oracle(*args)
+    torch.testing.assert_close(out, exp, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h, h_exp, rtol=1e-10, atol=1e-10)
+    w = torch.randn(out.shape, generator=g, dtype=f)
+    grads = torch.autograd.grad((out * w).sum() + h.square().sum(), leaves)
+    grads_exp = torch.autograd.grad((exp * w).sum() + h_exp.square().sum(), leaves, retain_graph=True)
+    for name, a, e in zip("u delta A B C D z bias".split(), grads, grads_exp):
+        assert a.shape == e.shape and a.abs().max() > 0, name
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+    # the explicit backward (used where autograd does not record, e.g. the kernel fallback) gives the same gradients
+    explicit = ref.selective_scan_backward(w, *[t.detach() for t in args], delta_softplus=True, chunk_size=chunk)
+    grads_y = torch.autograd.grad((exp * w).sum(), leaves)
+    for name, a, e in zip("u delta A B C D z bias".split(), explicit, grads_y):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9, msg=lambda m: f"explicit grad {name}: {m}")
+
+
+def test_chunked_scan_2d_explicit_backward():
+    x, delta, A, B, C, D, db = args = _scan2d_inputs(Bsz=1, Ch=3, H=5, W=3, N=16, seed=4)
+    leaves = [t.requires_grad_() for t in args]
+    out = ref.selective_scan2d(*leaves, delta_softplus=True, chunk_size=4)
+    w = torch.randn_like(out)
+    want = torch.autograd.grad((out * w).sum(), leaves)
+    got = ref.selective_scan2d_backward(w, *[t.detach() for t in args], delta_softplus=True, chunk_size=4)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9)
+
+
+def test_chunked_scan_float32_and_memory_bound(monkeypatch):
+    """float32 against the float64 oracle; with tiny chunk temporaries the saved tensors stay far below (B, D, L, N)."""
+    monkeypatch.setattr(ref, "MAX_CHUNK_ELEMENTS", 4096)  # forces 8-step chunks at this shape
+    b, d, L, N = 1, 32, 133, 16
+    u, delta, A, B, C, D, z, delta_bias = _inputs(b=b, d=d, L=L, N=N, G=4, dtype=torch.float32, seed=5)
+    leaves = [t.requires_grad_() for t in (u, delta, A, B, C)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = ref.selective_scan(u, delta, A, B, C, D, z, delta_bias, True)
+    assert max(saved) < b * d * L * N // 4  # inputs and the (L / 8, b, d, N) chunk-start states only
+    exp = ref.selective_scan_ref_naive(*[t.double() for t in (u, delta, A, B, C, D, z, delta_bias)], True)
+    assert ((out.double() - exp).norm() / exp.norm()).item() < 1e-5
+    grads = torch.autograd.grad(out.sum(), leaves)
+    leaves64 = [t.detach().double().requires_grad_() for t in (u, delta, A, B, C)]
+    exp64 = ref.selective_scan_ref_naive(*leaves64, D.double(), z.double(), delta_bias.double(), True)
+    for a, e in zip(grads, torch.autograd.grad(exp64.sum(), leaves64)):
+        assert ((a.double() - e).norm() / e.norm()).item() < 1e-5

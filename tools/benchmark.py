@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--model-kwargs", nargs="*", type=key_value, action=ParseKwargs, default={}, metavar="K=V",
                    help="extra create_model kwargs, values as Python literals (timm ParseKwargs)")
-    p.add_argument("--results", default=os.path.join(_ROOT, "model_cards", "results.csv"),
-                   help="CSV of published top-1 (model,top1,source)")
+    p.add_argument("--results", default=None,
+                   help="CSV of top-1 numbers (model,top1,source) to use instead of the published ones the family "
+                        "specs declare (model_cards/results.csv lists those)")
     p.add_argument("--csv", default=None, help="write the table as CSV")
     p.add_argument("--json", default=None, help="write the rows as JSON")
     p.add_argument("--plot", default=None, help="write a PNG: published top-1 vs throughput or MACs (matplotlib)")

@@ -6,6 +6,8 @@ Per op and per model-stage shape it prints the median forward and forward+backwa
 * the plain-PyTorch reference, eager;
 * ``torch.compile`` of the reference (skipped where a case says compiling is impractical, or with ``--no-compile``);
 * the Triton kernels (``backend="triton"``);
+* mamba-ssm's CUDA ``selective_scan_fn`` (``backend="mamba_ssm"``) for the selective-scan cases, when mamba-ssm is
+  installed (a case's optional ``mamba_ssm`` callable);
 
 plus the Triton speed-up over eager, the achieved bandwidth (bytes the op must move / time) against the measured
 device-to-device copy bandwidth, and the fraction of the roofline bound reached. The roofline time of a case is
@@ -244,8 +246,17 @@ def run_op_cases(torch, args, cuda, device, dtype, copy_bw, exp_rate):
                         print(f"[benchmark_kernels]   torch.compile failed: {type(e).__name__}: {str(e)[:200]}")
                         row["compiled"] = "fail"
                 row["triton"] = time_impl(case["triton"], case, cuda, args)
+                row["mamba_ssm"] = None
+                if case.get("mamba_ssm") is not None:
+                    try:
+                        row["mamba_ssm"] = time_impl(case["mamba_ssm"], case, cuda, args)
+                    except Exception as e:  # an optional column: report, never fatal
+                        print(f"[benchmark_kernels]   mamba-ssm failed: {type(e).__name__}: {str(e)[:200]}")
+                        row["mamba_ssm"] = "fail"
             except (torch.cuda.OutOfMemoryError, MemoryError) as e:
                 row["error"] = f"OOM: {str(e)[:80]}"
+            except Exception as e:  # one broken case must not lose the whole table
+                row["error"] = f"{type(e).__name__}: {str(e)[:80]}"
             rows.append(_finish_row(row, case, copy_bw, exp_rate))
             if cuda:
                 torch.cuda.empty_cache()
@@ -305,7 +316,7 @@ def format_op_table(rows, copy_bw, exp_rate, device_name):
     head = (f"Device: {device_name}; measured D2D copy bandwidth {copy_bw / 1e9:.0f} GB/s"
             + (f"; exp2 rate {exp_rate / 1e12:.2f} T/s" if exp_rate else "") + "\n\n")
     cols = ["op", "case", "eager fwd", "eager f+b", "compiled fwd", "compiled f+b", "triton fwd", "triton f+b",
-            "speed-up fwd", "speed-up f+b", "GB/s fwd", "GB/s f+b", "roofline f+b", "% roofline f+b", "rel err",
+            "mamba-ssm fwd", "mamba-ssm f+b", "roofline fwd", "speed-up fwd", "speed-up f+b", "GB/s fwd", "GB/s f+b", "roofline f+b", "% roofline f+b", "rel err",
             "target"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -315,11 +326,13 @@ def format_op_table(rows, copy_bw, exp_rate, device_name):
         f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
         lines.append("| " + " | ".join([
             r["op"], r["case"], _pair(r["eager"], 0), _pair(r["eager"], 1), _pair(r["compiled"], 0),
-            _pair(r["compiled"], 1), _pair(r["triton"], 0), _pair(r["triton"], 1), f(r["speedup_fwd"], ".1f"),
+            _pair(r["compiled"], 1), _pair(r["triton"], 0), _pair(r["triton"], 1), _pair(r.get("mamba_ssm"), 0),
+            _pair(r.get("mamba_ssm"), 1), _ms(r["roof_fwd"]), f(r["speedup_fwd"], ".1f"),
             f(r["speedup_fb"], ".1f"), f(r["bw_fwd"] and r["bw_fwd"] / 1e9, ".0f"),
             f(r["bw_fb"] and r["bw_fb"] / 1e9, ".0f"), _ms(r["roof_fb"]),
             f(r["eff_fb"] and 100 * r["eff_fb"], ".0f"), f(r["err"], ".1e"), r["target"]]) + " |")
-    return head + "Times are medians in ms.\n\n" + "\n".join(lines) + "\n"
+    return head + ("Times are medians in ms; roofline = max(bytes / copy bandwidth, exp2 / exp2 rate); '-' = not run "
+                   "(mamba-ssm not installed, or compiling skipped).\n\n") + "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,30 +1,36 @@
 #!/usr/bin/env python
-"""Write the per-model mmdet / mmseg configs (configs/mmdet/*.py, configs/mmseg/*.py) from one table.
+"""Write the per-model mmdet / mmseg configs (configs/mmdet/*.py, configs/mmseg/*.py) from the family specs.
 
 Each generated file is short: it inherits a shared task base (configs/<fw>/_base_/<task>_zoo.py, which inherits the
 packaged OpenMMLab base) and sets the backbone name, channels, drop path and the paper's optimizer where the paper
-or its official code gives one. Edit the tables below and re-run: ``python tools/gen_dense_configs.py``.
-This script needs neither mm packages nor the models (channels are listed here; tests check them against the
-built models).
+or its official code gives one. The family set is the catalogue's (``metaformer_zoo.list_families()``), channels are
+read from each model's ``feature_info`` (built on the meta device: no weights, no mm packages). ``DENSE`` below holds
+only what a spec does not say: which variants get which task configs, the dense drop path and the official dense
+recipes. A family without an entry gets its first variant for every task, drop path 0.1 and the generic recipes.
+Re-run after adding a family or editing the table: ``python tools/gen_dense_configs.py`` (``--check``: exit 1 if a
+config on disk differs from what would be written).
 """
+import argparse
 import os
 import sys
 
+import timm
+
+import metaformer_zoo
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# family -> (source note, {variant: (dims, drop_path)}, {task: variants}, {task: (recipe overrides, recipe note)})
+# family -> variants (name -> drop path), dp_note, tasks ({task: variants}), recipes ({task: (overrides, note)}),
+# model_kwargs
 GENERIC_DET = "no official detection recipe: Swin / ConvNeXt / VMamba AdamW recipe of the base"
 GENERIC_SEG = "no official Semantic FPN recipe: PoolFormer / PVT recipe of the base"
 GENERIC_UPER = "no official UperNet recipe: Swin recipe of the base"
 ALL = ("mask_rcnn", "retinanet", "fpn", "upernet")
 
-POOL_S = (64, 128, 320, 512)
-POOL_M = (96, 192, 384, 768)
-
-FAMILIES = {
+DENSE = {
     "poolformer": dict(
-        variants={"poolformer_s12": (POOL_S, 0.0), "poolformer_s24": (POOL_S, 0.0), "poolformer_s36": (POOL_S, 0.0),
-                  "poolformer_m36": (POOL_M, 0.0), "poolformer_m48": (POOL_M, 0.0)},
+        variants={"poolformer_s12": 0.0, "poolformer_s24": 0.0, "poolformer_s36": 0.0,
+                  "poolformer_m36": 0.0, "poolformer_m48": 0.0},
         tasks={"mask_rcnn": ["poolformer_s12", "poolformer_s24", "poolformer_s36"],
                "retinanet": ["poolformer_s12", "poolformer_s24", "poolformer_s36"],
                "fpn": ["poolformer_s12", "poolformer_s24", "poolformer_s36", "poolformer_m36", "poolformer_m48"],
@@ -37,16 +43,16 @@ FAMILIES = {
             "fpn": ({}, "official (sail-sg/poolformer segmentation): AdamW lr 2e-4, wd 1e-4, poly 0.9, 40k iters"),
             "upernet": ({}, GENERIC_UPER),
         }),
-    "poolformerv2": dict(variants={"poolformerv2_s12": (POOL_S, 0.1)}, dp_note="ImageNet-1k drop path"),
-    "convformer": dict(variants={"convformer_s18": (POOL_S, 0.2)}, dp_note="ImageNet-1k drop path"),
-    "caformer": dict(variants={"caformer_s18": (POOL_S, 0.15)}, dp_note="ImageNet-1k drop path"),
-    "mambaout": dict(variants={"mambaout_tiny": ((96, 192, 384, 576), 0.2)}, dp_note="ImageNet-1k drop path"),
-    "identityformer": dict(variants={"identityformer_s12": (POOL_S, 0.1)}, dp_note="ImageNet-1k drop path"),
-    "randformer": dict(variants={"randformer_s12": (POOL_S, 0.1)}, dp_note="ImageNet-1k drop path",
+    "poolformerv2": dict(variants={"poolformerv2_s12": 0.1}, dp_note="ImageNet-1k drop path"),
+    "convformer": dict(variants={"convformer_s18": 0.2}, dp_note="ImageNet-1k drop path"),
+    "caformer": dict(variants={"caformer_s18": 0.15}, dp_note="ImageNet-1k drop path"),
+    "mambaout": dict(variants={"mambaout_tiny": 0.2}, dp_note="ImageNet-1k drop path"),
+    "identityformer": dict(variants={"identityformer_s12": 0.1}, dp_note="ImageNet-1k drop path"),
+    "randformer": dict(variants={"randformer_s12": 0.1}, dp_note="ImageNet-1k drop path",
                        model_kwargs=dict(random_mixing_resize=True)),
-    "iformer": dict(variants={"iformer_small": ((96, 192, 320, 384), 0.2)}, dp_note="ImageNet-1k drop path"),
+    "iformer": dict(variants={"iformer_small": 0.2}, dp_note="ImageNet-1k drop path"),
     "transxnet": dict(
-        variants={"transxnet_t": ((48, 96, 224, 448), 0.1)},
+        variants={"transxnet_t": 0.1},
         dp_note="official detection configs (T 0.1)",
         recipes={
             "mask_rcnn": (dict(optimizer=dict(lr=1e-4, weight_decay=0.05),
@@ -57,9 +63,9 @@ FAMILIES = {
                                      "1000-iter warmup, 80k iters"),
             "upernet": ({}, GENERIC_UPER),
         }),
-    "affnet": dict(variants={"affnet": ((64, 128, 256, 320), 0.0)}, dp_note="ImageNet recipe has no drop path"),
+    "affnet": dict(variants={"affnet": 0.0}, dp_note="ImageNet recipe has no drop path"),
     "raftmlp": dict(
-        variants={"raftmlp_s": ((64, 128, 256, 512), 0.1)}, dp_note="zoo choice (official configs: none given)",
+        variants={"raftmlp_s": 0.1}, dp_note="zoo choice (official configs: none given)",
         recipes={
             "mask_rcnn": (dict(optimizer=dict(lr=1e-4, weight_decay=1e-4), paramwise_cfg=dict(_delete_=True)),
                           "official (okojoalg/raft-mlp detection): AdamW lr 1e-4, wd 1e-4"),
@@ -67,9 +73,9 @@ FAMILIES = {
             "fpn": ({}, "official (okojoalg/raft-mlp segmentation): AdamW lr 2e-4, wd 1e-4, poly, 40k iters"),
             "upernet": ({}, GENERIC_UPER),
         }),
-    "msmlp": dict(variants={"msmlp_tiny": ((96, 192, 384, 768), 0.2)}, dp_note="ImageNet-1k drop path"),
-    "stripmlp": dict(variants={"stripmlp_light_t": ((80, 160, 320, 640), 0.1)}, dp_note="zoo choice"),
-    "vim2": dict(variants={"vim2_tiny": ((96, 192, 384, 768), 0.2)},
+    "msmlp": dict(variants={"msmlp_tiny": 0.2}, dp_note="ImageNet-1k drop path"),
+    "stripmlp": dict(variants={"stripmlp_light_t": 0.1}, dp_note="zoo choice"),
+    "vim2": dict(variants={"vim2_tiny": 0.2},
                  dp_note="VMamba-T value (the paper follows VMamba)",
                  recipes={"mask_rcnn": ({}, "paper: mmdetection 'following VMamba', AdamW lr 1e-4 (wd 0.05 VMamba)"),
                           "retinanet": ({}, "no RetinaNet in the paper: base recipe"),
@@ -106,9 +112,25 @@ def fmt(obj) -> str:
     return repr(obj)
 
 
+DEFAULT = dict(dp=0.1, dp_note="zoo default (no family entry in tools/gen_dense_configs.py)")
+
+
+def dense_table(family) -> dict:
+    """The generator's entry for a catalogued family: ``DENSE``'s, or the default (first variant, every task)."""
+    entry = DENSE.get(family.name)
+    if entry is None:
+        entry = dict(variants={family.variants[0]: DEFAULT["dp"]}, dp_note=DEFAULT["dp_note"])
+    return entry
+
+
+def channels(model: str) -> tuple:
+    """Output channels of the 4 stages, from the model itself (meta device: nothing allocated)."""
+    return tuple(int(f["num_chs"]) for f in timm.create_model(model, device="meta").feature_info)
+
+
 def render(family: str, spec: dict, task: str, model: str) -> str:
     fw, _, base, generic = TASKS[task]
-    dims, dp = spec["variants"][model]
+    dims, dp = channels(model), spec["variants"][model]
     recipe, note = spec.get("recipes", {}).get(task, ({}, generic))
     backbone = dict(model_name=model, drop_path_rate=dp)
     if spec.get("model_kwargs"):
@@ -132,18 +154,40 @@ def render(family: str, spec: dict, task: str, model: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
-    written = []
-    for family, spec in FAMILIES.items():
+def generate() -> dict:
+    """{path relative to the repository: config text} for every catalogued family (``composed`` has none)."""
+    unknown = set(DENSE) - {f.name for f in metaformer_zoo.list_families()}
+    if unknown:
+        raise SystemExit(f"gen_dense_configs: DENSE names families the catalogue does not have: {sorted(unknown)}")
+    out = {}
+    for fam in metaformer_zoo.list_families():
+        if fam.name == "composed":
+            continue
+        spec = dense_table(fam)
         tasks = spec.get("tasks") or {t: list(spec["variants"]) for t in ALL}
         for task in ALL:
             for model in tasks.get(task, []):
                 fw, pattern, _, _ = TASKS[task]
-                path = os.path.join(ROOT, "configs", fw, pattern.format(m=model))
-                with open(path, "w") as f:
-                    f.write(render(family, spec, task, model))
-                written.append(os.path.relpath(path, ROOT))
-    print(f"wrote {len(written)} configs")
+                out[os.path.join("configs", fw, pattern.format(m=model))] = render(fam.name, spec, task, model)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a config on disk differs")
+    args = parser.parse_args(argv)
+    configs = generate()
+    if args.check:
+        stale = [p for p, text in configs.items()
+                 if not os.path.isfile(os.path.join(ROOT, p)) or open(os.path.join(ROOT, p)).read() != text]
+        for p in stale:
+            print(f"stale or missing: {p}")
+        print(f"{len(configs) - len(stale)} of {len(configs)} configs up to date")
+        return 1 if stale else 0
+    for p, text in configs.items():
+        with open(os.path.join(ROOT, p), "w") as f:
+            f.write(text)
+    print(f"wrote {len(configs)} configs")
     return 0
 
 

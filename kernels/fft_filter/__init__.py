@@ -6,8 +6,10 @@
 the official AFNO layout (see ``reference.py``). The residual is not included. The math is float32 (float64 for
 float64 inputs, reference backend only) with autocast disabled; the result has x's dtype and is NCHW-contiguous.
 
-Dispatch: ``metaformer_zoo.kernels.resolve_backend`` picks Triton for CUDA tensors (or ``TRITON_INTERPRET=1``) and the
-plain PyTorch reference otherwise; ``backend=`` or ``METAFORMER_ZOO_KERNELS`` force one.
+Dispatch: ``metaformer_zoo.kernels.resolve_backend(..., op="fft_filter")``: the plain PyTorch reference by default
+(Triton under ``TRITON_INTERPRET=1``, or on CUDA once the op is GPU-verified); ``backend=`` or
+``METAFORMER_ZOO_KERNELS`` force one. A Triton kernel that fails to compile or launch warns once and falls back to the
+reference (``metaformer_zoo.kernels.run_kernel``).
 
 The op is registered with ``torch.library.custom_op`` (forward and backward are both custom ops with fake
 implementations and an autograd formula), so ``torch.compile`` / ``torch.fx`` see a single node and do not break the
@@ -25,7 +27,7 @@ from typing import Tuple
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from .. import no_autocast, resolve_backend
+from .. import no_autocast, resolve_backend, run_kernel, shape_key
 from .reference import ACTS, fft_filter_reference, fft_filter_reference_backward
 
 __all__ = ["fft_filter", "fft_filter_reference", "FFTFilterFunction", "check_args"]
@@ -61,26 +63,44 @@ def check_args(x, w1, b1, w2, b2, num_groups: int, act: str) -> str:
 # implementations (no autograd inside)
 
 def _resolve(backend, *tensors):
-    backend = resolve_backend(backend, *tensors)
+    backend = resolve_backend(backend, *tensors, op="fft_filter")
     if backend == "triton" and tensors[0].dtype == torch.float64:
         backend = "reference"  # float64 stays the oracle's business; the kernels are float32
     return backend
 
 
-def _forward_impl(x, w1, b1, w2, b2, num_groups, lam, act, backend):
-    if _resolve(backend, x, w1, b1, w2, b2) == "triton":
-        from .triton import fft_filter_fwd
-        return fft_filter_fwd(x, w1, b1, w2, b2, num_groups, lam, act)
+def _reference_fwd(x, w1, b1, w2, b2, num_groups, lam, act):
     with torch.no_grad():
         return fft_filter_reference(x, w1, b1, w2, b2, num_groups, lam, act).contiguous()
 
 
-def _backward_impl(grad, x, w1, b1, w2, b2, num_groups, lam, act, backend):
-    if _resolve(backend, x, w1, b1, w2, b2) == "triton":
-        from .triton import fft_filter_bwd
-        return tuple(fft_filter_bwd(grad, x, w1, b1, w2, b2, num_groups, lam, act))
+def _reference_bwd(grad, x, w1, b1, w2, b2, num_groups, lam, act):
     grads = fft_filter_reference_backward(grad, x, w1, b1, w2, b2, num_groups, lam, act)
     return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (x, w1, b1, w2, b2)))
+
+
+def _triton_fwd(x, w1, b1, w2, b2, num_groups, lam, act):
+    from .triton import fft_filter_fwd
+    return fft_filter_fwd(x, w1, b1, w2, b2, num_groups, lam, act)
+
+
+def _triton_bwd(grad, x, w1, b1, w2, b2, num_groups, lam, act):
+    from .triton import fft_filter_bwd
+    return tuple(fft_filter_bwd(grad, x, w1, b1, w2, b2, num_groups, lam, act))
+
+
+def _forward_impl(x, w1, b1, w2, b2, num_groups, lam, act, backend):
+    args = (x, w1, b1, w2, b2, num_groups, lam, act)
+    if _resolve(backend, x, w1, b1, w2, b2) == "triton":  # a failing kernel warns once and falls back
+        return run_kernel("fft_filter", shape_key(x, w1), lambda: _triton_fwd(*args), lambda: _reference_fwd(*args))
+    return _reference_fwd(*args)
+
+
+def _backward_impl(grad, x, w1, b1, w2, b2, num_groups, lam, act, backend):
+    args = (grad, x, w1, b1, w2, b2, num_groups, lam, act)
+    if _resolve(backend, x, w1, b1, w2, b2) == "triton":
+        return run_kernel("fft_filter", shape_key(x, w1), lambda: _triton_bwd(*args), lambda: _reference_bwd(*args))
+    return _reference_bwd(*args)
 
 
 # ------------------------------------------------------------------------------------------------------------------

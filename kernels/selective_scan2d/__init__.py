@@ -13,9 +13,11 @@ Public API (reference semantics in ``reference.py``; algorithm, layouts and tole
   4-route op = ``cross_merge(selective_scan(cross_scan(x), ...))``; x (B, C, H, W) (any strides, channels-last
   included); delta (B, 4, C, H*W) in route order; A (4*C, N); B, C (B, 4, N, H*W); D, delta_bias (4*C,).
 
-Dispatch: ``metaformer_zoo.kernels.resolve_backend(backend, *tensors)`` -- Triton on CUDA tensors (or on CPU under
-``TRITON_INTERPRET=1``), the plain-PyTorch reference otherwise; ``backend="reference"|"triton"`` or the environment
-variable ``METAFORMER_ZOO_KERNELS`` force one.
+Dispatch: ``metaformer_zoo.kernels.resolve_backend(backend, *tensors, op="selective_scan2d")``: the plain-PyTorch
+reference by default (also on CUDA until the kernels are GPU-verified, see ``kernels/README.md``); Triton under
+``TRITON_INTERPRET=1`` or when forced (``backend="triton"`` / ``METAFORMER_ZOO_KERNELS=triton``), with a warn-once
+fallback to the reference if a kernel fails to compile or launch; ``backend="mamba_ssm"``: mamba-ssm's CUDA
+``selective_scan_fn`` when installed (never a dependency).
 
 The Triton path is two ``torch.library`` custom ops, ``metaformer_zoo::selective_scan_fwd`` and
 ``metaformer_zoo::selective_scan_bwd``, with fake (meta) implementations and ``register_autograd``: torch.compile and
@@ -37,12 +39,15 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from metaformer_zoo.kernels import no_autocast, resolve_backend
+from metaformer_zoo.kernels import no_autocast, resolve_backend, run_kernel, shape_key
 
 from . import reference
 from .reference import selective_scan_ref_naive
 
-__all__ = ["selective_scan", "cross_scan", "cross_merge", "selective_scan2d", "selective_scan_ref_naive"]
+__all__ = ["selective_scan", "cross_scan", "cross_merge", "selective_scan2d", "selective_scan_ref_naive",
+           "mamba_ssm_available"]
+
+OP = "selective_scan2d"  # the op name of both public functions in the dispatch (GPU_VERIFIED, fallback warnings)
 
 
 def _tk():
@@ -82,10 +87,54 @@ def _states_shape(u, A, B, mode2d: bool):
 def _scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
                  delta_bias: Optional[Tensor], delta_softplus: bool, mode2d: bool) -> Tuple[Tensor, Tensor]:
     """Triton forward. B, C are 4-d here. Returns (out in u's dtype and shape, chunk-end states fp32)."""
-    u4, dt4, z4, R, G = _layout(u, delta, z, B, mode2d)
-    out4, states = _tk().scan_fwd(u4, dt4, A, B, C, D, z4, delta_bias, delta_softplus, R, G, u.dtype)
-    out = out4 if mode2d else out4.squeeze(2)
-    return out, states
+    def kernel():
+        u4, dt4, z4, R, G = _layout(u, delta, z, B, mode2d)
+        out4, states = _tk().scan_fwd(u4, dt4, A, B, C, D, z4, delta_bias, delta_softplus, R, G, u.dtype)
+        return (out4 if mode2d else out4.squeeze(2)), states
+
+    def fallback():
+        """The reference result; of the states only the last one is filled (``return_last_state`` reads it): the
+        backward of a call that fell back falls back too, it never reads them."""
+        try:
+            shape = _states_shape(u, A, B, mode2d)
+        except Exception:  # noqa: BLE001 - the Triton module itself does not import: one chunk
+            shape = (u.shape[0], 4 if mode2d else B.shape[1], u.shape[1] // (1 if mode2d else B.shape[1]), 1,
+                     A.shape[1])
+        states = u.new_zeros(shape, dtype=torch.float32)
+        with torch.no_grad():
+            if mode2d:
+                out = _reference_call(u, delta, A, B, C, D, z, delta_bias, delta_softplus, mode2d)
+            else:
+                out, last = reference.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True)
+                states[:, :, :, -1, :] = last.view(shape[0], shape[1], shape[2], shape[4])
+        return torch.empty_like(u).copy_(out), states
+
+    return run_kernel(OP, _key(u, delta, B), kernel, fallback)
+
+
+def _key(u, delta, B) -> str:
+    return shape_key(u, delta, B)
+
+
+def _reference_call(u, delta, A, B, C, D, z, delta_bias, delta_softplus, mode2d):
+    if mode2d:
+        return reference.selective_scan2d(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    return reference.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def _reference_grads(g, u, delta, A, B, C, D, z, delta_bias, delta_softplus, mode2d) -> List[Tensor]:
+    """Every input gradient of the reference path, in the backward op's output layout (the fallback of the backward
+    kernel; explicit formulas: autograd does not record inside a custom op)."""
+    if mode2d:
+        dx, ddt, dA, dB, dC, dD, dbias = reference.selective_scan2d_backward(g, u, delta, A, B, C, D, delta_bias,
+                                                                             delta_softplus)
+        du, dz = dx, None
+    else:
+        du, ddt, dA, dB, dC, dD, dz, dbias = reference.selective_scan_backward(g, u, delta, A, B, C, D, z, delta_bias,
+                                                                               delta_softplus)
+    empty = u.new_empty((0,))
+    return [du, ddt, dA, dB, dC, empty if dD is None else dD, empty if dz is None else dz,
+            empty if dbias is None else dbias]
 
 
 @_scan_fwd_op.register_fake
@@ -102,16 +151,25 @@ def _scan_bwd_op(g: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: T
                  mode2d: bool) -> List[Tensor]:
     """Triton backward. Returns [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias] in the inputs' dtypes and shapes;
     dD / dz / ddelta_bias are empty (0,) tensors when that input is None."""
-    u4, dt4, z4, R, G = _layout(u, delta, z, B, mode2d)
-    g4 = g if mode2d else g.unsqueeze(2)
-    du4, ddt, dA, dB, dC, dD, dz4, dbias = _tk().scan_bwd(g4, u4, dt4, A, B, C, D, z4, delta_bias, states,
-                                                          delta_softplus, R, G)
-    du = du4 if mode2d else du4.squeeze(2)
-    dz = (dz4 if mode2d else dz4.squeeze(2)) if z is not None else None
-    return [du, ddt.view(delta.shape), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-            dD.to(D.dtype) if D is not None else u.new_empty((0,)),
-            dz if z is not None else u.new_empty((0,)),
-            dbias.to(delta_bias.dtype) if delta_bias is not None else u.new_empty((0,))]
+    def kernel():
+        u4, dt4, z4, R, G = _layout(u, delta, z, B, mode2d)
+        g4 = g if mode2d else g.unsqueeze(2)
+        du4, ddt, dA, dB, dC, dD, dz4, dbias = _tk().scan_bwd(g4, u4, dt4, A, B, C, D, z4, delta_bias, states,
+                                                              delta_softplus, R, G)
+        du = du4 if mode2d else du4.squeeze(2)
+        dz = (dz4 if mode2d else dz4.squeeze(2)) if z is not None else None
+        return [du, ddt.view(delta.shape), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+                dD.to(D.dtype) if D is not None else u.new_empty((0,)),
+                dz if z is not None else u.new_empty((0,)),
+                dbias.to(delta_bias.dtype) if delta_bias is not None else u.new_empty((0,))]
+
+    def fallback():
+        grads = _reference_grads(g, u, delta, A, B, C, D, z, delta_bias, delta_softplus, mode2d)
+        grads[0] = torch.empty_like(u).copy_(grads[0])
+        return grads
+
+    # the states of a forward that fell back are placeholders: its backward must fall back too
+    return run_kernel(OP, _key(u, delta, B), kernel, fallback)
 
 
 @_scan_bwd_op.register_fake
@@ -159,6 +217,44 @@ def _to_groups(t: Tensor, G: int) -> Tensor:
     return t.unsqueeze(2).expand(b, Gt, G // Gt, N, L).reshape(b, G, N, L)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# optional backend: mamba-ssm's CUDA selective_scan_fn (never a dependency; backend="mamba_ssm")
+# ----------------------------------------------------------------------------------------------------------------------
+MAMBA_NEEDS_CUDA = True  # mamba-ssm's kernel is CUDA-only (tests with a fake module turn this off)
+
+
+def _mamba_scan_fn():
+    """mamba-ssm's ``selective_scan_fn`` or None when mamba-ssm (with its CUDA extension) does not import."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception:  # noqa: BLE001 - not installed, or its compiled extension / dependencies are missing
+        return None
+    return selective_scan_fn
+
+
+def mamba_ssm_available() -> bool:
+    """Whether ``backend="mamba_ssm"`` can run: mamba-ssm imports and a CUDA device is present."""
+    return _mamba_scan_fn() is not None and (torch.cuda.is_available() or not MAMBA_NEEDS_CUDA)
+
+
+def _mamba_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    fn = _mamba_scan_fn()
+    if fn is None:
+        raise RuntimeError("backend='mamba_ssm' needs the mamba-ssm package with its CUDA extension "
+                           "(pip install mamba-ssm on a CUDA machine); use backend='auto' or 'reference' otherwise")
+    if MAMBA_NEEDS_CUDA and not u.is_cuda:
+        raise ValueError(f"backend='mamba_ssm' runs on CUDA tensors only, got {u.device.type} tensors; "
+                         "use backend='auto' or 'reference'")
+    B4 = B.unsqueeze(1) if B.dim() == 3 else B
+    C4 = C.unsqueeze(1) if C.dim() == 3 else C
+    if B4.shape[1] != C4.shape[1]:  # mamba-ssm needs one group count
+        G = math.lcm(B4.shape[1], C4.shape[1])
+        B4, C4 = _to_groups(B4, G), _to_groups(C4, G)
+    f32 = torch.float32
+    return fn(u, delta.to(u.dtype), A.to(f32), B4, C4, D.to(f32) if D is not None else None, z,
+              delta_bias.to(f32) if delta_bias is not None else None, delta_softplus, return_last_state)
+
+
 def _empty_input(*tensors) -> bool:
     return any(t is not None and t.numel() == 0 for t in tensors)
 
@@ -166,11 +262,13 @@ def _empty_input(*tensors) -> bool:
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, backend="auto"):
     """Selective scan with mamba-ssm ``selective_scan_ref`` semantics (see the module docstring)."""
-    be = resolve_backend(backend, u, delta, A, B, C, D, z, delta_bias)
+    be = resolve_backend(backend, u, delta, A, B, C, D, z, delta_bias, op=OP)
     with no_autocast(u.device.type):
         if be == "reference" or _empty_input(u, A):
             return reference.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
         reference._check_scan_args(u, delta, A, B, C, D, z, delta_bias)
+        if be == "mamba_ssm":
+            return _mamba_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
         B4 = B.unsqueeze(1) if B.dim() == 3 else B
         C4 = C.unsqueeze(1) if C.dim() == 3 else C
         if B4.shape[1] != C4.shape[1]:  # different group counts: run at the common refinement
@@ -185,13 +283,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
 def cross_scan(x, backend="auto"):
     """(B, C, H, W) -> (B, 4, C, H*W). A plain PyTorch copy on every backend (the fused op never materialises it)."""
-    resolve_backend(backend, x)  # validates the backend name
+    resolve_backend(backend, x, op=OP)  # validates the backend name
     return reference.cross_scan(x)
 
 
 def cross_merge(y, H=None, W=None, backend="auto"):
     """(B, 4, C, H*W) -> (B, C, H, W), the adjoint of ``cross_scan``. Plain PyTorch on every backend."""
-    resolve_backend(backend, y)
+    resolve_backend(backend, y, op=OP)
     return reference.cross_merge(y, H, W)
 
 
@@ -216,11 +314,17 @@ def _check_2d(x, delta, A, B, C, D, delta_bias):
 
 def selective_scan2d(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, backend="auto"):
     """Fused 4-route selective scan: ``cross_merge(selective_scan over the routes of cross_scan(x))``."""
-    be = resolve_backend(backend, x, delta, A, B, C, D, delta_bias)
+    be = resolve_backend(backend, x, delta, A, B, C, D, delta_bias, op=OP)
     with no_autocast(x.device.type):
         if be == "reference" or _empty_input(x, A):
             return reference.selective_scan2d(x, delta, A, B, C, D, delta_bias, delta_softplus)
         _check_2d(x, delta, A, B, C, D, delta_bias)
+        if be == "mamba_ssm":  # cross_scan -> mamba-ssm over the 4C route channels (B / C grouped per route) -> merge
+            Bsz, Ch, H, W = x.shape
+            xs = reference.cross_scan(x).reshape(Bsz, 4 * Ch, H * W)
+            ys = _mamba_selective_scan(xs, delta.reshape(Bsz, 4 * Ch, H * W), A, B, C, D, None, delta_bias,
+                                       bool(delta_softplus), False)
+            return reference.cross_merge(ys.view(Bsz, 4, Ch, H * W), H, W)
         out, _ = torch.ops.metaformer_zoo.selective_scan_fwd(x, delta, A, B, C, D, None, delta_bias,
                                                              bool(delta_softplus), True)
         return out

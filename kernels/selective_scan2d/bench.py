@@ -11,8 +11,9 @@
 * ``exps`` / ``exps_fwd_bwd``: the fewest exp2 evaluations (N per (b, route, channel, step) in the forward, and once
   more in the backward, which must recompute exp(delta * A) unless it stores (B, 4C, L, N));
 * ``inputs``: the leaves whose ``.grad`` the harness resets between repetitions; ``compile``: whether timing
-  ``torch.compile`` of the reference is sensible (the reference is a Python loop over L steps: compiling the 3136-step
-  stage-1 loop takes many minutes, so only L <= 784 is compiled).
+  ``torch.compile`` of the reference is sensible (the reference is a Python loop over L steps that Dynamo unrolls:
+  only L <= 196 is compiled, to keep ``tools/gpu_check.sh`` within its time budget);
+* ``mamba_ssm`` (only when mamba-ssm's CUDA kernel is importable): the same op through ``backend="mamba_ssm"``.
 
 Shapes (ViM2-T = vanilla VMamba-T token mixer, d_inner = 2C, N = 16; channel mixer g = 16, bidirectional, so the 1D op
 sees dim = 32 in 2 groups and L = 2C / 16 steps, batch = images * H * W tokens).
@@ -29,6 +30,12 @@ import torch
 # (stage, d_inner, H = W) of ViM2-T at 224 px
 VIM2_T_STAGES = ((1, 192, 56), (2, 384, 28), (3, 768, 14), (4, 1536, 7))
 D_STATE = 16
+
+
+def _mamba(fn, device) -> dict:
+    """``{"mamba_ssm": fn}`` when mamba-ssm's CUDA selective_scan_fn can run here (timed beside ours), else {}."""
+    from . import mamba_ssm_available
+    return {"mamba_ssm": fn} if str(device).startswith("cuda") and mamba_ssm_available() else {}
 
 
 def _ss2d_case(stage, Ch, HW, N, batch, device, dtype):
@@ -52,15 +59,18 @@ def _ss2d_case(stage, Ch, HW, N, batch, device, dtype):
 
     def tri():
         return selective_scan2d(x, delta, A, B, C, D, bias, True, backend="triton")
+
+    def mamba():
+        return selective_scan2d(x, delta, A, B, C, D, bias, True, backend="mamba_ssm")
     s = x.element_size()
     per_px_fwd = (Ch + 4 * Ch + 2 * 4 * N + Ch) * s  # x, delta, B, C in; out
     per_px_bwd = (Ch + 4 * Ch + 2 * 4 * N + Ch) * s + (Ch + 4 * Ch + 2 * 4 * N) * s  # x, delta, B, C, g in; grads out
     elems = batch * 4 * Ch * L
     return dict(
         name=f"selective_scan2d vim2_t stage{stage} ({batch}x{Ch}x{HW}x{HW}, N={N})",
-        reference=ref, triton=tri, inputs=inputs,
+        reference=ref, triton=tri, inputs=inputs, **_mamba(mamba, device),
         bytes=batch * L * per_px_fwd, bytes_fwd_bwd=batch * L * (per_px_fwd + per_px_bwd),
-        exps=elems * N, exps_fwd_bwd=2 * elems * N, compile=L <= 784,
+        exps=elems * N, exps_fwd_bwd=2 * elems * N, compile=L <= 196,
     )
 
 
@@ -87,13 +97,16 @@ def _ss1d_case(stage, C, HW, N, batch, device, dtype, group_size=16):
 
     def tri():
         return selective_scan(u, delta, A, B, Cm, D, None, bias, True, backend="triton")
+
+    def mamba():
+        return selective_scan(u, delta, A, B, Cm, D, None, bias, True, backend="mamba_ssm")
     s = u.element_size()
     per_tok_fwd = (dim * S * 3 + 2 * G * N * S) * s  # u, delta in, out; B, C in
     per_tok_bwd = per_tok_fwd + (dim * S * 2 + 2 * G * N * S) * s
     elems = M * dim * S
     return dict(
         name=f"selective_scan channel-mixer vim2_t stage{stage} ({M}x{dim}x{S}, G={G}, N={N})",
-        reference=ref, triton=tri, inputs=inputs,
+        reference=ref, triton=tri, inputs=inputs, **_mamba(mamba, device),
         bytes=M * per_tok_fwd, bytes_fwd_bwd=M * (per_tok_fwd + per_tok_bwd),
         exps=elems * N, exps_fwd_bwd=2 * elems * N, compile=S <= 256 and M <= 65536,
     )

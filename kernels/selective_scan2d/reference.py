@@ -4,10 +4,11 @@ Pieces (all differentiable by autograd):
 
 * ``selective_scan`` -- the semantics of mamba-ssm's ``selective_scan_ref`` (state-spaces/mamba,
   ``mamba_ssm/ops/selective_scan_interface.py``), real A only, computed with a chunked scan: the sequence is cut into
-  chunks of ``chunk_size`` steps, each chunk runs a sequential recurrence over its (B, D, T, N) slice and passes its
-  last state on. Under autograd every chunk is recomputed in backward (non-reentrant activation checkpointing), so
-  only the (B, D, N) state at each chunk start is kept: nothing of size (B, D, L, N) for the whole sequence is ever
-  alive. Float32 accumulation whatever the input dtype (float64 stays float64).
+  chunks of ``chunk_size`` steps; each chunk runs the recurrence over its (T, B, D, N) slab and passes its last state
+  on. Under autograd a custom ``autograd.Function`` saves only the (B, D, N) state at each chunk start and its
+  hand-written backward walks the chunks in reverse (recompute the chunk's states, adjoint recurrence, reductions),
+  so nothing of size (B, D, L, N) is ever alive. ``selective_scan_backward`` / ``selective_scan2d_backward`` give the
+  same gradients without autograd. Float32 accumulation whatever the input dtype (float64 stays float64).
 * ``cross_scan`` / ``cross_merge`` -- VMamba's 4 routes (``csm_triton.py``, ``scans=0``): 0 row-major, 1 column-major,
   2 reverse of 0, 3 reverse of 1; merge = the exact adjoint of scan (sum of the routes mapped back).
 * ``selective_scan2d`` -- the fused 4-route op = ``cross_merge(selective_scan(cross_scan(x)))``.
@@ -24,10 +25,9 @@ from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint as _checkpoint
 
-__all__ = ["selective_scan", "selective_scan_ref_naive", "cross_scan", "cross_merge", "selective_scan2d",
-           "DEFAULT_CHUNK_SIZE"]
+__all__ = ["selective_scan", "selective_scan_backward", "selective_scan_ref_naive", "cross_scan", "cross_merge",
+           "selective_scan2d", "selective_scan2d_backward", "DEFAULT_CHUNK_SIZE"]
 
 DEFAULT_CHUNK_SIZE = 32
 # cap on the elements of one chunk's (T, batch, dim, N) work tensors: very large batch*dim (e.g. the channel mixer at
@@ -112,70 +112,226 @@ def selective_scan_ref_naive(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# the reference: chunked sequential scan, activation-checkpointed per chunk
+# the reference: chunked scan with a hand-written chunked backward
 # ----------------------------------------------------------------------------------------------------------------------
-def _scan_chunk(h: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                C: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One chunk. h: (b, d, N) carry; u, delta: (b, d, T) (delta already biased/softplused); A: (d, N);
-    B, C: (b, G, N, T). Returns y (b, d, T) without the D term, and the chunk's last state."""
-    b, d, T = u.shape
+def _chunk_len(batch: int, dim: int, N: int, chunk_size: Optional[int]) -> int:
+    """Steps per chunk: ``chunk_size`` (default ``DEFAULT_CHUNK_SIZE``), lowered so that one chunk's (T, batch, dim, N)
+    work tensors stay below ``MAX_CHUNK_ELEMENTS`` elements."""
+    T = DEFAULT_CHUNK_SIZE if chunk_size is None else int(chunk_size)
+    return max(1, min(T, MAX_CHUNK_ELEMENTS // max(1, batch * dim * N)))
+
+
+def _chunk_terms(u, delta, A, B, T0: int, T1: int):
+    """Step-major terms of steps [T0, T1): delta (T, b, d), a = exp(delta A) (T, b, d, N), delta*u (T, b, d),
+    B_t (T, b, G, N), bu = delta u B (T, b, d, N)."""
+    b, d, _ = u.shape
     G, N = B.shape[1], B.shape[2]
-    dg = d // G
-    # step-major layouts so that every step reads a contiguous (b, d, N) slab
-    delta_t = delta.permute(2, 0, 1)  # (T, b, d)
-    dA = torch.exp(delta_t.unsqueeze(-1) * A)  # (T, b, d, N)
-    du = (delta_t * u.permute(2, 0, 1)).reshape(T, b, G, dg, 1)
-    dBu = (du * B.permute(3, 0, 1, 2).unsqueeze(3)).reshape(T, b, d, N)  # (T, b, d, N)
+    dl = delta[..., T0:T1].permute(2, 0, 1)
+    T = dl.shape[0]
+    a = torch.exp(dl.unsqueeze(-1) * A)
+    du = dl * u[..., T0:T1].permute(2, 0, 1)
+    Bt = B[..., T0:T1].permute(3, 0, 1, 2)
+    bu = (du.view(T, b, G, d // G, 1) * Bt.unsqueeze(3)).view(T, b, d, N)
+    return dl, a, du, Bt, bu
+
+
+def _run_chunk(h: torch.Tensor, a: torch.Tensor, bu: torch.Tensor) -> torch.Tensor:
+    """The recurrence over one chunk from state h: (T, b, d, N) states."""
     hs = []
-    for a_t, bu_t in zip(dA.unbind(0), dBu.unbind(0)):
+    for a_t, bu_t in zip(a.unbind(0), bu.unbind(0)):
         h = torch.addcmul(bu_t, a_t, h)
         hs.append(h)
-    H = torch.stack(hs, dim=0).reshape(T, b, G, dg, N)
-    y = torch.einsum("tbgdn,bgnt->bgdt", H, C).reshape(b, d, T)
-    return y, h
+    return torch.stack(hs, 0)
+
+
+def _contract_c(H: torch.Tensor, C: torch.Tensor, T0: int, T1: int) -> torch.Tensor:
+    """y_t = <C_t, h_t>: H (T, b, d, N), C (b, G, N, L) -> (b, d, T)."""
+    T, b, d, N = H.shape
+    G = C.shape[1]
+    return torch.einsum("tbgdn,bgnt->bgdt", H.view(T, b, G, d // G, N), C[..., T0:T1]).reshape(b, d, T)
+
+
+def _scan_forward(u, delta, A, B, C, T: int, save_states: bool):
+    """Chunked forward (no autograd). Returns y (b, d, L), the last state and the chunk-start states (or None)."""
+    b, d, L = u.shape
+    h = u.new_zeros(b, d, A.shape[1])
+    ys, starts = [], []
+    for s in range(0, L, T):
+        e = min(L, s + T)
+        if save_states:
+            starts.append(h)
+        _, a, _, _, bu = _chunk_terms(u, delta, A, B, s, e)
+        H = _run_chunk(h, a, bu)
+        ys.append(_contract_c(H, C, s, e))
+        h = H[-1]
+    y = torch.cat(ys, dim=-1) if len(ys) > 1 else ys[0]
+    return y, h, (torch.stack(starts, 0) if save_states else None)
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """y = <C, h> of the recurrence h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t (delta already biased /
+    softplused; D, z outside), with a chunked backward.
+
+    Forward saves only the (b, d, N) state at each chunk start. Backward walks the chunks in reverse: it recomputes the
+    chunk's states from its start state, runs the adjoint ``lam_t = C_t gy_t + a_{t+1} lam_{t+1}`` from the carried
+    ``mu = a_start lam_start`` of the later chunk, and forms every gradient with a few reductions over the chunk:
+    ``dC_t = sum_d gy h``, ``dB_t = sum_d lam delta u``, ``du = delta sum_n lam B``,
+    ``ddelta = u sum_n lam B + sum_n lam A a h_{t-1}``, ``dA = sum lam delta a h_{t-1}``.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, T: int):
+        y, h, starts = _scan_forward(u, delta, A, B, C, T, save_states=True)
+        ctx.save_for_backward(u, delta, A, B, C, starts)
+        ctx.T = T
+        return y, h
+
+    @staticmethod
+    def backward(ctx, gy, gh):
+        u, delta, A, B, C, starts = ctx.saved_tensors
+        return _scan_backward(u, delta, A, B, C, starts, ctx.T, gy, gh) + (None,)
+
+
+def _scan_backward(u, delta, A, B, C, starts, T: int, gy, gh):
+    """Gradients (du, ddelta, dA, dB, dC) of the core scan (see ``_ChunkedScan``) from the chunk-start states."""
+    b, d, L = u.shape
+    G, N = B.shape[1], B.shape[2]
+    dg = d // G
+    gy = torch.zeros_like(u) if gy is None else gy.contiguous()
+    du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+    dB, dC = torch.empty_like(B), torch.empty_like(C)
+    dA = torch.zeros_like(A)
+    mu = torch.zeros(b, d, N, dtype=u.dtype, device=u.device) if gh is None else gh.to(u.dtype)
+    chunks = list(range(0, L, T))
+    for i in reversed(range(len(chunks))):
+        s = chunks[i]
+        e = min(L, s + T)
+        Tc = e - s
+        dl, a, duu, Bt, bu = _chunk_terms(u, delta, A, B, s, e)
+        h0 = starts[i]
+        H = _run_chunk(h0, a, bu)  # (Tc, b, d, N)
+        gyt = gy[..., s:e].permute(2, 0, 1)  # (Tc, b, d)
+        Ct = C[..., s:e].permute(3, 0, 1, 2)  # (Tc, b, G, N)
+        Cg = (gyt.reshape(Tc, b, G, dg, 1) * Ct.unsqueeze(3)).reshape(Tc, b, d, N)
+        lam = Cg[-1] + mu
+        lams = [lam]
+        for t in range(Tc - 2, -1, -1):
+            lam = torch.addcmul(Cg[t], a[t + 1], lam)
+            lams.append(lam)
+        Lam = torch.stack(lams[::-1], 0)  # (Tc, b, d, N)
+        mu = a[0] * Lam[0]  # the adjoint carried into the previous chunk
+        LH = Lam * (H - bu)  # lam_t * a_t h_{t-1}
+        Lam5 = Lam.view(Tc, b, G, dg, N)
+        lamB = torch.einsum("tbgdn,tbgn->tbgd", Lam5, Bt).reshape(Tc, b, d)
+        dC[..., s:e] = torch.einsum("tbgd,tbgdn->bgnt", gyt.reshape(Tc, b, G, dg), H.view(Tc, b, G, dg, N))
+        dB[..., s:e] = torch.einsum("tbgdn,tbgd->bgnt", Lam5, duu.view(Tc, b, G, dg))
+        dA += torch.einsum("tbdn,tbd->dn", LH, dl)
+        ddelta[..., s:e] = (u[..., s:e].permute(2, 0, 1) * lamB
+                            + torch.einsum("tbdn,dn->tbd", LH, A)).permute(1, 2, 0)
+        du[..., s:e] = (dl * lamB).permute(1, 2, 0)
+    return du, ddelta, dA, dB, dC
+
+
+def _prepare(u, delta, A, B, C, delta_bias, delta_softplus):
+    """Accumulation-dtype copies; delta biased / softplused; B, C at one group count."""
+    f = _acc_dtype(u.dtype)
+    u, delta, A = u.to(f), delta.to(f), A.to(f)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(f)[:, None]
+    delta_pre = delta
+    if delta_softplus:
+        delta = F.softplus(delta)
+    Bg, Cg = _grouped(B).to(f), _grouped(C).to(f)
+    if Bg.shape[1] != Cg.shape[1]:  # different group counts: run at the common refinement
+        G = math.lcm(Bg.shape[1], Cg.shape[1])
+        Bg, Cg = Bg.repeat_interleave(G // Bg.shape[1], 1), Cg.repeat_interleave(G // Cg.shape[1], 1)
+    return u, delta, delta_pre, A, Bg, Cg
+
+
+def _fold_groups(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Gradient at the refined group count -> the input's own layout ((batch, N, L) or (batch, Gt, N, L))."""
+    Gt = 1 if like.dim() == 3 else like.shape[1]
+    g = g.unflatten(1, (Gt, g.shape[1] // Gt)).sum(2)
+    return g.squeeze(1) if like.dim() == 3 else g
+
+
+def selective_scan_backward(g, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                            chunk_size: Optional[int] = None):
+    """Every input gradient of ``selective_scan`` for the upstream gradient g, without autograd (usable where autograd
+    does not record, e.g. inside a custom op): (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), None for absent inputs,
+    each in its input's dtype."""
+    _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
+    uf, dl, dl_pre, Af, Bg, Cg = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+    f = uf.dtype
+    batch, dim, L = u.shape
+    T = _chunk_len(batch, dim, A.shape[1], chunk_size)
+    y, _, starts = _scan_forward(uf, dl, Af, Bg, Cg, T, save_states=True)
+    g = g.to(f)
+    dz = None
+    if D is not None:
+        y = y + uf * D.to(f)[:, None]
+    if z is not None:
+        zf = z.to(f)
+        sz = torch.sigmoid(zf)
+        dz = g * y * sz * (1 + zf * (1 - sz))
+        g = g * zf * sz
+    du, ddl, dA, dB, dC = _scan_backward(uf, dl, Af, Bg, Cg, starts, T, g, None)
+    dD = None
+    if D is not None:
+        du = du + g * D.to(f)[:, None]
+        dD = (g * uf).sum((0, 2))
+    if delta_softplus:
+        ddl = ddl * torch.sigmoid(dl_pre)
+    dbias = ddl.sum((0, 2)) if delta_bias is not None else None
+    dB, dC = _fold_groups(dB, B), _fold_groups(dC, C)
+    outs = (du, ddl, dA, dB, dC, dD, dz, dbias)
+    ins = (u, delta, A, B, C, D, z, delta_bias)
+    return tuple(None if o is None else o.to(t.dtype) for o, t in zip(outs, ins))
+
+
+def selective_scan2d_backward(g, x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True,
+                              chunk_size: Optional[int] = None):
+    """Every input gradient of ``selective_scan2d`` without autograd: (dx, ddelta, dA, dB, dC, dD, ddelta_bias)."""
+    Bsz, Ch, H, W = x.shape
+    L = H * W
+    xs = cross_scan(x).reshape(Bsz, 4 * Ch, L)
+    gs = cross_scan(g).reshape(Bsz, 4 * Ch, L)  # the adjoint of cross_merge is cross_scan
+    du, ddl, dA, dB, dC, dD, _, dbias = selective_scan_backward(
+        gs, xs, delta.reshape(Bsz, 4 * Ch, L), A, B, C, D, None, delta_bias, delta_softplus, chunk_size)
+    dx = cross_merge(du.view(Bsz, 4, Ch, L), H, W)  # the adjoint of cross_scan
+    return dx, ddl.view(delta.shape), dA, dB, dC, dD, dbias
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, chunk_size: int = DEFAULT_CHUNK_SIZE, checkpoint_chunks: Optional[bool] = None):
+                   return_last_state=False, chunk_size: Optional[int] = None,
+                   checkpoint_chunks: Optional[bool] = None):
     """Selective scan with mamba-ssm ``selective_scan_ref`` semantics (real A), chunked and memory-light.
 
     Args:
         u, delta, z: (batch, dim, L). A: (dim, N) real (negative for a stable scan).
-        B, C: (batch, G, N, L) grouped (group g serves channels [g*dim/G, (g+1)*dim/G)) or (batch, N, L) shared.
+        B, C: (batch, G, N, L) grouped (group g serves channels [g*dim/G, (g+1)*dim/G)) or (batch, N, L) shared
+            (B and C may have different group counts).
         D, delta_bias: (dim,).
-        chunk_size: steps per chunk (the recurrence inside a chunk is a sequential loop); lowered automatically so
-            that a chunk's (T, batch, dim, N) temporaries stay below ``MAX_CHUNK_ELEMENTS``.
-        checkpoint_chunks: recompute each chunk in backward so that only the chunk-start states are saved
-            (default: on whenever autograd records the call).
+        chunk_size: steps per chunk (default ``DEFAULT_CHUNK_SIZE``); lowered automatically so that a chunk's
+            (T, batch, dim, N) temporaries stay below ``MAX_CHUNK_ELEMENTS``.
+        checkpoint_chunks: ``None`` / ``True`` (default): the chunked backward of ``_ChunkedScan`` (saves only the
+            chunk-start states). ``False``: plain autograd through the chunk loop (saves every chunk's states; a
+            cross-check of the hand-written backward, not for large inputs).
     Returns:
         out (batch, dim, L) in u's dtype; with ``return_last_state`` also the last state (batch, dim, N) in the
         accumulation dtype (float32, or float64 for float64 inputs), as in mamba's reference.
     """
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     dtype_in = u.dtype
-    f = _acc_dtype(dtype_in)
-    u, delta, A = u.to(f), delta.to(f), A.to(f)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(f)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    Bg, Cg = _grouped(B).to(f), _grouped(C).to(f)
+    u, delta, _, A, Bg, Cg = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+    f = u.dtype
     batch, dim, L = u.shape
-    h = u.new_zeros(batch, dim, A.shape[1])
-    if checkpoint_chunks is None:
-        checkpoint_chunks = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (u, delta, A, Bg, Cg))
-    chunk_size = max(1, min(int(chunk_size), MAX_CHUNK_ELEMENTS // max(1, batch * dim * A.shape[1])))
-    ys = []
-    for s in range(0, L, chunk_size):
-        e = min(L, s + chunk_size)
-        args = (h, u[..., s:e], delta[..., s:e], A, Bg[..., s:e], Cg[..., s:e])
-        if checkpoint_chunks:
-            y_c, h = _checkpoint(_scan_chunk, *args, use_reentrant=False)
-        else:
-            y_c, h = _scan_chunk(*args)
-        ys.append(y_c)
-    y = torch.cat(ys, dim=-1) if len(ys) > 1 else ys[0]
+    T = _chunk_len(batch, dim, A.shape[1], chunk_size)
+    if checkpoint_chunks is False or not (torch.is_grad_enabled() and any(
+            t.requires_grad for t in (u, delta, A, Bg, Cg))):
+        y, h, _ = _scan_forward(u, delta, A, Bg, Cg, T, save_states=False)
+    else:
+        y, h = _ChunkedScan.apply(u, delta, A, Bg, Cg, T)
     if D is not None:
         y = y + u * D.to(f)[:, None]
     if z is not None:
@@ -238,7 +394,8 @@ def cross_merge(y: torch.Tensor, H: Optional[int] = None, W: Optional[int] = Non
 # ----------------------------------------------------------------------------------------------------------------------
 # the fused 4-route op
 # ----------------------------------------------------------------------------------------------------------------------
-def selective_scan2d(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, chunk_size: int = DEFAULT_CHUNK_SIZE):
+def selective_scan2d(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True,
+                     chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE):
     """cross_merge(selective_scan over the 4 routes of cross_scan(x)), VMamba SS2D's core (``forward_corev0``).
 
     x: (B, C, H, W); delta: (B, 4, C, H*W) in route order; A: (4*C, N); B, C: (B, 4, N, H*W) (route k's B/C serve

@@ -16,8 +16,8 @@ Exact formula in :mod:`.reference`. Users:
   ``strip_mix(x, proj_h.weight.view(G, W, W, 3), proj_h.bias.view(G, W), "w", 1)``; ``proj_w`` is ``axis="h"``.
 
 Dispatch: ``backend`` ("auto" | "reference" | "triton", or env ``METAFORMER_ZOO_KERNELS``) is resolved by
-``metaformer_zoo.kernels.resolve_backend``: Triton for CUDA tensors (or under ``TRITON_INTERPRET=1``), the PyTorch
-reference otherwise. Either way the call is one ``torch.ops.metaformer_zoo.strip_mix`` custom op (with a fake/meta
+``metaformer_zoo.kernels.resolve_backend``: the PyTorch reference by default (Triton under ``TRITON_INTERPRET=1``, or on
+CUDA once the op is GPU-verified); a Triton kernel that fails to compile or launch warns once and falls back. Either way the call is one ``torch.ops.metaformer_zoo.strip_mix`` custom op (with a fake/meta
 implementation and a registered autograd formula whose backward is the ``metaformer_zoo.strip_mix_backward`` op), so
 ``torch.compile`` and ``torch.fx`` see a single node. Under autocast the op runs in the autocast dtype (it is a
 matmul); gradients come back in the dtypes of the inputs.
@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import autocast_dtype, resolve_backend
+from .. import autocast_dtype, resolve_backend, run_kernel, shape_key
 from .reference import check_args, strip_mix_backward_reference, strip_mix_reference
 
 __all__ = ["strip_mix", "strip_mix_reference"]
@@ -42,10 +42,22 @@ def _out_shape(x, weight, axis, raft_size):
 @torch.library.custom_op("metaformer_zoo::strip_mix", mutates_args=())
 def _strip_mix_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], axis: str, raft_size: int,
                   backend: str) -> torch.Tensor:
-    if backend == "triton":
-        from .triton import strip_mix_fwd_triton
-        return strip_mix_fwd_triton(x, weight, bias, axis, raft_size)
-    return strip_mix_reference(x, weight, bias, axis, raft_size).contiguous()
+    def ref():
+        return strip_mix_reference(x, weight, bias, axis, raft_size).contiguous()
+
+    if backend == "triton":  # a failing kernel warns once and falls back to the reference
+        return run_kernel("strip_mix", shape_key(x, weight), lambda: _triton_fwd(x, weight, bias, axis, raft_size), ref)
+    return ref()
+
+
+def _triton_fwd(x, weight, bias, axis, raft_size):
+    from .triton import strip_mix_fwd_triton
+    return strip_mix_fwd_triton(x, weight, bias, axis, raft_size)
+
+
+def _triton_bwd(grad_out, x, weight, has_bias, axis, raft_size):
+    from .triton import strip_mix_bwd_triton
+    return strip_mix_bwd_triton(grad_out, x, weight, has_bias, axis, raft_size)
 
 
 @_strip_mix_op.register_fake
@@ -57,11 +69,12 @@ def _(x, weight, bias, axis, raft_size, backend):
 def _strip_mix_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, axis: str,
                            raft_size: int, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     G, Fo = weight.shape[:2]
+    args = (grad_out, x, weight, has_bias, axis, raft_size)
     if backend == "triton":
-        from .triton import strip_mix_bwd_triton
-        dx, dw, db = strip_mix_bwd_triton(grad_out, x, weight, has_bias, axis, raft_size)
+        dx, dw, db = run_kernel("strip_mix", shape_key(x, weight), lambda: _triton_bwd(*args),
+                                lambda: strip_mix_backward_reference(*args))
     else:
-        dx, dw, db = strip_mix_backward_reference(grad_out, x, weight, has_bias, axis, raft_size)
+        dx, dw, db = strip_mix_backward_reference(*args)
     if db is None:
         db = weight.new_zeros(G, Fo)
     return dx.contiguous(), dw.contiguous(), db.contiguous()
@@ -111,7 +124,7 @@ def strip_mix(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     else:
         weight = weight.to(x.dtype)
         bias = bias.to(x.dtype) if bias is not None else None
-    resolved = resolve_backend(backend, x, weight, bias)
+    resolved = resolve_backend(backend, x, weight, bias, op="strip_mix")
     return torch.ops.metaformer_zoo.strip_mix(x, weight, bias, axis, int(raft_size), resolved)
 
 

@@ -89,34 +89,69 @@ _META_FILTER = _timm_filter(timm_metaformer.checkpoint_filter_fn,
 _MAMBAOUT_FILTER = _timm_filter(timm_mambaout.checkpoint_filter_fn,
                                 ("stem.conv1.weight", "downsample_layers.0.conv1.weight"))
 
-_SIZES_POOL = ("s12", "s24", "s36", "m36", "m48")
-_SIZES_CONV = ("s18", "s36", "m36", "b36")
+def _models(source: str, rows) -> tuple:
+    """Variants from (name, params, MACs, top-1) rows: timm's counts at 224 px, the official README top-1."""
+    return tuple(Variant(name, params=params, macs=macs, top1=top1, top1_source=source)
+                 for name, params, macs, top1 in rows)
+
+
+# params / MACs (FlopCounterMode FLOPs / 2 at 224 px) of timm's implementation; top-1 of the official README
+_POOLFORMER = _models("sail-sg/poolformer README", (
+    ("poolformer_s12", 11_915_176, 1_812_267_008, 77.2),
+    ("poolformer_s24", 21_388_968, 3_392_208_896, 80.3),
+    ("poolformer_s36", 30_862_760, 4_972_150_784, 81.4),
+    ("poolformer_m36", 56_172_520, 8_758_788_096, 82.1),
+    ("poolformer_m48", 73_473_448, 11_533_320_192, 82.5),
+))
+_POOLFORMERV2 = _models("sail-sg/metaformer README", (
+    ("poolformerv2_s12", 11_891_712, 1_812_267_008, 78.0),
+    ("poolformerv2_s24", 21_341_464, 3_392_208_896, 80.7),
+    ("poolformerv2_s36", 30_791_216, 4_972_150_784, 81.6),
+    ("poolformerv2_m36", 56_077_168, 8_758_788_096, 82.2),
+    ("poolformerv2_m48", 73_346_056, 11_533_320_192, 82.6),
+))
+_CONVFORMER = _models("sail-sg/metaformer README", (
+    ("convformer_s18", 26_774_448, 3_940_984_320, 83.0),
+    ("convformer_s36", 40_012_152, 7_639_683_072, 84.1),
+    ("convformer_m36", 57_051_640, 12_842_333_568, 84.5),
+    ("convformer_b36", 99_882_616, 22_629_413_376, 84.8),
+))
+_CAFORMER = _models("sail-sg/metaformer README", (
+    ("caformer_s18", 26_341_656, 4_106_941_440, 83.6),
+    ("caformer_s36", 39_297_102, 7_971_597_312, 84.5),
+    ("caformer_m36", 56_204_878, 13_240_630_656, 85.2),
+    ("caformer_b36", 98_753_614, 23_160_476_160, 85.5),
+))
+_MAMBAOUT = _models("yuweihao/MambaOut README", (
+    ("mambaout_femto", 7_304_536, 1_147_984_992, 78.9),
+    ("mambaout_kobe", 9_141_208, 1_505_865_312, 80.0),
+    ("mambaout_tiny", 26_545_096, 4_469_655_744, 82.7),
+    ("mambaout_small", 48_488_072, 8_936_423_616, 84.1),
+    ("mambaout_base", 84_813_092, 15_794_325_760, 84.2),
+))
+
 _BASELINES = dict(paper="MetaFormer Baselines for Vision", arxiv="2210.13452",
                   code="https://github.com/sail-sg/metaformer", citation=BASELINES_CITATION)
-
-
-def _models(prefix: str, sizes: Sequence[str]):
-    return tuple(Variant(f"{prefix}_{s}") for s in sizes)
 
 
 # the official per-output norm of the dense backbones (reference/metaformer.md section 7): PoolFormer v1's fork_feat
 # backbone puts GroupNorm(1, C) (eps 1e-5) on each output; the others have no official dense code (adapter default)
 for _spec in (
-    FamilySpec("poolformer", _models("poolformer", _SIZES_POOL), owner="timm",
+    FamilySpec("poolformer", _POOLFORMER, owner="timm",
                paper="MetaFormer Is Actually What You Need for Vision", arxiv="2111.11418",
                code="https://github.com/sail-sg/poolformer", citation=POOLFORMER_CITATION,
                official=OfficialFormat(filter=_META_FILTER, to_official=_pool_v1_to_official),
                dense_out_norms=("groupnorm1",) * 4, recipe="poolformer", card="poolformer"),
-    FamilySpec("poolformerv2", _models("poolformerv2", _SIZES_POOL), owner="timm", **_BASELINES,
+    FamilySpec("poolformerv2", _POOLFORMERV2, owner="timm", **_BASELINES,
                official=OfficialFormat(filter=_META_FILTER, to_official=baselines_to_official),
                recipe="poolformerv2", card="poolformer"),
-    FamilySpec("convformer", _models("convformer", _SIZES_CONV), owner="timm", **_BASELINES,
+    FamilySpec("convformer", _CONVFORMER, owner="timm", **_BASELINES,
                official=OfficialFormat(filter=_META_FILTER, to_official=baselines_to_official),
                recipe="convformer", card="convformer_caformer"),
-    FamilySpec("caformer", _models("caformer", _SIZES_CONV), owner="timm", **_BASELINES,
+    FamilySpec("caformer", _CAFORMER, owner="timm", **_BASELINES,
                official=OfficialFormat(filter=_META_FILTER, to_official=baselines_to_official),
                recipe="caformer", card="convformer_caformer"),
-    FamilySpec("mambaout", _models("mambaout", ("femto", "kobe", "tiny", "small", "base")), owner="timm",
+    FamilySpec("mambaout", _MAMBAOUT, owner="timm",
                paper="MambaOut: Do We Really Need Mamba for Vision?", arxiv="2405.07992",
                code="https://github.com/yuweihao/MambaOut", citation=MAMBAOUT_CITATION,
                official=OfficialFormat(filter=_MAMBAOUT_FILTER, to_official=_mambaout_to_official),
