@@ -278,7 +278,7 @@ _SIZES = {  # depths, dims, num_heads
     "base": ((4, 6, 14, 6), (96, 192, 384, 512), (3, 6, 12, 16)),
     "large": ((4, 6, 18, 8), (96, 192, 448, 640), (3, 6, 14, 20)),
 }
-# official params / MACs (metaformer_zoo/catalogue.json) and ImageNet-1k top-1 (model_cards/results.csv)
+# official params / MACs (counted on the official code) and the published ImageNet-1k top-1
 _NUMBERS = {
     "iformer_small": (19_866_344, 4_825_828_736, 83.4), "iformer_base": (47_866_216, 9_341_953_536, 84.6),
     "iformer_large": (86_637_096, 14_004_159_488, 84.8), "iformer_small_384": (20_899_944, 16_031_256_576, 84.6),
