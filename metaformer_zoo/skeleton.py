@@ -272,6 +272,15 @@ class MetaFormerBase(nn.Module):
     def input_divisor(self, value: int):
         self.input_check.divisor = int(value)
 
+    @staticmethod
+    def _init_weights(m: nn.Module):
+        """The init hook subclasses ``apply``: every Conv2d / Linear trunc-normal 0.02 with zero bias (the MetaFormer,
+        iFormer and TransXNet official init); families with another official init override it."""
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
     def _init_interface(self, in_chans: int, num_classes: int, dims: Sequence[int],
                         reductions: Sequence[int] = (4, 8, 16, 32), head_hidden_size: Optional[int] = None):
         self.arch_name = type(self).__name__
@@ -517,10 +526,3 @@ class MetaFormer(MetaFormerBase):
             norm_first=head_norm_first, mlp_ratio=head_mlp_ratio, head_dropout=head_dropout, drop_rate=drop_rate,
         )
         self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)

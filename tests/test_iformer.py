@@ -8,9 +8,12 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import LayerNorm2d
 
 import metaformer_zoo  # noqa: F401
+from helpers import perturb
 from metaformer_zoo.checkpoint import CheckpointError
+from metaformer_zoo.dense.core import resolve_out_norms
 from metaformer_zoo.mixers.inception_transformer import InceptionMixer, LowMixer
 from metaformer_zoo.models import inception_transformer as ifm
 from metaformer_zoo.zoo import count_macs, count_params, family_of
@@ -25,27 +28,10 @@ MACS = {  # FlopCounterMode / 2 of the official models
 }
 
 
-def _randomize(model: nn.Module, seed: int = 0):
-    """Non-trivial norms, running stats and layer scales so a wrong mapping shows in the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
-                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-        for n, p in model.named_parameters():
-            if "layer_scale" in n:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def small():
     torch.manual_seed(0)
-    return _randomize(timm.create_model("iformer_small"))
+    return perturb(timm.create_model("iformer_small"))
 
 
 def test_names_do_not_touch_timm_iformer():
@@ -115,7 +101,7 @@ def test_pos_embed_resized_in_filter():
     """Weights of a model built for one img_size load into another, giving the first model's outputs."""
     torch.manual_seed(0)
     kw = dict(depths=(1, 1, 2, 1), attention_heads=[1, 3, 7, 9, 11])
-    a = _randomize(timm.create_model("iformer_small", img_size=64, **kw))
+    a = perturb(timm.create_model("iformer_small", img_size=64, **kw))
     b = timm.create_model("iformer_small", img_size=128, **kw).eval()
     b.load_state_dict(ifm.checkpoint_filter_fn(ifm.official_state_dict(a), b))
     assert b.stages[0].pos_embed.shape == (1, 32, 32, 96)
@@ -238,10 +224,14 @@ def test_features_only_and_no_weight_decay():
     assert "stages.2.blocks.0.layer_scale1.scale" in nwd and "stages.3.blocks.2.layer_scale2.scale" in nwd
 
 
-def test_dense_out_norm():
-    assert ifm.dense_out_norm("iformer_small", 0, 96) is None
+def test_dense_out_norms_declared_none():
+    """No official dense code: the spec declares no per-output norm, so 'official' gives raw outputs (not the
+    adapter's LayerNorm2d default), and timm's unrelated iformer_s is not an iFormer variant."""
+    assert ifm.SPEC.dense_out_norms == (None,) * 4 and family_of("iformer_small_384") is ifm.SPEC
+    assert resolve_out_norms("iformer_small", (0, 1, 2, 3), (96, 192, 320, 384)) == [None] * 4
+    assert all(isinstance(n, LayerNorm2d) for n in resolve_out_norms("iformer_base", (2, 3), (384, 512), True))
     with pytest.raises(ValueError):
-        ifm.dense_out_norm("iformer_s", 0, 96)
+        family_of("iformer_s")
 
 
 def test_inception_mixer_in_zoo_metaformer():
@@ -260,10 +250,30 @@ def test_pretrained_file_overlay(tmp_path):
     """An official-format file on disk (raw state dict) loads through timm's pretrained path."""
     torch.manual_seed(0)
     kw = dict(depths=(1, 1, 2, 1), attention_heads=[1, 3, 7, 9, 11])
-    src = _randomize(timm.create_model("iformer_small", **kw))
+    src = perturb(timm.create_model("iformer_small", **kw))
     path = tmp_path / "iformer_small.pth"
     torch.save(ifm.official_state_dict(src), path)
     model = timm.create_model("iformer_small", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kw)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), src(x), rtol=0, atol=0)
+
+
+def test_spec_declares_the_registered_models():
+    """The one declaration generates timm's names, tags and cfgs (unchanged) and carries the official numbers."""
+    spec = ifm.SPEC
+    assert family_of("iformer_large") is spec and spec.model_cls is ifm.InceptionTransformer
+    ours = [n for n in timm.list_pretrained("iformer_*") if n.split(".")[0] in PARAMS]  # not timm's iformer_t/s/m/l/h
+    assert sorted(ours) == sorted(f"{n}.sail_in1k" for n in PARAMS)
+    for name, cfg in spec.pretrained_cfgs().items():
+        assert timm.models.model_entrypoint(name.split(".")[0]).__module__ == ifm.__name__
+        registered = timm.models.get_pretrained_cfg(name).to_dict()
+        assert {k: registered[k] for k in cfg} == dict(cfg), name
+        assert registered["url"] == f"https://huggingface.co/sail/dl2/resolve/main/iformer/{name.split('.')[0]}.pth"
+        big = name.split(".")[0].endswith("_384")
+        assert registered["input_size"] == (3,) + (384 if big else 224,) * 2
+        assert registered["crop_pct"] == (1.0 if big else 0.9) and registered["first_conv"] == "stem.proj1"
+    for v in spec.models:
+        assert v.params == PARAMS[v.name] and abs(v.macs / MACS[v.name] - 1) < 1e-3 and v.top1 > 80
+    assert spec.official.filter is ifm.checkpoint_filter_fn and spec.official.wrapper is None
+    assert "si2022inception" in spec.citation and spec.recipe == "iformer" and spec.arxiv == "2205.12956"

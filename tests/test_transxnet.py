@@ -3,6 +3,8 @@
 Parity against the real official code was measured outside the repo (see model_cards/transxnet.md); here the official
 layout is produced by ``official_state_dict`` (the inverse of the filter) and checked structurally.
 """
+import argparse
+
 import pytest
 import timm
 import torch
@@ -10,7 +12,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import metaformer_zoo  # noqa: F401
-from metaformer_zoo.checkpoint import CheckpointError
+from helpers import perturb
+from metaformer_zoo.checkpoint import CheckpointError, load_checkpoint_file
+from metaformer_zoo.dense.core import resolve_out_norms
+from metaformer_zoo.hub import convert_checkpoint
 from metaformer_zoo.mixers.transxnet import DMixer, DynamicConv2d, resize_rel_pos
 from metaformer_zoo.models import transxnet as txn
 from metaformer_zoo.zoo import count_macs, count_params, family_of
@@ -19,27 +24,10 @@ PARAMS = {"transxnet_t": 12_834_808, "transxnet_s": 26_864_068, "transxnet_b": 4
 MACS = {"transxnet_t": 1.807e9, "transxnet_s": 4.607e9, "transxnet_b": 8.353e9}  # FlopCounterMode / 2, official
 
 
-def _randomize(model: nn.Module, seed: int = 0):
-    """Non-trivial norms, running stats, layer scales and position biases so a wrong mapping shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-        for n, p in model.named_parameters():
-            if "layer_scale" in n or "relative_pos_enc" in n:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return _randomize(timm.create_model("transxnet_t"))
+    return perturb(timm.create_model("transxnet_t"))
 
 
 @pytest.mark.parametrize("name", list(PARAMS))
@@ -117,7 +105,7 @@ def test_rel_pos_resized_in_filter():
     """Tables built for one img_size load into another build and reproduce the first model (official runtime rule)."""
     torch.manual_seed(0)
     kw = dict(depths=(1, 1, 1, 1))
-    a = _randomize(timm.create_model("transxnet_t", img_size=64, **kw))
+    a = perturb(timm.create_model("transxnet_t", img_size=64, **kw))
     b = timm.create_model("transxnet_t", img_size=96, **kw).eval()
     b.load_state_dict(txn.checkpoint_filter_fn(txn.official_state_dict(a), b))
     assert b.stages[0].relative_pos_enc.shape == (1, 1, 576, 9)
@@ -210,10 +198,13 @@ def test_features_only_no_weight_decay_dense_norms():
               "token_mixer.local_unit.bias"):
         assert f"stages.1.blocks.0.{k}" in nwd
     assert "stages.1.blocks.0.pos_embed.weight" not in nwd
-    norm = txn.dense_out_norm("transxnet_s", 2, 320)
-    assert isinstance(norm, nn.GroupNorm) and norm.num_groups == 1 and norm.eps == 1e-5
-    assert txn.dense_out_norm("transxnet_t", 0, 48, start_level=1) is None
-    assert txn.DENSE_OUT_NORMS["transxnet_b"]["official_keys"] == ("norm0", "norm2", "norm4", "norm6")
+    norms = resolve_out_norms("transxnet_s", (0, 1, 2, 3), (64, 128, 320, 512))
+    for norm, dim in zip(norms, (64, 128, 320, 512)):
+        assert type(norm) is nn.GroupNorm and norm.num_groups == 1 and norm.num_channels == dim
+        assert norm.eps == 1e-5 and norm.affine
+    # official RetinaNet start_level=1: output 0 without norm (the adapter's out_norm_skip)
+    norms = resolve_out_norms("transxnet_t", (0, 1, 2, 3), (48, 96, 224, 448), out_norm_skip=(0,))
+    assert norms[0] is None and all(type(n) is nn.GroupNorm for n in norms[1:])
 
 
 def test_dmixer_in_zoo_metaformer():
@@ -233,7 +224,7 @@ def test_pretrained_file_overlay(tmp_path):
     """An official-format file on disk loads through timm's pretrained path (filter + strict load)."""
     torch.manual_seed(0)
     kw = dict(depths=(1, 1, 1, 1))
-    src = _randomize(timm.create_model("transxnet_t", **kw))
+    src = perturb(timm.create_model("transxnet_t", **kw))
     path = tmp_path / "transx-t.pth.tar"
     torch.save({"epoch": 299, "arch": "transxnet_t", "state_dict": txn.official_state_dict(src)}, path)
     model = timm.create_model("transxnet_t", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kw).eval()
@@ -242,23 +233,45 @@ def test_pretrained_file_overlay(tmp_path):
         torch.testing.assert_close(model(x), src(x), rtol=0, atol=0)
 
 
-def test_load_official_checkpoint_with_args_namespace(tmp_path):
-    """Official files pickle the training argparse.Namespace: the family loader reads them with weights_only."""
-    import argparse
+def test_official_file_with_args_namespace(tmp_path):
+    """Official files pickle the training argparse.Namespace: the one safe reader (weights_only, Namespace allowed)
+    reads them, and conversion picks the EMA weights first, as timm's pretrained loading does."""
     torch.manual_seed(0)
     kw = dict(depths=(1, 1, 1, 1))
-    src = _randomize(timm.create_model("transxnet_t", **kw))
-    sd = txn.official_state_dict(src)
-    ema = {k: v + 1 if v.is_floating_point() else v for k, v in sd.items()}
+    src = perturb(timm.create_model("transxnet_t", **kw))
+    ema_src = perturb(timm.create_model("transxnet_t", **kw), seed=1)
+    sd, ema = txn.official_state_dict(src), txn.official_state_dict(ema_src)
     path = tmp_path / "transx-t.pth.tar"
     torch.save({"epoch": 299, "arch": "transxnet_t", "state_dict": sd, "state_dict_ema": ema, "metric": 81.6,
                 "args": argparse.Namespace(model="transxnet_t", lr=2e-3, drop_path=0.1)}, path)
     with pytest.raises(Exception):
         torch.load(path, weights_only=True)  # plain safe loading refuses the Namespace
+    obj = load_checkpoint_file(str(path))
+    assert torch.equal(obj["state_dict"]["classifier.0.bias"], sd["classifier.0.bias"])
     model = timm.create_model("transxnet_t", **kw).eval()
-    txn.load_official_checkpoint(str(path), model)
+    model.load_state_dict(txn.SPEC.official.filter(obj["state_dict"], model))
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(x), src(x), rtol=0, atol=0)
-    loaded = txn.load_official_checkpoint(str(path), use_ema=True)
-    assert torch.equal(loaded["classifier.0.bias"], ema["classifier.0.bias"])
+        torch.testing.assert_close(convert_checkpoint("transxnet_t", str(path), **kw)(x), ema_src(x), rtol=0, atol=0)
+
+
+def test_spec_declares_the_registered_models():
+    """The one declaration generates timm's names, tags and cfgs (unchanged) and carries the official numbers."""
+    spec = txn.SPEC
+    assert family_of("transxnet_b") is spec and spec.model_cls is txn.TransXNet
+    assert sorted(timm.list_pretrained("transxnet_*")) == [
+        "transxnet_b.in1k", "transxnet_b.in1k_384", "transxnet_s.in1k", "transxnet_t.in1k"]
+    assert timm.models.get_pretrained_cfg("transxnet_b").tag == "in1k"  # the default tag
+    for name, cfg in spec.pretrained_cfgs().items():
+        assert timm.models.model_entrypoint(name.split(".")[0]).__module__ == txn.__name__
+        registered = timm.models.get_pretrained_cfg(name).to_dict()
+        assert {k: registered[k] for k in cfg} == dict(cfg), name
+    crop = {n: timm.models.get_pretrained_cfg(n).crop_pct for n in timm.list_pretrained("transxnet_*")}
+    assert crop == {"transxnet_t.in1k": 0.9, "transxnet_s.in1k": 0.9, "transxnet_b.in1k": 0.95,
+                    "transxnet_b.in1k_384": 1.0}
+    assert timm.models.get_pretrained_cfg("transxnet_b.in1k_384").url.endswith("/transx-b-384.pth.tar")
+    for v in spec.models:
+        assert v.params == PARAMS[v.name] and abs(v.macs / MACS[v.name] - 1) < 3e-3 and v.top1 > 80
+    assert spec.official.filter is txn.checkpoint_filter_fn and spec.official.wrapper == "state_dict"
+    assert "lou2025transxnet" in spec.citation and spec.recipe == "transxnet" and spec.arxiv == "2310.19380"

@@ -16,6 +16,11 @@ LayerNorm over the same axis and the MLP 1x1 convs hold the official Linear weig
 rounding. It runs at any input size (see ``metaformer_zoo.mixers.inception_transformer`` for the non-square and
 odd-size fixes); the positional embeddings are resized on the fly as in the official code, and the checkpoint filter
 resizes them when a checkpoint was trained at another ``img_size`` (e.g. 224 weights into an ``_384`` model).
+
+Why its own model class on ``MetaFormerBase`` rather than a ``MetaFormer`` spec: the two-conv BN stem, the BN
+downsampling without a norm before it, the per-stage positional table added after the downsampling (``IFormerStage``),
+layer scale only in stages 3-4 and an attention-head split that changes per block, not per stage, are not options of
+``MetaFormer``. Blocks, MLP, head, init and the timm interface are the skeleton's.
 """
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -23,39 +28,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import trunc_normal_
-from timm.models import checkpoint_seq, generate_default_cfgs, register_model, register_notrace_function
+from timm.layers import calculate_drop_path_rates, trunc_normal_
+from timm.models import checkpoint_seq, register_notrace_function
 
-from ..builder import build_zoo_model
 from ..checkpoint import CheckpointError, linear_to_conv1x1, remap_keys, unwrap_state_dict, validate_state_dict
 from ..mixers.inception_transformer import InceptionMixer
-from ..skeleton import MetaFormer, MetaFormerBase, MetaFormerBlock, MetaFormerHead, MetaFormerStage, drop_path_rates, make_mlp
+from ..skeleton import MetaFormerBase, MetaFormerBlock, MetaFormerHead, MetaFormerStage, make_mlp, to_stage_list
+from ..spec import FamilySpec, OfficialFormat, Variant
 from ..zoo import register_family
 
-__all__ = ["InceptionTransformer", "checkpoint_filter_fn", "official_state_dict", "dense_out_norm",
-           "DENSE_OUT_NORMS", "resize_pos_embed"]
+__all__ = ["InceptionTransformer", "checkpoint_filter_fn", "official_state_dict", "resize_pos_embed", "SPEC"]
 
-# name: (depths, dims, num_heads, attention_heads (one per block, over all stages))
-ARCHS = {
-    "small": ((3, 3, 9, 3), (96, 192, 320, 384), (3, 6, 10, 12),
-              [1] * 3 + [3] * 3 + [7] * 4 + [9] * 5 + [11] * 3),
-    "base": ((4, 6, 14, 6), (96, 192, 384, 512), (3, 6, 12, 16),
-             [1] * 4 + [3] * 6 + [8] * 7 + [10] * 7 + [15] * 6),
-    "large": ((4, 6, 18, 8), (96, 192, 448, 640), (3, 6, 14, 20),
-              [1] * 4 + [3] * 6 + [10] * 9 + [12] * 9 + [19] * 8),
+# low-frequency (attention) heads of every block of each size, over all stages (official ``attention_heads``)
+_ATTENTION_HEADS = {
+    "small": [1] * 3 + [3] * 3 + [7] * 4 + [9] * 5 + [11] * 3,
+    "base": [1] * 4 + [3] * 6 + [8] * 7 + [10] * 7 + [15] * 6,
+    "large": [1] * 4 + [3] * 6 + [10] * 9 + [12] * 9 + [19] * 8,
 }
-
-# Dense prediction: the official repo has no detection/segmentation code, hence no per-output norms. The zoo's
-# feature pyramid is the raw stage outputs (strides 4/8/16/32), so the dense adapter adds no norm.
-DENSE_OUT_NORMS: Dict[str, Optional[dict]] = {f"iformer_{a}{s}": None for a in ARCHS for s in ("", "_384")}
-
-
-def dense_out_norm(model_name: str, stage_idx: int, dim: int) -> Optional[nn.Module]:
-    """The per-output norm the official dense-prediction backbone puts on stage ``stage_idx``: none for iFormer."""
-    arch = model_name.split(".")[0]
-    if arch not in DENSE_OUT_NORMS:
-        raise ValueError(f"{model_name!r} is not an iFormer (Inception Transformer) variant")
-    return None
 
 
 @register_notrace_function
@@ -124,9 +113,9 @@ class InceptionTransformer(MetaFormerBase):
     Args:
         img_size: size the positional embeddings are built for (224 or 384 for the official weights); any input size
             runs, the embeddings are resized on the fly.
-        depths, embed_dims, num_heads: per stage (head dim 32 in every official variant).
+        depths, dims, num_heads: per stage (head dim 32 in every official variant).
         attention_heads: low-frequency (attention) heads of every block, over all stages (``sum(depths)`` entries).
-        mlp_ratio, qkv_bias: MLP expansion and qkv bias (official 4, True).
+        mlp_ratios, qkv_bias: MLP expansion (one value or one per stage) and qkv bias (official 4, True).
         layer_scale_init_value / layer_scale_stages: layer scale init and the stages that have it (official: 1e-6 in
             stages 3-4 only; stages 1-2 have no layer-scale parameters).
         drop_rate: dropout inside the MLPs (the official ``drop_rate``); attn_drop_rate: attention dropout;
@@ -140,10 +129,10 @@ class InceptionTransformer(MetaFormerBase):
             num_classes: int = 1000,
             global_pool: str = "avg",
             depths: Sequence[int] = (3, 3, 9, 3),
-            embed_dims: Sequence[int] = (96, 192, 320, 384),
+            dims: Sequence[int] = (96, 192, 320, 384),
             num_heads: Sequence[int] = (3, 6, 10, 12),
             attention_heads: Optional[Sequence[int]] = None,
-            mlp_ratio: float = 4.,
+            mlp_ratios: Union[float, Sequence[float]] = 4.,
             qkv_bias: bool = True,
             layer_scale_init_value: Optional[float] = 1e-6,
             layer_scale_stages: Sequence[int] = (2, 3),
@@ -153,15 +142,16 @@ class InceptionTransformer(MetaFormerBase):
     ):
         super().__init__()
         if attention_heads is None:
-            attention_heads = ARCHS["small"][3]
+            attention_heads = _ATTENTION_HEADS["small"]
         if len(attention_heads) != sum(depths):
             raise ValueError(f"attention_heads has {len(attention_heads)} entries, expected one per block "
                              f"({sum(depths)} for depths {tuple(depths)})")
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.img_size = img_size
-        self.stem = FirstPatchEmbed(in_chans, embed_dims[0])
+        mlp_ratios = to_stage_list(mlp_ratios, len(depths), "mlp_ratios")
+        self.stem = FirstPatchEmbed(in_chans, dims[0])
         pos = (img_size[0] // 4, img_size[1] // 4)
-        dpr = drop_path_rates(drop_path_rate, depths)
+        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=False)
         stages, idx = [], 0
         for i, depth in enumerate(depths):
             if i > 0:
@@ -170,16 +160,16 @@ class InceptionTransformer(MetaFormerBase):
             blocks = []
             for j in range(depth):
                 mixer = InceptionMixer(
-                    embed_dims[i], num_heads=num_heads[i], attention_head=attention_heads[idx],
+                    dims[i], num_heads=num_heads[i], attention_head=attention_heads[idx],
                     pool_size=2 if i < 2 else 1, qkv_bias=qkv_bias, attn_drop=attn_drop_rate)
-                mlp = make_mlp(embed_dims[i], mlp_ratio, "gelu", bias=True, drop=drop_rate)
-                blocks.append(MetaFormerBlock(embed_dims[i], mixer, mlp, norm_layer="layernorm2d",
-                                              drop_path=dpr[i][j], layer_scale_init_value=ls))
+                mlp = make_mlp(dims[i], mlp_ratios[i], "gelu", bias=True, drop=drop_rate)
+                blocks.append(MetaFormerBlock(dims[i], mixer, mlp, norm_layer="layernorm2d",
+                                              drop_path=dpr[idx], layer_scale_init_value=ls))
                 idx += 1
-            downsample = PatchEmbed(embed_dims[i - 1], embed_dims[i]) if i > 0 else None
-            stages.append(IFormerStage(blocks, downsample, embed_dims[i], pos))
+            downsample = PatchEmbed(dims[i - 1], dims[i]) if i > 0 else None
+            stages.append(IFormerStage(blocks, downsample, dims[i], pos))
         self.stages = nn.Sequential(*stages)
-        self._init_interface(in_chans, num_classes, embed_dims)
+        self._init_interface(in_chans, num_classes, dims)
         # any size >= 32 px runs (every map size is computed with ceil); checked by the trunk's input_check
         self.min_input_size = 32
         self.input_divisor = 1
@@ -189,10 +179,10 @@ class InceptionTransformer(MetaFormerBase):
         for stage in self.stages:
             trunc_normal_(stage.pos_embed, std=.02)
 
-    # official ``_init_vit_weights`` without a name: every Linear/Conv (the head included) trunc-normal 0.02, zero bias,
-    # i.e. the skeleton's MetaFormer init
-    _init_weights = staticmethod(MetaFormer._init_weights)
+    # init: the official ``_init_vit_weights`` without a name (every Linear/Conv, the head included, trunc-normal 0.02,
+    # zero bias) is the skeleton's ``MetaFormerBase._init_weights``
 
+    # the skeleton's groups plus the per-stage positional table, grouped with the stage's downsampling (layer decay)
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):
         return dict(
@@ -274,70 +264,59 @@ def official_state_dict(model: InceptionTransformer) -> Dict[str, torch.Tensor]:
     return out
 
 
-# --- registration ------------------------------------------------------------------------------------------------
-def _cfg(url: str = "", **kwargs):
-    return {
-        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.9, "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.proj1", "classifier": "head.fc", "license": "apache-2.0",
-        "paper_ids": "arXiv:2205.12956", "paper_name": "Inception Transformer",
-        "origin_url": "https://github.com/sail-sg/iFormer", **kwargs,
-    }
-
+# --- declaration -------------------------------------------------------------------------------------------------
+CITATION = """@inproceedings{si2022inception,
+  title={Inception Transformer},
+  author={Si, Chenyang and Yu, Weihao and Zhou, Pan and Zhou, Yichen and Wang, Xinchao and Yan, Shuicheng},
+  booktitle={Advances in Neural Information Processing Systems (NeurIPS)},
+  year={2022}
+}"""
 
 _URL = "https://huggingface.co/sail/dl2/resolve/main/iformer/{}.pth"
+_SIZES = {  # depths, dims, num_heads
+    "small": ((3, 3, 9, 3), (96, 192, 320, 384), (3, 6, 10, 12)),
+    "base": ((4, 6, 14, 6), (96, 192, 384, 512), (3, 6, 12, 16)),
+    "large": ((4, 6, 18, 8), (96, 192, 448, 640), (3, 6, 14, 20)),
+}
+# official params / MACs (counted on the official code) and the published ImageNet-1k top-1
+_NUMBERS = {
+    "iformer_small": (19_866_344, 4_825_828_736, 83.4), "iformer_base": (47_866_216, 9_341_953_536, 84.6),
+    "iformer_large": (86_637_096, 14_004_159_488, 84.8), "iformer_small_384": (20_899_944, 16_031_256_576, 84.6),
+    "iformer_base_384": (48_936_296, 30_445_438_976, 85.7), "iformer_large_384": (87_743_656, 45_209_248_768, 85.8),
+}
 
-default_cfgs = generate_default_cfgs({
-    **{f"iformer_{a}.sail_in1k": _cfg(url=_URL.format(f"iformer_{a}")) for a in ARCHS},
-    **{f"iformer_{a}_384.sail_in1k": _cfg(url=_URL.format(f"iformer_{a}_384"), input_size=(3, 384, 384),
-                                          pool_size=(12, 12), crop_pct=1.0) for a in ARCHS},
-})
 
-VARIANTS = [f"iformer_{a}{s}" for a in ARCHS for s in ("", "_384")]
+def _variant(size: str, res: int) -> Variant:
+    name = f"iformer_{size}" + ("_384" if res == 384 else "")
+    depths, dims, heads = _SIZES[size]
+    params, macs, top1 = _NUMBERS[name]
+    tag = dict(url=_URL.format(name))
+    if res == 384:
+        tag.update(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0)
+    return Variant(
+        name, dict(img_size=res, depths=depths, dims=dims, num_heads=heads,
+                   attention_heads=tuple(_ATTENTION_HEADS[size]), layer_scale_init_value=1e-6),
+        params=params, macs=macs, top1=top1,
+        top1_source="sail-sg/iFormer README" + (" (384 px)" if res == 384 else ""), tags={"sail_in1k": tag})
 
-register_family(
-    "iformer", VARIANTS,
-    paper="Inception Transformer (NeurIPS 2022, arXiv 2205.12956)", code="https://github.com/sail-sg/iFormer",
+
+SPEC = FamilySpec(
+    name="iformer",
+    model_cls=InceptionTransformer,
+    paper="Inception Transformer (NeurIPS 2022)",
+    arxiv="2205.12956",
+    code="https://github.com/sail-sg/iFormer",
+    license="apache-2.0",
+    citation=CITATION,
+    cfg=dict(input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.9, interpolation="bicubic",
+             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="stem.proj1", classifier="head.fc",
+             paper_name="Inception Transformer"),
+    official=OfficialFormat(filter=checkpoint_filter_fn, to_official=official_state_dict, wrapper=None),
+    # the official repo has no detection / segmentation code: the raw stage outputs, no per-output norm
+    dense_out_norms=(None, None, None, None),
+    recipe="iformer",
+    card="iformer",
     notes="Inception Transformer, not timm's iformer_t/s/m/l/h (ICLR 2025 mobile iFormer); any input size",
-    filter_fn=checkpoint_filter_fn, to_official=official_state_dict, official_wrapper=None,
-    dense_out_norm=dense_out_norm,
+    models=tuple(_variant(size, res) for size in _SIZES for res in (224, 384)),
 )
-
-
-def _create(variant: str, pretrained: bool = False, **kwargs) -> InceptionTransformer:
-    arch = variant.split("_")[1]
-    depths, dims, heads, attention_heads = ARCHS[arch]
-    model_args = dict(img_size=384 if variant.endswith("_384") else 224, depths=depths, embed_dims=dims,
-                      num_heads=heads, attention_heads=list(attention_heads), layer_scale_init_value=1e-6)
-    return build_zoo_model(InceptionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                           **dict(model_args, **kwargs))
-
-
-@register_model
-def iformer_small(pretrained=False, **kwargs) -> InceptionTransformer:
-    return _create("iformer_small", pretrained, **kwargs)
-
-
-@register_model
-def iformer_base(pretrained=False, **kwargs) -> InceptionTransformer:
-    return _create("iformer_base", pretrained, **kwargs)
-
-
-@register_model
-def iformer_large(pretrained=False, **kwargs) -> InceptionTransformer:
-    return _create("iformer_large", pretrained, **kwargs)
-
-
-@register_model
-def iformer_small_384(pretrained=False, **kwargs) -> InceptionTransformer:
-    return _create("iformer_small_384", pretrained, **kwargs)
-
-
-@register_model
-def iformer_base_384(pretrained=False, **kwargs) -> InceptionTransformer:
-    return _create("iformer_base_384", pretrained, **kwargs)
-
-
-@register_model
-def iformer_large_384(pretrained=False, **kwargs) -> InceptionTransformer:
-    return _create("iformer_large_384", pretrained, **kwargs)
+register_family(SPEC, __name__)

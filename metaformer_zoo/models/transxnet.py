@@ -11,55 +11,29 @@ Any input size runs (every size is computed with ceil, as in the official code);
 resized with the official "bicubic on the flattened (Nq, Nk) matrix" rule, once per stage instead of once per block
 (same values). The checkpoint filter applies the same rule when a checkpoint was built for another ``img_size``.
 Training at batch size 1 works (see the IDConv note in the mixer module); eval outputs are the official ones.
+
+Why its own block and stage modules on ``MetaFormerBase`` rather than a ``MetaFormer`` spec: the block has a
+conditional positional encoding outside the residual scaling, a LayerScale that is a per-channel affine with bias,
+and its D-Mixer takes the stage's shared relative position bias as a second input, which ``MetaFormerBlock`` /
+``MetaFormerStage`` (one-input mixers) do not carry. Stem/downsampling, head, init and the timm interface are the
+skeleton's.
 """
 import math
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath
-from timm.models import checkpoint, generate_default_cfgs, register_model
+from timm.layers import DropPath, calculate_drop_path_rates
+from timm.models import checkpoint
 
-from ..builder import build_zoo_model
-from ..checkpoint import CheckpointError, load_checkpoint_file, remap_keys, unwrap_state_dict, validate_state_dict
+from ..checkpoint import CheckpointError, remap_keys, unwrap_state_dict, validate_state_dict
 from ..mixers.transxnet import ConvBN, DMixer, rel_pos_shape, resize_rel_pos
-from ..skeleton import MetaFormerBase, MetaFormerHead, drop_path_rates
+from ..skeleton import MetaFormerBase, MetaFormerHead
+from ..spec import FamilySpec, OfficialFormat, Variant
 from ..zoo import register_family
 
-__all__ = ["TransXNet", "checkpoint_filter_fn", "official_state_dict", "load_official_checkpoint", "dense_out_norm",
-           "DENSE_OUT_NORMS"]
-
-ARCHS = {
-    "t": dict(depths=(3, 3, 9, 3), embed_dims=(48, 96, 224, 448), kernel_sizes=(7, 7, 7, 7), num_groups=(2, 2, 2, 2),
-              sr_ratios=(8, 4, 2, 1), num_heads=(1, 2, 4, 8), mlp_ratios=(4, 4, 4, 4)),
-    "s": dict(depths=(4, 4, 12, 4), embed_dims=(64, 128, 320, 512), kernel_sizes=(7, 7, 7, 7),
-              num_groups=(2, 2, 3, 4), sr_ratios=(8, 4, 2, 1), num_heads=(1, 2, 5, 8), mlp_ratios=(6, 6, 4, 4)),
-    "b": dict(depths=(4, 4, 21, 4), embed_dims=(76, 152, 336, 672), kernel_sizes=(7, 7, 7, 7),
-              num_groups=(2, 2, 4, 4), sr_ratios=(8, 4, 2, 1), num_heads=(2, 4, 8, 16), mlp_ratios=(8, 8, 4, 4)),
-}
-
-# Dense prediction (official ``fork_feat=True``): every output of stages 1-4 (official ``network`` indices 0/2/4/6)
-# goes through its own ``GroupNorm(1, C)``, eps 1e-5, affine, named ``norm0/norm2/norm4/norm6``; ``start_level=k``
-# replaces the first k with Identity (the official RetinaNet configs use start_level=1, Mask R-CNN / Semantic FPN 0).
-DENSE_OUT_NORMS: Dict[str, dict] = {
-    f"transxnet_{a}": dict(type="GroupNorm", num_groups=1, eps=1e-5, affine=True,
-                           official_keys=("norm0", "norm2", "norm4", "norm6"), start_level=0)
-    for a in ARCHS
-}
-
-
-def dense_out_norm(model_name: str, stage_idx: int, dim: int, start_level: int = 0) -> Optional[nn.Module]:
-    """The official per-output norm for stage ``stage_idx`` (0-3): ``nn.GroupNorm(1, dim, eps=1e-5)``, or None for
-    stages below ``start_level`` (official Identity)."""
-    arch = model_name.split(".")[0]
-    if arch not in DENSE_OUT_NORMS:
-        raise ValueError(f"{model_name!r} is not a TransXNet variant ({', '.join(DENSE_OUT_NORMS)})")
-    if stage_idx < start_level:
-        return None
-    return nn.GroupNorm(1, dim, eps=1e-5)
-
+__all__ = ["TransXNet", "checkpoint_filter_fn", "official_state_dict", "SPEC"]
 
 class MultiScaleDWConv(nn.Module):
     """Depthwise convs with kernels 1/3/5/7 on 4 channel groups (the first takes the remainder), with bias."""
@@ -197,7 +171,7 @@ class TransXNet(MetaFormerBase):
 
     Args:
         img_size: size the relative position biases are built for (official ``image_size``, 224); any input runs.
-        depths, embed_dims, kernel_sizes, num_groups, sr_ratios, num_heads, mlp_ratios: per stage (``ARCHS``).
+        depths, dims, kernel_sizes, num_groups, sr_ratios, num_heads, mlp_ratios: per stage (see ``SPEC``).
         layer_scale_init_value: LayerScale init (official 1e-5; None disables it).
         drop_rate: dropout inside the MS-FFN (official ``drop_rate``); drop_path_rate: stochastic depth, linear over
             all blocks.
@@ -210,7 +184,7 @@ class TransXNet(MetaFormerBase):
             num_classes: int = 1000,
             global_pool: str = "avg",
             depths: Sequence[int] = (3, 3, 9, 3),
-            embed_dims: Sequence[int] = (48, 96, 224, 448),
+            dims: Sequence[int] = (48, 96, 224, 448),
             kernel_sizes: Sequence[int] = (7, 7, 7, 7),
             num_groups: Sequence[int] = (2, 2, 2, 2),
             sr_ratios: Sequence[int] = (8, 4, 2, 1),
@@ -223,25 +197,26 @@ class TransXNet(MetaFormerBase):
         super().__init__()
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.img_size = img_size
-        self.stem = ConvBN(in_chans, embed_dims[0], kernel_size=7, stride=4, padding=3)
+        self.stem = ConvBN(in_chans, dims[0], kernel_size=7, stride=4, padding=3)
         feat = [math.ceil(img_size[0] / 4), math.ceil(img_size[1] / 4)]
-        dpr = drop_path_rates(drop_path_rate, depths)
-        stages = []
+        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=False)
+        stages, idx = [], 0
         for i, depth in enumerate(depths):
             downsample = None
             if i > 0:
-                downsample = ConvBN(embed_dims[i - 1], embed_dims[i], kernel_size=3, stride=2, padding=1)
+                downsample = ConvBN(dims[i - 1], dims[i], kernel_size=3, stride=2, padding=1)
                 feat = [math.ceil(feat[0] / 2), math.ceil(feat[1] / 2)]
             blocks = [
-                TransXNetBlock(embed_dims[i], kernel_size=kernel_sizes[i], sr_ratio=sr_ratios[i],
+                TransXNetBlock(dims[i], kernel_size=kernel_sizes[i], sr_ratio=sr_ratios[i],
                                num_groups=num_groups[i], num_heads=num_heads[i], mlp_ratio=mlp_ratios[i],
-                               drop=drop_rate, drop_path=dpr[i][j], layer_scale_init_value=layer_scale_init_value)
+                               drop=drop_rate, drop_path=dpr[idx + j], layer_scale_init_value=layer_scale_init_value)
                 for j in range(depth)
             ]
+            idx += depth
             stages.append(TransXNetStage(blocks, downsample, rel_pos_shape(feat, num_heads[i], sr_ratios[i]),
                                          sr_ratios[i]))
         self.stages = nn.Sequential(*stages)
-        self._init_interface(in_chans, num_classes, embed_dims)
+        self._init_interface(in_chans, num_classes, dims)
         # any size >= 32 px runs (every map size is computed with ceil); checked by the trunk's input_check
         self.min_input_size = 32
         self.input_divisor = 1
@@ -249,14 +224,10 @@ class TransXNet(MetaFormerBase):
                                    norm_first=True)
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(m):
-        # official: every nn.Conv2d trunc-normal 0.02 / zero bias (the classifier conv too: Linear here)
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+    # init: the official one (every Conv2d trunc-normal 0.02, zero bias; the classifier conv too, a Linear here) is the
+    # skeleton's ``MetaFormerBase._init_weights``
 
+    # the skeleton's groups plus the per-stage relative position bias, grouped with the stage's downsampling
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):
         return dict(
@@ -333,80 +304,58 @@ def official_state_dict(model: TransXNet) -> Dict[str, torch.Tensor]:
     return out
 
 
-def load_official_checkpoint(path: str, model: Optional[TransXNet] = None, use_ema: bool = False):
-    """Read an official TransXNet file (timm ``CheckpointSaver`` dict that also pickles the training
-    ``argparse.Namespace``) with the zoo's safe reader (``metaformer_zoo.checkpoint.load_checkpoint_file``:
-    ``weights_only=True``, ``argparse.Namespace`` allowed). Returns the weights under ``state_dict``
-    (``state_dict_ema`` if ``use_ema``); when ``model`` is given, also converts and strictly loads them and returns
-    the converted state dict. (``pretrained=True`` / ``checkpoint_path=`` pick the EMA weights when present, as timm
-    does; ``use_ema`` chooses explicitly here.)"""
-    obj = load_checkpoint_file(path)
-    key = "state_dict_ema" if use_ema else "state_dict"
-    if use_ema and not (isinstance(obj, dict) and isinstance(obj.get(key), dict)):
-        raise CheckpointError(f"{path} holds no 'state_dict_ema' (EMA weights); load it with use_ema=False")
-    if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-        obj = obj[key]
-    sd = unwrap_state_dict(obj)
-    if model is None:
-        return sd
-    sd = checkpoint_filter_fn(sd, model)
-    model.load_state_dict(sd, strict=True)
-    return sd
-
-
-# --- registration ------------------------------------------------------------------------------------------------
-def _cfg(url: str = "", **kwargs):
-    return {
-        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.9, "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv", "classifier": "head.fc", "license": "apache-2.0",
-        "paper_ids": "arXiv:2310.19380", "paper_name": "TransXNet: Learning Both Global and Local Dynamics with a "
-                                                       "Dual Dynamic Token Mixer for Visual Recognition",
-        "origin_url": "https://github.com/LMMMEng/TransXNet", **kwargs,
-    }
-
+# --- declaration -------------------------------------------------------------------------------------------------
+CITATION = """@article{lou2025transxnet,
+  title={TransXNet: Learning Both Global and Local Dynamics with a Dual Dynamic Token Mixer for Visual Recognition},
+  author={Lou, Meng and Zhang, Shu and Zhou, Hong-Yu and Yang, Sibei and Wu, Chuan and Yu, Yizhou},
+  journal={IEEE Transactions on Neural Networks and Learning Systems},
+  year={2025}
+}"""
 
 _URL = "https://github.com/LMMMEng/TransXNet/releases/download/v1.0/{}.pth.tar"
+_PAPER = "TransXNet: Learning Both Global and Local Dynamics with a Dual Dynamic Token Mixer for Visual Recognition"
 
-default_cfgs = generate_default_cfgs({
-    "transxnet_t.in1k": _cfg(url=_URL.format("transx-t"), crop_pct=0.9),
-    "transxnet_s.in1k": _cfg(url=_URL.format("transx-s"), crop_pct=0.9),
-    "transxnet_b.in1k": _cfg(url=_URL.format("transx-b"), crop_pct=0.95),
-    # README: B fine-tuned at 384 (85.5); whether the file holds 224- or 384-sized relative position tables is
-    # unknown: the filter resizes them to the model's img_size either way (create with img_size=384 to keep them)
-    "transxnet_b.in1k_384": _cfg(url=_URL.format("transx-b-384"), input_size=(3, 384, 384), pool_size=(12, 12),
-                                 crop_pct=1.0),
-})
-
-VARIANTS = [f"transxnet_{a}" for a in ARCHS]
-
-register_family(
-    "transxnet", VARIANTS,
-    paper="TransXNet: Learning Both Global and Local Dynamics with a Dual Dynamic Token Mixer for Visual "
-          "Recognition (IEEE TNNLS 2025, arXiv 2310.19380)",
+SPEC = FamilySpec(
+    name="transxnet",
+    model_cls=TransXNet,
+    paper=f"{_PAPER} (IEEE TNNLS 2025)",
+    arxiv="2310.19380",
     code="https://github.com/LMMMEng/TransXNet",
+    license="apache-2.0",
+    citation=CITATION,
+    cfg=dict(input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.9, interpolation="bicubic",
+             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="stem.conv", classifier="head.fc",
+             paper_name=_PAPER),
+    # official files are timm CheckpointSaver dicts (weights under ``state_dict``, EMA weights under ``state_dict_ema``,
+    # read first as timm does; the pickled training argparse.Namespace is allowed by the safe reader)
+    official=OfficialFormat(filter=checkpoint_filter_fn, to_official=official_state_dict, wrapper="state_dict"),
+    # official ``fork_feat=True``: GroupNorm(1, C), eps 1e-5, affine, on every output (official keys norm0/2/4/6);
+    # the official RetinaNet configs (``start_level=1``) make the first one Identity: adapter ``out_norm_skip=(0,)``
+    dense_out_norms=(dict(type="groupnorm", num_groups=1, eps=1e-5),) * 4,
+    recipe="transxnet",
+    card="transxnet",
     notes="any input size; batch-1 training supported",
-    filter_fn=checkpoint_filter_fn, to_official=official_state_dict, official_wrapper="state_dict",
-    dense_out_norm=dense_out_norm,
+    models=(
+        Variant("transxnet_t", dict(depths=(3, 3, 9, 3), dims=(48, 96, 224, 448), kernel_sizes=(7, 7, 7, 7),
+                                    num_groups=(2, 2, 2, 2), sr_ratios=(8, 4, 2, 1), num_heads=(1, 2, 4, 8),
+                                    mlp_ratios=(4, 4, 4, 4), layer_scale_init_value=1e-5),
+                params=12_834_808, macs=1_803_615_280, top1=81.6, top1_source="LMMMEng/TransXNet README",
+                tags={"in1k": dict(url=_URL.format("transx-t"))}),
+        Variant("transxnet_s", dict(depths=(4, 4, 12, 4), dims=(64, 128, 320, 512), kernel_sizes=(7, 7, 7, 7),
+                                    num_groups=(2, 2, 3, 4), sr_ratios=(8, 4, 2, 1), num_heads=(1, 2, 5, 8),
+                                    mlp_ratios=(6, 6, 4, 4), layer_scale_init_value=1e-5),
+                params=26_864_068, macs=4_600_344_576, top1=83.8, top1_source="LMMMEng/TransXNet README",
+                tags={"in1k": dict(url=_URL.format("transx-s"))}),
+        Variant("transxnet_b", dict(depths=(4, 4, 21, 4), dims=(76, 152, 336, 672), kernel_sizes=(7, 7, 7, 7),
+                                    num_groups=(2, 2, 4, 4), sr_ratios=(8, 4, 2, 1), num_heads=(2, 4, 8, 16),
+                                    mlp_ratios=(8, 8, 4, 4), layer_scale_init_value=1e-5),
+                params=48_009_002, macs=8_342_525_168, top1=84.6, top1_source="LMMMEng/TransXNet README",
+                tags={"in1k": dict(url=_URL.format("transx-b"), crop_pct=0.95),
+                      # README: B fine-tuned at 384 (85.5); whether the file holds 224- or 384-sized relative position
+                      # tables is unknown: the filter resizes them to the model's img_size either way (create with
+                      # img_size=384 to keep them)
+                      "in1k_384": dict(url=_URL.format("transx-b-384"), input_size=(3, 384, 384),
+                                       pool_size=(12, 12), crop_pct=1.0)}),
+    ),
 )
-
-
-def _create(variant: str, pretrained: bool = False, **kwargs) -> TransXNet:
-    model_args = dict(ARCHS[variant.split("_")[-1]], layer_scale_init_value=1e-5)
-    return build_zoo_model(TransXNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                           **dict(model_args, **kwargs))
-
-
-@register_model
-def transxnet_t(pretrained=False, **kwargs) -> TransXNet:
-    return _create("transxnet_t", pretrained, **kwargs)
-
-
-@register_model
-def transxnet_s(pretrained=False, **kwargs) -> TransXNet:
-    return _create("transxnet_s", pretrained, **kwargs)
-
-
-@register_model
-def transxnet_b(pretrained=False, **kwargs) -> TransXNet:
-    return _create("transxnet_b", pretrained, **kwargs)
+register_family(SPEC, __name__)
