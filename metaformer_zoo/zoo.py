@@ -12,13 +12,13 @@ Params and MACs at each variant's default input size are declared in its spec (`
 official numbers), so listing counts nothing; ``check_catalogue`` (``python -m metaformer_zoo check``, run by a slow
 test) counts every variant and compares.
 """
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .spec import FamilySpec, OfficialFormat, Variant, register_entrypoints
+from .spec import FamilySpec, register_entrypoints
 
 __all__ = ["Family", "FAMILY_ORDER", "register_family", "list_families", "list_variants",
            "family_of", "variant_info", "count_params", "count_frozen_buffers", "count_macs", "measure_variant",
@@ -36,17 +36,15 @@ Family = FamilySpec  # the catalogue's entries are the families' own declaration
 _FAMILIES: Dict[str, FamilySpec] = {}
 
 
-def register_family(spec: Union[FamilySpec, str], module: Optional[str] = None, *legacy_args, **legacy) -> FamilySpec:
+def register_family(spec: FamilySpec, module: Optional[str] = None) -> FamilySpec:
     """Put a family's ``FamilySpec`` in the catalogue; with ``module`` (the family module's ``__name__``) also register
     its ``default_cfgs`` and entrypoints with timm (``metaformer_zoo.spec.register_entrypoints``).
 
     A family module calls it once, after its modules: ``register_family(SPEC, __name__)``. timm-owned families are
-    registered without ``module`` (catalogued only). [transition: the old ``register_family(name, variants, **extra)``
-    form is still accepted while the family files move to specs]
+    registered without ``module`` (catalogued only: their names stay timm's).
     """
     if not isinstance(spec, FamilySpec):
-        spec = _legacy_spec(spec, module, *legacy_args, **legacy)
-        module = None
+        raise TypeError(f"register_family takes a metaformer_zoo.spec.FamilySpec, got {type(spec).__name__}")
     if spec.name in _FAMILIES:
         raise ValueError(f"family {spec.name!r} is already in the zoo catalogue")
     for other in _FAMILIES.values():
@@ -59,27 +57,12 @@ def register_family(spec: Union[FamilySpec, str], module: Optional[str] = None, 
         stolen = [n for n in spec.variants if not timm.is_model(n)]
         if stolen:
             raise ValueError(f"timm-owned family {spec.name!r} lists names timm does not register: {stolen}")
+    if spec.owner == "zoo" and module is None:
+        raise ValueError(f"family {spec.name!r}: pass the family module's __name__ to register its entrypoints")
     _FAMILIES[spec.name] = spec
     if module is not None:
         register_entrypoints(spec, module)
     return spec
-
-
-_LEGACY_EXTRA: Dict[str, Dict] = {}
-
-
-def _legacy_spec(name, variants, owner="zoo", paper="", code="", card=None, notes="", **extra) -> FamilySpec:
-    official = None
-    if extra.get("filter_fn") is not None:
-        official = OfficialFormat(filter=extra["filter_fn"], to_official=extra.get("to_official"),
-                                  wrapper=extra.get("official_wrapper"))
-    _LEGACY_EXTRA[name] = dict(extra)
-    return FamilySpec(name=name, models=tuple(Variant(v) for v in variants), owner=owner, paper=paper, code=code,
-                      card=card or name, notes=notes, official=official, build=_legacy_build)
-
-
-def _legacy_build(*args, **kwargs):
-    raise RuntimeError("legacy family: its entrypoints are registered by its module")
 
 
 def _family_rank(name: str) -> int:

@@ -19,12 +19,14 @@ import torch
 
 import metaformer_zoo  # noqa: F401
 from metaformer_zoo import zoo
+from metaformer_zoo import __main__ as cli
 from metaformer_zoo.__main__ import main
 from metaformer_zoo.kernels import autocast_dtype, no_autocast
 from metaformer_zoo.kernels import fft_filter as ff
 from metaformer_zoo.kernels import selective_scan2d as ss
 from metaformer_zoo.kernels import strip_mix as sm
 from metaformer_zoo.kernels.fft_filter.reference import fft_filter_reference
+from metaformer_zoo.spec import FamilySpec, Variant
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_VARIANTS = 59
@@ -65,7 +67,7 @@ def test_family_order_is_the_readme_table_order():
 
 
 def test_family_outside_the_order_comes_last():
-    zoo.register_family("zz_extra", ["resnet18"], owner="timm")
+    zoo.register_family(FamilySpec("zz_extra", (Variant("resnet18"),), owner="timm"))
     try:
         assert [f.name for f in zoo.list_families()][-1] == "zz_extra"
         assert zoo.variant_info("resnet18", macs=False)["source"] == "measured"  # not in the table: counted now
@@ -148,7 +150,7 @@ def test_unknown_family_is_one_line_and_exit_2(capsys):
 
 def test_check_reports_a_spec_that_is_wrong(capsys, monkeypatch):
     """``check`` compares the declared numbers with a fresh count and names the variant whose spec is wrong."""
-    monkeypatch.setattr(zoo, "list_variants", lambda *a, **k: ["affnet_et", "randformer_s12"])
+    monkeypatch.setattr(cli, "list_variants", lambda *a, **k: ["affnet_et", "randformer_s12"])
     rc, out, _ = _run_main(capsys, "check")
     assert rc == 0 and "2 of 2 variants match their spec" in out
     real = zoo.declared_row
