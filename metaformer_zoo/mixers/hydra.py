@@ -1,4 +1,4 @@
-"""Hydra, the bidirectional quasiseparable matrix mixer (Hwang, Lahoti, Puduppully, Dao, Gu 2024, arXiv 2407.09941;
+"""Hydra, the bidirectional quasiseparable matrix mixer (Hwang, Lahoti, Dao, Gu 2024, arXiv 2407.09941;
 official code goombalab/hydra ``hydra/modules/hydra.py``), as a token mixer on (B, C, H, W) maps.
 
 Per head, Hydra mixes the L tokens with the quasiseparable matrix

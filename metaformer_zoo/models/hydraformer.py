@@ -1,6 +1,6 @@
 """HydraFormer: the MetaFormer baselines with Hydra, the bidirectional quasiseparable matrix mixer, in stages 3-4.
 
-Hydra (Hwang, Lahoti, Puduppully, Dao, Gu 2024, "Hydra: Bidirectional State Space Models Through Generalized Matrix
+Hydra (Hwang, Lahoti, Dao, Gu 2024, "Hydra: Bidirectional State Space Models Through Generalized Matrix
 Mixers", arXiv 2407.09941, goombalab/hydra) is the non-causal SSM the matrix-mixer view found best for non-causal
 data; the mixer is ``metaformer_zoo.mixers.hydra.Hydra`` (the official block, official defaults). The family places
 it like CAFormer places attention: ``sepconv`` in stages 1-2, ``hydra`` in stages 3-4, on the s12 / s24 / s36 shapes
