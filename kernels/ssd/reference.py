@@ -96,46 +96,47 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     if chunk_size < 1:
         raise ValueError(f"ssd: chunk_size must be >= 1, got {chunk_size}")
     Bsz, L, H, P = x.shape
-    N = B.shape[-1]
+    G, N = B.shape[2], B.shape[3]
+    R = H // G  # heads per group: B and C are computed once per group
     T = min(chunk_size, L)
     pad = (-L) % T
-    Bh, Ch = _heads(B, H), _heads(C, H)
     X = x * dt.unsqueeze(-1)
     a = dt * A  # (B, L, H)
     if pad:
-        X, Bh, Ch = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (X, Bh, Ch))
+        X, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (X, B, C))
         a = F.pad(a, (0, 0, 0, pad))
     nc = (L + pad) // T
-    X = X.reshape(Bsz, nc, T, H, P)
-    Bh = Bh.reshape(Bsz, nc, T, H, N)
-    Ch = Ch.reshape(Bsz, nc, T, H, N)
-    a = a.reshape(Bsz, nc, T, H).permute(0, 3, 1, 2)  # (B, H, c, T)
-    a_cum = torch.cumsum(a, dim=-1)
+    X = X.reshape(Bsz, nc, T, G, R, P).permute(0, 1, 3, 4, 2, 5)  # (B, c, G, R, T, P)
+    Bc = B.reshape(Bsz, nc, T, G, N).permute(0, 1, 3, 2, 4)  # (B, c, G, T, N)
+    Cc = C.reshape(Bsz, nc, T, G, N).permute(0, 1, 3, 2, 4)
+    a_cum = torch.cumsum(a.reshape(Bsz, nc, T, G, R).permute(0, 1, 3, 4, 2), dim=-1)  # (B, c, G, R, T)
 
-    # 1. within each chunk: the diagonal blocks of M, a masked (T x T) matmul
-    decay = torch.exp(segsum(a))  # (B, H, c, T, T)
-    y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", Ch, Bh, decay, X)
+    # 1. within each chunk: the diagonal blocks of M, (C B^T) * decay as a masked (T x T) matmul. The decays are
+    # differences of the chunk's prefix sums (as mamba-ssm's kernels compute them); both are <= 0 where kept.
+    lower = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device))
+    decay = torch.exp((a_cum.unsqueeze(-1) - a_cum.unsqueeze(-2)).masked_fill(~lower, float("-inf")))
+    y = ((Cc @ Bc.transpose(-1, -2)).unsqueeze(3) * decay) @ X  # (B, c, G, R, T, P)
 
     # 2. each chunk's final state from its own inputs
-    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (B, H, c, T)
-    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bh, decay_to_end, X)
+    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (B, c, G, R, T)
+    states = (X * decay_to_end.unsqueeze(-1)).transpose(-1, -2) @ Bc.unsqueeze(3)  # (B, c, G, R, P, N)
 
     # 3. states passed between chunks: a chunk-level semiseparable product over the chunk totals
     if initial_states is None:
-        initial_states = torch.zeros_like(states[:, :1])
+        init = torch.zeros_like(states[:, :1])
     else:
         if tuple(initial_states.shape) != (Bsz, H, P, N):
             raise ValueError(f"ssd: initial_states must be (batch, heads, headdim, d_state)={(Bsz, H, P, N)}, "
                              f"got {list(initial_states.shape)}")
-        initial_states = initial_states.unsqueeze(1).to(states.dtype)
-    states = torch.cat([initial_states, states], dim=1)  # (B, c + 1, H, P, N)
-    chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))  # (B, H, c + 1, c + 1)
-    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
-    states, final_state = states[:, :-1], states[:, -1]
+        init = initial_states.reshape(Bsz, 1, G, R, P, N).to(states.dtype)
+    states = torch.cat([init, states], dim=1)  # (B, c + 1, G, R, P, N)
+    chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1].permute(0, 2, 3, 1), (1, 0))))  # (B, G, R, c + 1, c + 1)
+    states = torch.einsum("bgrzc,bcgrpn->bzgrpn", chunk_decay, states)
+    states, final_state = states[:, :-1], states[:, -1].reshape(Bsz, H, P, N)
 
     # 4. the incoming state's contribution to every output of the chunk
-    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Ch, states, torch.exp(a_cum))
-    y = (y_diag + y_off).reshape(Bsz, nc * T, H, P)[:, :L]
+    y = y + (Cc.unsqueeze(3) @ states.transpose(-1, -2)) * torch.exp(a_cum).unsqueeze(-1)
+    y = y.permute(0, 1, 4, 2, 3, 5).reshape(Bsz, nc * T, H, P)[:, :L]
     return y, final_state
 
 
