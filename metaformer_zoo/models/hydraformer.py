@@ -47,7 +47,8 @@ SPEC = FamilySpec(
     cfg=dict(input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=1.0, interpolation="bicubic",
              mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="stem.conv", classifier="head.fc"),
     official=None, dense_out_norms=("layernorm2d",) * 4, recipe="hydraformer", card="hydraformer",
-    notes="zoo composition: sepconv stages 1-2, hydra stages 3-4 on the MetaFormer-baselines s12/s24/s36 shapes",
+    notes="zoo composition (sepconv stages 1-2, hydra stages 3-4, MetaFormer-baselines s12/s24/s36 shapes); no "
+          "weights: goombalab/hydra has no image classifier",
     models=tuple(_variant(s) for s in ("s12", "s24", "s36")),
 )
 register_family(SPEC, __name__)
