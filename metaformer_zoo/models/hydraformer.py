@@ -34,9 +34,8 @@ _COUNTS = {
 
 
 def _variant(size: str) -> Variant:
-    depths, dims = SIZES[size]
     params, macs = _COUNTS[size]
-    return Variant(f"hydraformer_{size}", dict(depths=depths, dims=dims, token_mixers=MIXERS, **BASE_ARGS),
+    return Variant(f"hydraformer_{size}", dict(**SIZES[size], token_mixers=MIXERS, **BASE_ARGS),
                    params=params, macs=macs, tags={"": {}})
 
 
