@@ -17,7 +17,7 @@
 """
 import functools
 import os
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import urlparse
 
 import torch
@@ -26,7 +26,60 @@ from timm.models._builder import resolve_pretrained_cfg
 
 from .checkpoint import CheckpointError, allow_safe_globals, load_checkpoint_file, official_layout_pre_hook
 
-__all__ = ["build_zoo_model"]
+__all__ = ["build_zoo_model", "WeightsUnavailableError", "weights_source", "weights_unavailable_error"]
+
+
+class WeightsUnavailableError(OSError):
+    """Pretrained weights could not be fetched (no network, no cache); the message names the source and the fix."""
+
+
+def weights_source(model_name: str, pretrained_cfg: Any = None, pretrained_cfg_overlay: Optional[dict] = None) -> str:
+    """Human-readable source of ``model_name``'s pretrained weights (file, Hub id and/or URL), '' if it has none."""
+    try:
+        cfg = resolve_pretrained_cfg(model_name, pretrained_cfg=pretrained_cfg,
+                                     pretrained_cfg_overlay=pretrained_cfg_overlay)
+    except Exception:  # noqa: BLE001 - unknown tag etc.: timm reports those itself
+        return ""
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
+    parts = []
+    if cfg.get("file"):
+        parts.append(f"file {cfg['file']}")
+    if cfg.get("hf_hub_id"):
+        parts.append(f"Hugging Face Hub id {cfg['hf_hub_id']}")
+    if cfg.get("url"):
+        parts.append(f"URL {cfg['url']}")
+    return " / ".join(parts)
+
+
+def _is_fetch_error(e: BaseException) -> bool:
+    if isinstance(e, CheckpointError):
+        return False
+    if isinstance(e, OSError):  # URLError, ConnectionError, FileNotFoundError, HF LocalEntryNotFoundError, timeouts
+        return True
+    mod = type(e).__module__ or ""
+    return mod.split(".")[0] in ("httpx", "httpcore", "requests", "urllib3", "huggingface_hub")
+
+
+def weights_unavailable_error(model_name: str, error: BaseException, pretrained_cfg: Any = None,
+                              pretrained_cfg_overlay: Optional[dict] = None) -> Optional[WeightsUnavailableError]:
+    """A ``WeightsUnavailableError`` for a failed pretrained load caused by ``error``, or None if it is not a fetch error.
+
+    Used by ``metaformer_zoo.builder.build_zoo_model`` so ``timm.create_model(name, pretrained=True)`` without network
+    says which URL / Hub id it needed and how to load the weights offline.
+    """
+    if not _is_fetch_error(error):
+        return None
+    src = weights_source(model_name, pretrained_cfg, pretrained_cfg_overlay) or "(no source registered)"
+    tag = getattr(pretrained_cfg, "tag", None) or (pretrained_cfg if isinstance(pretrained_cfg, str) else None)
+    full = f"{model_name}.{tag}" if tag and "." not in model_name else model_name
+    return WeightsUnavailableError(
+        f"could not load pretrained weights for {full} from {src}: {type(error).__name__}: {error}. "
+        f"Without network, download the file elsewhere and pass "
+        f"pretrained_cfg_overlay=dict(file='/path/to/weights') (official files are converted on load), convert it once "
+        f"with `python tools/convert.py --model {model_name.split('.')[0]} --checkpoint FILE --out DIR` and use "
+        f"timm.create_model('local-dir:DIR', pretrained=True), or point TORCH_HOME / HF_HOME at a cache holding it."
+    )
+
 
 
 def build_zoo_model(
@@ -71,7 +124,6 @@ def build_zoo_model(
                                          kwargs.get("cache_dir"))
             if err is not None:
                 raise err from e
-            from .hub import weights_unavailable_error  # name the URL / Hub id when the download fails
             err = weights_unavailable_error(variant, e, kwargs.get("pretrained_cfg"),
                                             kwargs.get("pretrained_cfg_overlay"))
             if err is None:

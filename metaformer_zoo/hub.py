@@ -24,16 +24,19 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
+import timm
 import torch
 import torch.nn as nn
+from timm.models import save_for_hf
 
+from .builder import WeightsUnavailableError, weights_source, weights_unavailable_error
 from .checkpoint import (
     CheckpointError, check_classifier, load_checkpoint_file, remap_keys, unwrap_state_dict, validate_state_dict)
 from .spec import FamilySpec, OfficialFormat
+from .version import __version__
 from .zoo import count_macs, count_params, family_of, list_families, published_results
 
 __all__ = [
@@ -42,63 +45,6 @@ __all__ = [
     "weights_unavailable_error", "official_results", "sample_input",
 ]
 
-
-
-class WeightsUnavailableError(OSError):
-    """Pretrained weights could not be fetched (no network, no cache); the message names the source and the fix."""
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# where pretrained weights come from
-
-
-def weights_source(model_name: str, pretrained_cfg: Any = None, pretrained_cfg_overlay: Optional[dict] = None) -> str:
-    """Human-readable source of ``model_name``'s pretrained weights (file, Hub id and/or URL), '' if it has none."""
-    from timm.models._builder import resolve_pretrained_cfg
-    try:
-        cfg = resolve_pretrained_cfg(model_name, pretrained_cfg=pretrained_cfg,
-                                     pretrained_cfg_overlay=pretrained_cfg_overlay)
-    except Exception:  # noqa: BLE001 - unknown tag etc.: timm reports those itself
-        return ""
-    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
-    parts = []
-    if cfg.get("file"):
-        parts.append(f"file {cfg['file']}")
-    if cfg.get("hf_hub_id"):
-        parts.append(f"Hugging Face Hub id {cfg['hf_hub_id']}")
-    if cfg.get("url"):
-        parts.append(f"URL {cfg['url']}")
-    return " / ".join(parts)
-
-
-def _is_fetch_error(e: BaseException) -> bool:
-    if isinstance(e, CheckpointError):
-        return False
-    if isinstance(e, OSError):  # URLError, ConnectionError, FileNotFoundError, HF LocalEntryNotFoundError, timeouts
-        return True
-    mod = type(e).__module__ or ""
-    return mod.split(".")[0] in ("httpx", "httpcore", "requests", "urllib3", "huggingface_hub")
-
-
-def weights_unavailable_error(model_name: str, error: BaseException, pretrained_cfg: Any = None,
-                              pretrained_cfg_overlay: Optional[dict] = None) -> Optional[WeightsUnavailableError]:
-    """A ``WeightsUnavailableError`` for a failed pretrained load caused by ``error``, or None if it is not a fetch error.
-
-    Used by ``metaformer_zoo.builder.build_zoo_model`` so ``timm.create_model(name, pretrained=True)`` without network
-    says which URL / Hub id it needed and how to load the weights offline.
-    """
-    if not _is_fetch_error(error):
-        return None
-    src = weights_source(model_name, pretrained_cfg, pretrained_cfg_overlay) or "(no source registered)"
-    tag = getattr(pretrained_cfg, "tag", None) or (pretrained_cfg if isinstance(pretrained_cfg, str) else None)
-    full = f"{model_name}.{tag}" if tag and "." not in model_name else model_name
-    return WeightsUnavailableError(
-        f"could not load pretrained weights for {full} from {src}: {type(error).__name__}: {error}. "
-        f"Without network, download the file elsewhere and pass "
-        f"pretrained_cfg_overlay=dict(file='/path/to/weights') (official files are converted on load), convert it once "
-        f"with `python tools/convert.py --model {model_name.split('.')[0]} --checkpoint FILE --out DIR` and use "
-        f"timm.create_model('local-dir:DIR', pretrained=True), or point TORCH_HOME / HF_HOME at a cache holding it."
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -131,7 +77,6 @@ def convert_checkpoint(model_name: str, checkpoint: Union[str, Mapping[str, Any]
     unreadable files and checkpoints of another family raise ``CheckpointError`` and nothing is loaded. A checkpoint
     whose classifier has another number of classes than the model is refused too (pass ``num_classes=``).
     """
-    import timm
     fam = family_of(model_name)
     protocol = family_protocol(fam)
     if protocol is None:
@@ -198,7 +143,6 @@ def export_folder(model: nn.Module, out_dir: str, model_name: Optional[str] = No
     ``import metaformer_zoo``) or with ``pretrained_cfg_overlay=dict(file=out_dir + "/model.safetensors")``.
     ``card`` replaces the generated model card text; ``source`` (the official file) is recorded with its sha256.
     """
-    from timm.models import save_for_hf
     name = model_name or model.pretrained_cfg["architecture"]
     arch = name.split(".")[0]
     out = Path(out_dir)
@@ -215,7 +159,6 @@ def export_folder(model: nn.Module, out_dir: str, model_name: Optional[str] = No
     pcfg["num_classes"] = model.num_classes
     for k in ("url", "hf_hub_id", "file", "source", "state_dict", "hf_hub_filename"):
         pcfg.pop(k, None)  # the folder itself is the source
-    from .version import __version__
     zoo_info = {"converted_by": f"metaformer_zoo {__version__}", "family": family_of(arch).name}
     if source:
         zoo_info["source_checkpoint"] = os.path.basename(str(source))
@@ -260,7 +203,6 @@ def verify_folder(folder: str, reference: nn.Module, atol: float = 1e-5, x: Opti
 
     Returns the max abs logit differences; raises ``AssertionError`` when one exceeds ``atol``.
     """
-    import timm
     folder = str(Path(folder).resolve())
     config = json.loads((Path(folder) / "config.json").read_text())
     x = sample_input(reference) if x is None else x
@@ -312,7 +254,6 @@ def _arxiv_id(text: str) -> str:
 def model_card(model: nn.Module, model_name: Optional[str] = None, source: Optional[str] = None,
                extra_info: Optional[dict] = None, macs: Optional[int] = None) -> str:
     """Hub model card (README.md) with YAML front matter (library_name: timm, tags, license, datasets, metrics)."""
-    import timm
     name = model_name or model.pretrained_cfg["architecture"]
     arch = name.split(".")[0]
     fam = family_of(arch)

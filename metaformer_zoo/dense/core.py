@@ -24,13 +24,17 @@ which FPN with ``start_level=1`` does not use.
 import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import LayerNorm2d
+from timm.models import group_parameters
 from timm.models._hub import download_cached_file
 
 from ..checkpoint import CheckpointError, allow_safe_globals, load_checkpoint_file, unwrap_state_dict
 from ..layers import get_norm
+from ..zoo import family_of
 
 __all__ = [
     "DEFAULT_OUT_NORM", "DenseBackboneMixin", "DenseBackbone", "resolve_out_norms",
@@ -43,7 +47,6 @@ _NO_NORM = ("identity", "none", "")
 
 
 def _family(model_name: str):
-    from ..zoo import family_of
     try:
         return family_of(model_name)
     except ValueError:
@@ -64,7 +67,6 @@ def make_norm(spec: Any, dim: int) -> Optional[nn.Module]:
         if typ == "groupnorm":
             return nn.GroupNorm(spec.pop("num_groups", 1), dim, **spec)
         if typ in ("layernorm2d", "ln2d", "layernorm"):
-            from timm.layers import LayerNorm2d
             return LayerNorm2d(dim, **spec)
         return get_norm(typ)(dim, **spec)
     return get_norm(spec)(dim)
@@ -208,7 +210,6 @@ _DEFAULT_MATCHER = dict(
 def layer_id_map(trunk: nn.Module) -> Tuple[Dict[str, int], int]:
     """({param name: layer id}, number of layers) from the model's ``group_matcher`` (stem = 0, then each block in
     order), or the stem/stages/blocks layout when the model has none (timm's MetaFormer / MambaOut)."""
-    from timm.models import group_parameters
     matcher = trunk.group_matcher(coarse=False) if hasattr(trunk, "group_matcher") else _DEFAULT_MATCHER
     ids = group_parameters(trunk, matcher, reverse=True)
     # params no rule matched get the largest id (timm puts them in the last group)
@@ -236,8 +237,6 @@ class DenseBackboneMixin:
             with_cp: bool = False,
             model_kwargs: Optional[Dict[str, Any]] = None,
     ):
-        import timm
-        import metaformer_zoo  # noqa: F401  (registers the zoo models)
         if not timm.is_model(model_name.split(".")[0]):
             raise ValueError(f"unknown model {model_name!r}: not registered with timm (is its family installed? "
                              f"`python -m metaformer_zoo list` shows the zoo)")
@@ -301,7 +300,6 @@ class DenseBackboneMixin:
     def load_checkpoint(self, checkpoint: Union[str, Mapping[str, torch.Tensor]], prefix: Optional[str] = None,
                         map_location: str = "cpu"):
         """Strictly load a zoo / timm / official checkpoint (path or state dict) into the trunk (and out norms)."""
-        import timm
         source = checkpoint if isinstance(checkpoint, str) else "state dict"
         if isinstance(checkpoint, str) and (checkpoint == "timm" or checkpoint.startswith("timm:")):
             # the model's own pretrained cfg (url / hf hub / file), e.g. 'timm' or 'timm:caformer_s18.sail_in22k'
