@@ -163,6 +163,9 @@ CHUNKED = [
     (1, 8, 41, 16, 4, 4, 16),   # N = 16, 4 groups
     (2, 12, 19, 16, 0, 3, 5),   # shared B, 3 groups of C (mixed group counts)
     (1, 8, 23, 3, 2, 4, 32),    # mixed 2 / 4 groups, one chunk
+    (2, 8, 9, 16, 2, 2, 64),    # N = 16, L < chunk
+    (1, 4, 2, 16, 1, 1, 32),    # two steps (dA needs a nonzero h_{t-1})
+    (3, 6, 33, 1, 3, 0, 1),     # N = 1, one step per chunk, 3 groups of B / shared C
 ]
 
 
@@ -229,3 +232,38 @@ def test_chunked_scan_float32_and_memory_bound(monkeypatch):
     exp64 = ref.selective_scan_ref_naive(*leaves64, D.double(), z.double(), delta_bias.double(), True)
     for a, e in zip(grads, torch.autograd.grad(exp64.sum(), leaves64)):
         assert ((a.double() - e).norm() / e.norm()).item() < 1e-5
+
+
+def test_chunked_scan_strided_inputs():
+    """Non-contiguous (permuted / sliced) inputs give the contiguous result: the in-place chunk work tensors are laid
+    out step-major whatever the inputs' strides."""
+    b, d, L, N, G = 2, 8, 29, 16, 2
+    u, delta, A, B, C, D, z, delta_bias = _inputs(b=b, d=d, L=L, N=N, G=G, seed=7)
+    strided = [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (u, delta, B, C)]
+    Bw = torch.stack([B, -B], dim=-1)[..., 0]  # a strided view holding B
+    assert not Bw.is_contiguous() and not strided[0].is_contiguous()
+    args = [strided[0], strided[1], A, Bw, strided[3], D, z, delta_bias]
+    leaves = [t.detach().requires_grad_() for t in args]
+    out, h = ref.selective_scan(*leaves, delta_softplus=True, return_last_state=True, chunk_size=8)
+    exp, h_exp = ref.selective_scan_ref_naive(u, delta, A, B, C, D, z, delta_bias, True, True)
+    torch.testing.assert_close(out, exp, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h, h_exp, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(ref.selective_scan(*args, delta_softplus=True, chunk_size=8), exp,
+                                   rtol=1e-10, atol=1e-10)
+    w = torch.randn_like(out)
+    leaves64 = [t.detach().requires_grad_() for t in (u, delta, A, B, C, D, z, delta_bias)]
+    want = torch.autograd.grad((ref.selective_scan_ref_naive(*leaves64, delta_softplus=True) * w).sum(), leaves64)
+    for name, a, e in zip("u delta A B C D z bias".split(), torch.autograd.grad((out * w).sum(), leaves), want):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_last_state_owns_its_memory(grad):
+    """The returned last state is a (batch, dim, N) tensor of its own, not a view that keeps a chunk's
+    (T, batch, dim, N) work tensor alive."""
+    u, delta, A, B, C, D, z, delta_bias = _inputs(b=2, d=8, L=40, N=16, G=2, dtype=torch.float32)
+    with torch.set_grad_enabled(grad):
+        _, h = ref.selective_scan(u.requires_grad_(grad), delta, A, B, C, D, None, delta_bias, True,
+                                  return_last_state=True, chunk_size=16)
+    assert h.untyped_storage().nbytes() == h.numel() * h.element_size()
