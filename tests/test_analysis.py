@@ -14,6 +14,7 @@ from timm.models.metaformer import Attention, LayerNorm2dNoBias, LayerNormNoBias
 from timm.models.metaformer import MetaFormer as TimmMetaFormer
 
 import metaformer_zoo  # noqa: F401
+from metaformer_zoo import zoo
 from metaformer_zoo.analysis import find_token_mixer, mixing_analysis, mixing_matrix, receptive_field
 from metaformer_zoo.kernels.strip_mix import strip_mix
 from metaformer_zoo.mixers import create_mixer, list_mixers
@@ -277,7 +278,7 @@ def test_tool_writes_a_png_for_models_and_mixers(tool, tmp_path, capsys):
                          "--out", str(out), "--channels", "0", "--cross-channel"])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 1000
     h, w = matplotlib.image.imread(out).shape[:2]
-    assert w > h  # three columns side by side
+    assert w >= 3 * 300 and h >= 3 * 300  # three columns side by side (3.3 in at 100 dpi), three rows
     labels = [r[0] for r in results]
     assert labels == ["pooling", "random", "identity"]
     torch.testing.assert_close(results[0][1].matrix, pool_matrix(4, 4), rtol=0, atol=1e-6)
@@ -307,3 +308,17 @@ def test_tool_without_matplotlib_says_how_to_install(tool, monkeypatch, tmp_path
     monkeypatch.setattr(tool, "Figure", None)
     with pytest.raises(SystemExit, match=r"pip install 'metaformer-zoo\[plot\]'"):
         tool.main(["zoo_metaformer", "--out", str(tmp_path / "p.png")])
+
+
+def test_every_card_ends_with_its_mixing_matrix_figure():
+    """Each family card's last section shows the family's figure (committed, small) drawn by the tool."""
+    cards = ROOT / "model_cards"
+    for fam in zoo.list_families():
+        if fam.name == "composed":
+            continue
+        text = (cards / f"{fam.card}.md").read_text()
+        section = text.rsplit("\n## ", 1)[-1]
+        assert section.startswith("Mixing matrix"), f"{fam.card}.md: the last section is not 'Mixing matrix'"
+        fig = cards / "figures" / f"mixing_{fam.name}.png"
+        assert f"(figures/{fig.name})" in section and "random init" in section
+        assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < fig.stat().st_size < 150_000, fig

@@ -9,7 +9,8 @@
 One column per model (or, with ``--mixers``, per mixer: a ``zoo_metaformer`` with the first model's depths and dims
 and that mixer in every stage). Top row: the receptive weights of the query token (``--query row,col``, default the
 centre) on the H x W grid, i.e. row ``query`` of the matrix; bottom row: the full L x L matrix M[i, j] =
-mean_c d y[c, i] / d x[c, j] (i: output token, j: input token, row-major), in a diverging colour map centred on 0.
+mean_c d y[c, i] / d x[c, j] (i: output token, j: input token, row-major), in a diverging colour map centred on 0
+whose range is the largest off-diagonal weight (a larger self weight saturates; the title then says so).
 ``--cross-channel`` adds the cross-channel RMS. The input is a seeded random image (the matrix of data-dependent
 mixers depends on it); models are randomly initialised unless ``--checkpoint`` (a tools/train.py checkpoint, a
 timm / zoo weights file, or an official checkpoint of a zoo family) is given.
@@ -21,6 +22,7 @@ K x slower). Needs matplotlib: ``pip install 'metaformer-zoo[plot]'``.
 import argparse
 import os
 import sys
+import textwrap
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -192,7 +194,8 @@ def plot(results: Sequence[Tuple[str, MixingResult, float]], out: str, query: Op
     if Figure is None:
         raise SystemExit(f"error: {MATPLOTLIB_MISSING}")
     n, rows = len(results), 3 if cross else 2
-    fig = Figure(figsize=(3.3 * n, 3.1 * rows + 0.5), dpi=dpi, layout="constrained")
+    width = max(3.3 * n, 4.6)
+    fig = Figure(figsize=(width, 3.1 * rows + 0.6), dpi=dpi, layout="constrained")
     axes = fig.subplots(rows, n, squeeze=False)
     for col, (label, res, _) in enumerate(results):
         H, W = res.grid
@@ -201,8 +204,14 @@ def plot(results: Sequence[Tuple[str, MixingResult, float]], out: str, query: Op
             field = receptive_field(res.matrix, res.grid, q).cpu().numpy()
         except ValueError as e:
             raise SystemExit(f"error: --query: {e}") from None
-        panels = [(field, f"{label}\n{res.mixer} @ {res.path}\nquery {q[0]},{q[1]} on {H}x{W}"),
-                  (res.matrix.cpu().numpy(), f"M [{H * W}x{H * W}]: out token i, in token j")]
+        matrix = res.matrix.cpu()
+        # colours span the off-diagonal weights: a residual-like self weight (pooling's 1/9 - 1, AFFNet's inner
+        # skip) would otherwise wash out the mixing; the diagonal then saturates, and the title says so
+        off = (matrix - torch.diag(matrix.diagonal())).abs().max().item()
+        lim = off or matrix.abs().max().item() or 1.0
+        clipped = " (diagonal clipped)" if matrix.diagonal().abs().max().item() > lim * 1.001 else ""
+        panels = [(field, f"{label}\n{res.mixer} @ {res.path}\nquery {q[0]},{q[1]} on {H}x{W}{clipped}"),
+                  (matrix.numpy(), f"M [{H * W}x{H * W}]: out token i, in token j")]
         if cross:
             panels.append((res.cross_channel.cpu().numpy(), "cross-channel RMS"))
         for row, (data, text) in enumerate(panels):
@@ -210,14 +219,13 @@ def plot(results: Sequence[Tuple[str, MixingResult, float]], out: str, query: Op
             if row == len(panels) - 1 and cross:
                 im = ax.imshow(data, cmap="magma", vmin=0)
             else:
-                lim = float(abs(data).max()) or 1.0
                 im = ax.imshow(data, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
             if row == 0:
                 ax.plot([q[1]], [q[0]], marker="+", color="black", markersize=9, mew=1.5)
             ax.set_title(text, fontsize=8)
             ax.tick_params(labelsize=6)
             fig.colorbar(im, ax=ax, shrink=0.8).ax.tick_params(labelsize=6)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, int(width * 13)), fontsize=9)
     fig.savefig(out, dpi=dpi)
 
 
