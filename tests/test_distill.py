@@ -210,3 +210,33 @@ def test_one_epoch_tiny_distillation_run_with_transfer(teacher_file, tmp_path, m
                                                "zoo_metaformer", "--teacher-checkpoint", path])
     hist = json.load(open(os.path.join(out, "summary.json")))["history"]
     assert [r["step"] for r in hist] == [3, 6]
+
+
+@pytest.mark.slow
+def test_digits_transfer_and_distillation_beats_scratch(tmp_path, monkeypatch, capsys):
+    """On the bundled digits (32 px): an attention teacher (90 steps), then the same Hydra student trained 40 steps
+    from scratch and 40 steps initialised by transfer_mixers + soft distillation. Measured (2 cores, seed 0): teacher
+    91.9 %, scratch 90.8 %, transfer + distillation 94.4 % top-1 (about 3 CPU-minutes in all)."""
+    import train
+    monkeypatch.setenv("METAFORMER_ZOO_DATA", str(tmp_path / "data"))
+    base = ["--model", "zoo_metaformer", "--digits-size", "32", "--img-size", "32", "--crop-pct", "1.0", "-b", "32",
+            "--lr", "3e-3", "--warmup-epochs", "0", "--hflip", "0", "--color-jitter", "0", "--scale", "0.8", "1.0",
+            "--workers", "0", "--no-progress", "--seed", "0"]
+
+    def run(extra, name):
+        out = str(tmp_path / name)
+        train.main(base + extra + ["--output", out])
+        return json.load(open(os.path.join(out, "summary.json")))["final"]["top1"]
+
+    teacher = run(["--model-kwargs", f"dims={DIMS}", "depths=[1, 1, 1, 1]", f"token_mixers={ATTN}",
+                   "--epochs", "3", "--max-steps-per-epoch", "30"], "teacher")
+    student = ["--model-kwargs", f"dims={DIMS}", "depths=[1, 1, 1, 1]", f"token_mixers={HYDRA}",
+               f"mixer_kwargs={HYDRA_KW}", "--epochs", "2", "--max-steps-per-epoch", "20"]
+    scratch = run(student, "scratch")
+    distilled = run(student + ["--teacher", "zoo_metaformer", "--teacher-checkpoint",
+                               str(tmp_path / "teacher" / "last.pth.tar"), "--init-from-teacher"], "distill")
+    with capsys.disabled():
+        print(f"\ndigits top-1: teacher {teacher:.2f}%, hydra student from scratch {scratch:.2f}%, "
+              f"transfer + distillation {distilled:.2f}%")
+    assert teacher > 85.0
+    assert distilled > scratch + 2.0, (scratch, distilled)
