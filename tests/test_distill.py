@@ -173,7 +173,8 @@ def test_teacher_option_errors(teacher_file, tmp_path, capsys):
     with open(bad, "w") as f:
         f.write("not a checkpoint")
     with pytest.raises(SystemExit, match="--teacher-checkpoint"):
-        train.build_teacher(_args(["--teacher", "zoo_metaformer", "--teacher-checkpoint", bad]), 10, torch.device("cpu"))
+        train.build_teacher(_args(["--teacher", "zoo_metaformer", "--teacher-checkpoint", bad]), 10,
+                            torch.device("cpu"))
     # the checkpoint's recorded kwargs overridden by other ones: a strict misfit, nothing loaded
     args = _args(["--teacher", "zoo_metaformer", "--teacher-checkpoint", path,
                   "--teacher-kwargs", "dims=[16, 32, 64, 96]", "depths=[1, 1, 1, 1]"])

@@ -23,7 +23,8 @@ is reported (epochs done, best top-1, its checkpoints) and nothing is trained or
 Distillation (timm's ``timm.task`` distillation tasks; the teacher is frozen in eval mode, only the student is
 trained, saved and evaluated)::
 
-    python tools/train.py --recipe digits --teacher zoo_metaformer --teacher-checkpoint output/digits/model_best.pth.tar \
+    python tools/train.py --recipe digits --teacher zoo_metaformer \
+        --teacher-checkpoint output/digits/model_best.pth.tar \
         --model-kwargs "token_mixers=['pooling', 'sepconv', 'hydra', 'hydra']" --distill-type soft --init-from-teacher
 
 ``--teacher`` is any zoo or timm model name; ``--teacher-checkpoint`` takes a tools/train.py checkpoint (its
@@ -123,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-checkpointing", action="store_true", help="trade compute for activation memory")
     g = p.add_argument_group("distillation (timm.task)")
     g.add_argument("--teacher", default=None, help="teacher model name (any zoo or timm model); None: no distillation")
-    g.add_argument("--teacher-checkpoint", default="", help="teacher weights: a tools/train.py checkpoint, a zoo / timm "
-                                                            "state dict or an official zoo-family checkpoint; empty: "
-                                                            "the teacher's pretrained weights")
+    g.add_argument("--teacher-checkpoint", default="", help="teacher weights: a tools/train.py checkpoint, a zoo / "
+                                                            "timm state dict or an official zoo-family checkpoint; "
+                                                            "empty: the teacher's pretrained weights")
     g.add_argument("--teacher-kwargs", nargs="*", type=model_kwarg, action=ParseKwargs, default=None,
                    metavar="KEY=VALUE", help="create_model kwargs of the teacher; None: those recorded in a "
                                              "tools/train.py --teacher-checkpoint of the same model")
@@ -567,7 +568,8 @@ def main(argv=None):
     if args.opt_betas is not None:
         opt_kwargs["betas"] = tuple(args.opt_betas)
     # the task's trainable module: the student, plus the feature projection of --distill-type feature
-    optimizer = create_optimizer_v2(task.trainable_module if task is not None else model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+    optimizer = create_optimizer_v2(task.trainable_module if task is not None else model, opt=args.opt, lr=args.lr,
+                                    weight_decay=args.weight_decay,
                                     momentum=args.momentum, layer_decay=args.layer_decay, **opt_kwargs)
 
     amp_dtype = torch.bfloat16 if (args.amp_dtype == "bfloat16" or device.type == "cpu") else torch.float16
@@ -648,8 +650,8 @@ def main(argv=None):
                      f"{len(loader_eval.dataset)} val images from {args.data_dir}; {num_epochs} epochs x "
                      f"{steps_per_epoch} steps, lr {args.lr:.2e}, world size {args.world_size}, device {device}")
         if task is not None:
-            _logger.info(f"distilling from teacher {args.teacher} ({sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M "
-                         f"params, frozen, {args.teacher_checkpoint or 'pretrained weights'}): {type(task).__name__}, "
+            n_teacher = sum(p.numel() for p in teacher.parameters())
+            _logger.info(f"distilling from teacher {args.teacher} ({n_teacher / 1e6:.2f}M params, frozen, {args.teacher_checkpoint or 'pretrained weights'}): {type(task).__name__}, "
                          f"alpha {args.distill_alpha}, tau {args.distill_tau}")
     metrics = {}
     for epoch in range(start_epoch, num_epochs):
