@@ -216,8 +216,9 @@ def test_one_epoch_tiny_distillation_run_with_transfer(teacher_file, tmp_path, m
 @pytest.mark.slow
 def test_digits_transfer_and_distillation_beats_scratch(tmp_path, monkeypatch, capsys):
     """On the bundled digits (32 px): an attention teacher (90 steps), then the same Hydra student trained 40 steps
-    from scratch and 40 steps initialised by transfer_mixers + soft distillation. Measured (2 cores, seed 0): teacher
-    91.9 %, scratch 90.8 %, transfer + distillation 94.4 % top-1 (about 3 CPU-minutes in all)."""
+    from scratch and 40 steps initialised by transfer_mixers + soft distillation. Measured (2 cores): teacher 91.9 %;
+    scratch 90.8 % vs transfer + distillation 94.4 % top-1 with seed 0 (the test's), 88.6 % vs 93.3 % with the students
+    at seed 1; the 2-point margin asserted is below both gaps (3.6, 4.7). About 3 CPU-minutes in all."""
     import train
     monkeypatch.setenv("METAFORMER_ZOO_DATA", str(tmp_path / "data"))
     base = ["--model", "zoo_metaformer", "--digits-size", "32", "--img-size", "32", "--crop-pct", "1.0", "-b", "32",
