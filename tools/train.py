@@ -19,6 +19,18 @@ timm pieces used: create_dataset / create_loader (RandAugment, random erasing), 
 is reported (epochs done, best top-1, its checkpoints) and nothing is trained or written. Resuming into another
 ``--output`` carries the run's best top-1 over and copies the checkpoint of that best epoch there as
 ``model_best.pth.tar`` (a later epoch replaces it only by beating it).
+
+Distillation (timm's ``timm.task`` distillation tasks; the teacher is frozen in eval mode, only the student is
+trained, saved and evaluated)::
+
+    python tools/train.py --recipe digits --teacher zoo_metaformer \
+        --teacher-checkpoint output/digits/model_best.pth.tar \
+        --model-kwargs "token_mixers=['pooling', 'sepconv', 'hydra', 'hydra']" --distill-type soft --init-from-teacher
+
+``--teacher`` is any zoo or timm model name; ``--teacher-checkpoint`` takes a tools/train.py checkpoint (its
+``model_kwargs`` are reused when it was trained as the same model), a zoo / timm state dict or an official checkpoint
+of a zoo family (converted by the family's filter); without it the teacher's pretrained weights are used.
+``--init-from-teacher`` initialises the student from the teacher (``metaformer_zoo.transfer.transfer_mixers``).
 """
 import argparse
 import contextlib
@@ -35,6 +47,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import yaml
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +59,7 @@ from timm.data import Mixup, create_dataset, create_loader, resolve_data_config 
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
 from timm.optim import create_optimizer_v2  # noqa: E402
 from timm.scheduler import create_scheduler_v2  # noqa: E402
+from timm.task import DistillationTeacher, FeatureDistillationTask, LogitDistillationTask, TrainingTask  # noqa: E402
 from timm.utils import (  # noqa: E402
     CheckpointSaver, ModelEmaV3, NativeScaler, ParseKwargs, accuracy, dispatch_clip_grad)
 from timm.utils.checkpoint_saver import load_checkpoint_metadata  # noqa: E402
@@ -53,8 +67,9 @@ from timm.utils.model import get_state_dict, unwrap_model  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import metaformer_zoo  # noqa: E402,F401  (registers the zoo models)
-from metaformer_zoo.checkpoint import CheckpointError, load_checkpoint_file  # noqa: E402
+from metaformer_zoo.checkpoint import CheckpointError, load_checkpoint_file, unwrap_state_dict  # noqa: E402
 from metaformer_zoo.data import EVAL_SPLITS, find_split, prepare_digits  # noqa: E402
+from metaformer_zoo.transfer import TransferError, transfer_mixers  # noqa: E402
 
 _logger = logging.getLogger("train")
 RECIPE_DIR = os.path.join(_REPO, "configs", "train")
@@ -107,6 +122,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop", type=float, default=0.0, help="classifier dropout rate")
     g.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate; None: the model's")
     g.add_argument("--grad-checkpointing", action="store_true", help="trade compute for activation memory")
+    g = p.add_argument_group("distillation (timm.task)")
+    g.add_argument("--teacher", default=None, help="teacher model name (any zoo or timm model); None: no distillation")
+    g.add_argument("--teacher-checkpoint", default="", help="teacher weights: a tools/train.py checkpoint, a zoo / "
+                                                            "timm state dict or an official zoo-family checkpoint; "
+                                                            "empty: the teacher's pretrained weights")
+    g.add_argument("--teacher-kwargs", nargs="*", type=model_kwarg, action=ParseKwargs, default=None,
+                   metavar="KEY=VALUE", help="create_model kwargs of the teacher; None: those recorded in a "
+                                             "tools/train.py --teacher-checkpoint of the same model")
+    g.add_argument("--distill-type", default="soft", choices=("soft", "hard", "feature"),
+                   help="soft: KL on tempered logits (LogitDistillationTask); hard: cross-entropy on the teacher's "
+                        "argmax; feature: MSE on pooled pre-logits features (FeatureDistillationTask)")
+    g.add_argument("--distill-alpha", type=float, default=0.5, help="loss = (1 - alpha) * task loss + alpha * "
+                                                                    "distillation loss")
+    g.add_argument("--distill-tau", type=float, default=1.0, help="softmax temperature of --distill-type soft")
+    g.add_argument("--init-from-teacher", action="store_true", help="initialise the student from the teacher "
+                                                                    "(same skeleton; metaformer_zoo.transfer)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=10, help="epochs to train (a resume continues up to this)")
     g.add_argument("-b", "--batch-size", type=int, default=64, help="batch size per process")
@@ -192,6 +223,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         defaults.update(data)
     parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
+    if args.teacher is None and (args.teacher_checkpoint or args.init_from_teacher or args.teacher_kwargs):
+        parser.error("--teacher-checkpoint / --teacher-kwargs / --init-from-teacher need --teacher NAME")
+    if not 0.0 <= args.distill_alpha <= 1.0:
+        parser.error(f"--distill-alpha must be in [0, 1], got {args.distill_alpha}")
+    if args.distill_tau <= 0:
+        parser.error(f"--distill-tau must be > 0, got {args.distill_tau}")
     if args.data_dir is not None and not args.dataset:
         try:
             find_split(args.data_dir, args.train_split)
@@ -250,6 +287,73 @@ class TrainCheckpointSaver(CheckpointSaver):
         torch.save(state, save_path)
 
 
+class HardDistillationTask(LogitDistillationTask):
+    """DeiT's hard-label distillation for a student with one head: cross-entropy against the teacher's argmax
+    (timm has it only in ``TokenDistillationTask``, for students with a distillation token). Weights and teacher
+    handling are LogitDistillationTask's; the temperature is not used."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        student_logits = self.trainable_module(input)
+        task_loss = self.criterion(student_logits, target)
+        with torch.no_grad():
+            teacher_logits = self.teacher(self.teacher.normalize_input(input, self.student_mean, self.student_std))
+        kd_loss = F.cross_entropy(student_logits, teacher_logits.argmax(dim=-1))
+        return dict(loss=self.task_loss_weight * task_loss + self.distill_loss_weight * kd_loss,
+                    output=student_logits, task_loss=task_loss, kd_loss=kd_loss)
+
+
+def build_teacher(args, num_classes: int, device: torch.device) -> nn.Module:
+    """The frozen teacher (eval mode, no grads) of ``--teacher`` with ``--teacher-checkpoint`` loaded strictly.
+
+    A tools/train.py checkpoint of the same model lends its ``model_kwargs`` (unless --teacher-kwargs is given) and its
+    EMA weights when it has them (as timm picks them); zoo models also accept their family's official layout (the
+    family filter converts it); anything that does not fit exactly is an error and nothing is loaded."""
+    kwargs, state = {}, None
+    if args.teacher_checkpoint:
+        try:
+            ckpt = load_checkpoint_file(args.teacher_checkpoint)
+            state = unwrap_state_dict(ckpt)
+        except CheckpointError as e:
+            raise SystemExit(f"--teacher-checkpoint: {e}") from e
+        train_args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+        if train_args.get("model") == args.teacher:
+            kwargs.update(train_args.get("model_kwargs") or {})
+    if args.teacher_kwargs is not None:
+        kwargs = dict(args.teacher_kwargs)
+    try:
+        teacher = timm.create_model(args.teacher, pretrained=state is None, num_classes=num_classes, **kwargs)
+    except RuntimeError as e:  # unknown name (timm), weights that are not available
+        raise SystemExit(f"--teacher {args.teacher}: {e}") from e
+    if state is not None:
+        try:
+            teacher.load_state_dict(state, strict=True)
+        except (CheckpointError, RuntimeError) as e:
+            raise SystemExit(f"--teacher-checkpoint {args.teacher_checkpoint} does not fit --teacher {args.teacher} "
+                             f"(num_classes={num_classes}, kwargs={kwargs}): {e}\nGive the teacher's create_model "
+                             f"kwargs with --teacher-kwargs; nothing was loaded.") from e
+    teacher.requires_grad_(False)
+    return teacher.to(device).eval()
+
+
+def build_distill_task(args, model: nn.Module, teacher: nn.Module, loss_fn: nn.Module, data_config: Dict,
+                       device: torch.device, verbose: bool = True) -> TrainingTask:
+    """timm's distillation task of ``--distill-type`` around the student ``model`` and the frozen ``teacher``.
+
+    The student normalisation the task converts from is the loaders' (``data_config``), not the model's default."""
+    teacher = DistillationTeacher(teacher, device=device)
+    common = dict(student_model=model, teacher_model=teacher, criterion=loss_fn, device=device, verbose=verbose,
+                  distill_loss_weight=args.distill_alpha, task_loss_weight=1.0 - args.distill_alpha)
+    if args.distill_type == "soft":
+        task = LogitDistillationTask(temperature=args.distill_tau, **common)
+    elif args.distill_type == "hard":
+        task = HardDistillationTask(**common)
+    else:
+        task = FeatureDistillationTask(**common)
+    task.student_mean.copy_(torch.tensor(data_config["mean"]).view(1, -1, 1, 1))
+    task.student_std.copy_(torch.tensor(data_config["std"]).view(1, -1, 1, 1))
+    return task
+
+
 def make_loaders(args, data_config, device):
     """Train / eval loaders; ``args.data_dir`` and ``args.val_split`` are resolved (parse_args, main) before."""
     val_split = args.val_split
@@ -281,8 +385,11 @@ def _num_classes(args) -> int:
 
 
 def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_scheduler, amp_ctx, loss_scaler,
-                    model_ema, mixup_fn, step):
+                    model_ema, mixup_fn, step, task: Optional[TrainingTask] = None):
+    """One epoch; with a distillation ``task`` the task computes the loss (``model`` is then the plain student)."""
     model.train()
+    if task is not None:
+        task.train()
     losses, n = 0.0, 0
     steps = len(loader) if args.max_steps_per_epoch is None else min(len(loader), args.max_steps_per_epoch)
     progress = _progress(steps, f"epoch {epoch + 1}/{args.epochs}", args)
@@ -295,14 +402,15 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
         if mixup_fn is not None:
             x, y = mixup_fn(x, y)
         with amp_ctx():
-            loss = loss_fn(model(x), y)
+            loss = task(x, y)["loss"] if task is not None else loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
+        params = task.get_clip_parameters() if task is not None else model.parameters()
         if loss_scaler is not None:
-            loss_scaler(loss, optimizer, clip_grad=args.clip_grad, parameters=model.parameters())
+            loss_scaler(loss, optimizer, clip_grad=args.clip_grad, parameters=params)
         else:
             loss.backward()
             if args.clip_grad is not None:
-                dispatch_clip_grad(model.parameters(), args.clip_grad)
+                dispatch_clip_grad(params, args.clip_grad)
             optimizer.step()
         if model_ema is not None:
             model_ema.update(model, step=step)
@@ -427,6 +535,31 @@ def main(argv=None):
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
 
+    teacher = build_teacher(args, model.num_classes, device) if args.teacher else None
+    if args.init_from_teacher and not args.resume:
+        try:
+            report = transfer_mixers(teacher, model)
+        except TransferError as e:
+            raise SystemExit(f"--init-from-teacher: {e}") from e
+        if is_main:
+            _logger.info(report.summary())
+
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                         switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing,
+                         num_classes=model.num_classes)
+        loss_fn = SoftTargetCrossEntropy()
+    elif args.smoothing:
+        loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        loss_fn = nn.CrossEntropyLoss()
+    task = None
+    if teacher is not None:
+        if args.channels_last:
+            teacher.to(memory_format=torch.channels_last)
+        task = build_distill_task(args, model, teacher, loss_fn, data_config, device, verbose=is_main)
+
     if args.lr is None:
         args.lr = args.lr_base * args.batch_size * args.world_size / args.lr_base_size
     opt_kwargs = {}
@@ -434,7 +567,9 @@ def main(argv=None):
         opt_kwargs["eps"] = args.opt_eps
     if args.opt_betas is not None:
         opt_kwargs["betas"] = tuple(args.opt_betas)
-    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+    # the task's trainable module: the student, plus the feature projection of --distill-type feature
+    optimizer = create_optimizer_v2(task.trainable_module if task is not None else model, opt=args.opt, lr=args.lr,
+                                    weight_decay=args.weight_decay,
                                     momentum=args.momentum, layer_decay=args.layer_decay, **opt_kwargs)
 
     amp_dtype = torch.bfloat16 if (args.amp_dtype == "bfloat16" or device.type == "cpu") else torch.float16
@@ -444,14 +579,20 @@ def main(argv=None):
     start_epoch, step, history = 0, 0, []
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     if args.resume:
-        start_epoch, step, history = resume(args.resume, model, optimizer, loss_scaler, model_ema)
+        start_epoch, step, history = resume(args.resume, model, optimizer, loss_scaler, model_ema, task)
 
     train_model = model
-    if args.torchcompile:
-        train_model = torch.compile(model, backend=args.torchcompile)
-    if args.distributed:
-        train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[args.local_rank] if device.type == "cuda" else None)
+    device_ids = [args.local_rank] if device.type == "cuda" else None
+    if task is not None:  # the task compiles / wraps its trainable module, never the frozen teacher
+        if args.torchcompile:
+            task.compile(backend=args.torchcompile)
+        if args.distributed:
+            task.prepare_distributed(device_ids=device_ids)
+    else:
+        if args.torchcompile:
+            train_model = torch.compile(model, backend=args.torchcompile)
+        if args.distributed:
+            train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=device_ids)
 
     loader_train, loader_eval = make_loaders(args, data_config, device)
     steps_per_epoch = len(loader_train) if args.max_steps_per_epoch is None else min(len(loader_train),
@@ -477,17 +618,6 @@ def main(argv=None):
         _finish(args)
         return metrics
 
-    mixup_fn = None
-    if args.mixup > 0 or args.cutmix > 0:
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
-                         switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing,
-                         num_classes=model.num_classes)
-        loss_fn = SoftTargetCrossEntropy()
-    elif args.smoothing:
-        loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    else:
-        loss_fn = nn.CrossEntropyLoss()
-
     step_box = [step]
     saver, best_source = None, None
     if is_main:
@@ -495,7 +625,8 @@ def main(argv=None):
         saver = TrainCheckpointSaver(
             model, optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler, checkpoint_dir=args.output,
             recovery_dir=args.output, max_history=2,
-            extra_state=lambda: dict(step=step_box[0], history=list(history)))
+            extra_state=lambda: dict(step=step_box[0], history=list(history),
+                                     **({"task_state": task.get_task_state()} if task is not None else {})))
         if args.resume:
             _logger.info(f"resumed {args.resume}: {start_epoch}/{num_epochs} epochs done, continuing at epoch "
                          f"{start_epoch + 1}/{num_epochs}, step {step}")
@@ -518,6 +649,10 @@ def main(argv=None):
         _logger.info(f"model {args.model}: {n_params / 1e6:.2f}M params; {len(loader_train.dataset)} train / "
                      f"{len(loader_eval.dataset)} val images from {args.data_dir}; {num_epochs} epochs x "
                      f"{steps_per_epoch} steps, lr {args.lr:.2e}, world size {args.world_size}, device {device}")
+        if task is not None:
+            n_teacher = sum(p.numel() for p in teacher.parameters())
+            _logger.info(f"distilling from teacher {args.teacher} ({n_teacher / 1e6:.2f}M params, frozen, {args.teacher_checkpoint or 'pretrained weights'}): {type(task).__name__}, "
+                         f"alpha {args.distill_alpha}, tau {args.distill_tau}")
     metrics = {}
     for epoch in range(start_epoch, num_epochs):
         # reseed per epoch: data order, augmentation, mixup and drop-path are a function of (seed, epoch), so a
@@ -527,7 +662,7 @@ def main(argv=None):
             loader_train.sampler.set_epoch(epoch)
         t0 = time.time()
         train_loss, step = train_one_epoch(epoch, train_model, loader_train, optimizer, loss_fn, args, device,
-                                           lr_scheduler, amp_ctx, loss_scaler, model_ema, mixup_fn, step)
+                                           lr_scheduler, amp_ctx, loss_scaler, model_ema, mixup_fn, step, task)
         step_box[0] = step
         eval_model = model_ema.module if model_ema is not None else model
         metrics = evaluate(eval_model, loader_eval, device, args, amp_ctx)
@@ -587,8 +722,10 @@ def _accepts_img_size(name: str) -> bool:
     return bool(cfg and cfg.fixed_input_size)
 
 
-def resume(path, model, optimizer, loss_scaler, model_ema) -> Tuple[int, int, List[Dict]]:
-    """Load a tools/train.py checkpoint into the training state; returns (epochs done, step, history)."""
+def resume(path, model, optimizer, loss_scaler, model_ema, task: Optional[TrainingTask] = None
+           ) -> Tuple[int, int, List[Dict]]:
+    """Load a tools/train.py checkpoint into the training state (and the distillation task's own state, e.g. the
+    feature projection); returns (epochs done, step, history)."""
     try:
         ckpt = load_checkpoint_file(path)
     except CheckpointError as e:
@@ -598,6 +735,8 @@ def resume(path, model, optimizer, loss_scaler, model_ema) -> Tuple[int, int, Li
             raise SystemExit(f"{path} is not a training checkpoint of tools/train.py (no {key!r}); use "
                              f"--initial-checkpoint for plain weights")
     unwrap_model(model).load_state_dict(ckpt["state_dict"])
+    if task is not None:
+        task.load_task_state(ckpt.get("task_state"))
     optimizer.load_state_dict(ckpt["optimizer"])
     if loss_scaler is not None and loss_scaler.state_dict_key in ckpt:
         loss_scaler.load_state_dict(ckpt[loss_scaler.state_dict_key])
