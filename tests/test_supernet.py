@@ -182,7 +182,8 @@ def test_supernet_digits_demonstration(tmp_path):
     train.main(["--recipe", "supernet_digits", "--output", str(out), "--no-progress", "--workers", "0"])
     hub = tmp_path / "hub"
     res = ps.main(["--checkpoint", str(out / "last.pth.tar"), "--space", "stages", "--max-placements", "12",
-                   "--plot", str(tmp_path / "pareto.png"), "--write-presets", str(hub), "--threads", "1"])
+                   "--plot", str(tmp_path / "pareto.png"), "--write-presets", str(hub), "--threads", "1",
+                   "--bench-batch", "256"])
     rows = res["rows"]
     good = [r for r in rows if r["top1"] >= 95.0]
     assert len(good) >= 3, [(ps.short(r["placement"]), r["top1"]) for r in rows]
