@@ -225,6 +225,8 @@ class MetaFormerSupernet(MetaFormer):
     @property
     def presets(self) -> Dict[str, Placement]:
         """Preset name -> placement, read from the ``preset_table`` buffer (so loaded checkpoints bring theirs)."""
+        if self.preset_table.is_meta:  # no data on the meta device: the presets last set
+            return dict(self._preset_cache[1]) if self._preset_cache is not None else {}
         raw = bytes(self.preset_table.cpu().tolist())
         if self._preset_cache is None or self._preset_cache[0] != raw:
             table = json.loads(raw.decode("utf-8")) if raw else {}
@@ -242,6 +244,7 @@ class MetaFormerSupernet(MetaFormer):
             canon[str(name)] = self.normalize_placement(p)
         raw = json.dumps({k: [list(s) for s in v] for k, v in canon.items()}).encode("utf-8")
         self.preset_table = torch.tensor(list(raw), dtype=torch.uint8, device=self.preset_table.device)
+        self._preset_cache = (raw, canon)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
