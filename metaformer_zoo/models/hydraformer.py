@@ -34,7 +34,7 @@ _COUNTS = {
 
 
 def _variant(size: str) -> Variant:
-    depths, dims = SIZES[size]
+    depths, dims = SIZES[size]["depths"], SIZES[size]["dims"]
     params, macs = _COUNTS[size]
     return Variant(f"hydraformer_{size}", dict(depths=depths, dims=dims, token_mixers=MIXERS, **BASE_ARGS),
                    params=params, macs=macs, tags={"": {}})
