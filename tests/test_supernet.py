@@ -10,6 +10,7 @@ import torch
 from timm.models import save_for_hf
 
 import metaformer_zoo  # noqa: F401
+from metaformer_zoo.dense.core import DenseBackbone
 from metaformer_zoo.models.supernet import MetaFormerSupernet, MixerChoice
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,3 +195,14 @@ def test_supernet_digits_demonstration(tmp_path):
     loaded = timm.create_model(f"local-dir:{hub}", pretrained=True)
     assert loaded.presets == {k: tuple(tuple(s) for s in v) for k, v in res["presets"].items()}
     assert json.loads((hub / "config.json").read_text())["model_args"]["presets"]
+
+
+@pytest.mark.parametrize("placement", ["fast", MIXED])
+def test_dense_backbone_for_two_placements(placement):
+    kw = {k: v for k, v in TINY.items() if k not in ("num_classes", "img_size")}
+    b = DenseBackbone("zoo_supernet", model_kwargs=dict(kw, placement=placement)).eval()
+    actives = [blk.token_mixer.active for s in b.model.stages for blk in s.blocks]
+    assert actives == [n for s in _tiny().normalize_placement(placement) for n in s]
+    with torch.no_grad():
+        outs = b(torch.randn(1, 3, 64, 96))
+    assert [tuple(o.shape[1:]) for o in outs] == [(16, 16, 24), (32, 8, 12), (48, 4, 6), (64, 2, 3)]
