@@ -443,7 +443,8 @@ class MetaFormer(MetaFormerBase):
     Args:
         depths, dims: blocks and channels per stage.
         token_mixers: per-stage mixer names from the mixer registry (``metaformer_zoo.mixers.list_mixers()``), or
-            classes/factories taking ``dim``; a single value applies to every stage.
+            classes/factories taking ``dim``; a single value applies to every stage. A stage's entry may itself be
+            a list with one mixer per block (e.g. an exported ``zoo_supernet`` placement).
         mixer_kwargs: dict (all stages) or per-stage list of dicts (or None) passed to the mixers; keys must be
             parameters of the mixer's constructor (a misspelt key raises a ``TypeError`` listing the accepted ones).
         mlp_ratios, mlp_act, mlp_bias: channel MLP (ratio 0 = no MLP branch).
@@ -490,7 +491,12 @@ class MetaFormer(MetaFormerBase):
             if kw is not None and not isinstance(kw, dict):
                 raise TypeError(f"mixer_kwargs[{i}] must be a dict of keyword arguments for stage {i}'s token mixer "
                                 f"(or None), got {type(kw).__name__}: {kw!r}")
-            check_mixer_kwargs(token_mixers[i], kw or {}, where=f"stage {i}{shared}")
+            block_mixers = token_mixers[i] if isinstance(token_mixers[i], (list, tuple)) else [token_mixers[i]]
+            if isinstance(token_mixers[i], (list, tuple)) and len(block_mixers) != depths[i]:
+                raise ValueError(f"token_mixers[{i}] lists {len(block_mixers)} per-block mixers but stage {i} has "
+                                 f"{depths[i]} blocks; give one name per block or a single name for the stage")
+            for m in dict.fromkeys(block_mixers):
+                check_mixer_kwargs(m, kw or {}, where=f"stage {i}{shared}")
         mlp_ratios = to_stage_list(mlp_ratios, num_stages, "mlp_ratios")
         norm_layers = to_stage_list(norm_layers, num_stages, "norm_layers")
         ls_values = to_stage_list(layer_scale_init_values, num_stages, "layer_scale_init_values")
@@ -511,7 +517,8 @@ class MetaFormer(MetaFormerBase):
             blocks = []
             for j in range(depths[i]):
                 context = dict(feat_size=feat, stage_idx=i, block_idx=j, proj_drop=proj_drop_rate)
-                mixer = create_mixer(token_mixers[i], dims[i], context=context, **dict(mixer_kwargs[i] or {}))
+                name = token_mixers[i][j] if isinstance(token_mixers[i], (list, tuple)) else token_mixers[i]
+                mixer = create_mixer(name, dims[i], context=context, **dict(mixer_kwargs[i] or {}))
                 mlp = make_mlp(dims[i], mlp_ratios[i], mlp_act, mlp_bias, proj_drop_rate) if mlp_ratios[i] else None
                 blocks.append(MetaFormerBlock(
                     dims[i], mixer, mlp, norm_layer=norm_layers[i], drop_path=dpr[i][j],

@@ -27,7 +27,7 @@ __all__ = ["Family", "FAMILY_ORDER", "register_family", "list_families", "list_v
 FAMILY_ORDER: Tuple[str, ...] = (
     "poolformer", "poolformerv2", "convformer", "caformer", "mambaout",  # timm's own
     "identityformer", "randformer", "iformer", "transxnet", "affnet", "raftmlp", "msmlp", "stripmlp", "vim2",
-    "hydraformer", "composed",
+    "hydraformer", "supernet", "composed",
 )
 
 

@@ -29,7 +29,7 @@ from metaformer_zoo.kernels.fft_filter.reference import fft_filter_reference
 from metaformer_zoo.spec import FamilySpec, Variant
 
 ROOT = Path(__file__).resolve().parents[1]
-NUM_VARIANTS = 62  # + hydraformer_s12/s24/s36
+NUM_VARIANTS = 63  # + hydraformer_s12/s24/s36, zoo_supernet
 # rows cheap enough to recount in the default stage (RandFormer: frozen buffers; ViM2: the scan op on meta)
 CHEAP_ROWS = ("randformer_s12", "affnet_et", "raftmlp_s", "vim2_tiny")
 

@@ -15,6 +15,11 @@ argument names; a ``variants:`` mapping holds per-model overrides. Precedence: d
 timm pieces used: create_dataset / create_loader (RandAugment, random erasing), Mixup/CutMix, create_optimizer_v2
 (incl. layer decay), create_scheduler_v2, ModelEmaV3, CheckpointSaver, NativeScaler (AMP), ParseKwargs, resume.
 
+``--sandwich N`` trains a mixer supernet (a model with ``sample_placements(n_random)``, e.g. ``zoo_supernet``) by the
+sandwich rule: every step runs forward/backward once per sampled placement (the largest, the smallest and N random
+ones, set with ``model.set_placement``), accumulating gradients, then takes one optimizer step; the largest
+placement's detached softmax is the soft target (KL) of the others (in-place distillation).
+
 ``--resume OUTPUT/last.pth.tar`` continues a run exactly where it stopped. A run that already has ``--epochs`` epochs
 is reported (epochs done, best top-1, its checkpoints) and nothing is trained or written. Resuming into another
 ``--output`` carries the run's best top-1 over and copies the checkpoint of that best epoch there as
@@ -157,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-lr", type=float, default=1e-5, help="lr floor of the schedule")
     g.add_argument("--cooldown-epochs", type=int, default=0, help="epochs at --min-lr after the schedule")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    g.add_argument("--sandwich", type=int, default=None, help="supernets: random placements per step besides the "
+                   "largest and the smallest (in-place distillation from the largest); None: off")
     g = p.add_argument_group("augmentation")
     g.add_argument("--aa", default=None, help="RandAugment spec, e.g. rand-m9-mstd0.5-inc1; None: off")
     g.add_argument("--reprob", type=float, default=0.0, help="random erasing probability")
@@ -401,17 +408,20 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
             x = x.contiguous(memory_format=torch.channels_last)
         if mixup_fn is not None:
             x, y = mixup_fn(x, y)
-        with amp_ctx():
-            loss = task(x, y)["loss"] if task is not None else loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
-        params = task.get_clip_parameters() if task is not None else model.parameters()
-        if loss_scaler is not None:
-            loss_scaler(loss, optimizer, clip_grad=args.clip_grad, parameters=params)
+        if args.sandwich is not None:  # supernet: forward/backward per placement, then the optimizer step
+            loss = sandwich_step(model, x, y, loss_fn, args, amp_ctx, loss_scaler, optimizer, step)
         else:
-            loss.backward()
-            if args.clip_grad is not None:
-                dispatch_clip_grad(params, args.clip_grad)
-            optimizer.step()
+            with amp_ctx():
+                loss = task(x, y)["loss"] if task is not None else loss_fn(model(x), y)
+            params = task.get_clip_parameters() if task is not None else model.parameters()
+            if loss_scaler is not None:
+                loss_scaler(loss, optimizer, clip_grad=args.clip_grad, parameters=params)
+            else:
+                loss.backward()
+                if args.clip_grad is not None:
+                    dispatch_clip_grad(params, args.clip_grad)
+                optimizer.step()
         if model_ema is not None:
             model_ema.update(model, step=step)
         step += 1
@@ -427,6 +437,42 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
     if args.distributed:
         torch.distributed.all_reduce(total)
     return (total[0] / total[1]).item(), step
+
+
+def sandwich_step(model, x, y, loss_fn, args, amp_ctx, loss_scaler, optimizer, step) -> torch.Tensor:
+    """One supernet step (``--sandwich``): forward/backward per placement of ``sample_placements`` (largest first,
+    seeded by the step so every DDP rank samples the same), the largest's detached softmax distilling into the others
+    (KL), gradients accumulated, then one optimizer step. Returns the largest placement's loss."""
+    net = unwrap_model(model)
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    placements = net.sample_placements(args.sandwich, generator=gen)
+    teacher, first = None, None
+    for k, placement in enumerate(placements):
+        net.set_placement(placement)
+        with amp_ctx():
+            out = model(x)
+            if teacher is None:
+                loss = loss_fn(out, y)
+            else:
+                loss = nn.functional.kl_div(out.float().log_softmax(-1), teacher, reduction="batchmean")
+        if teacher is None:
+            teacher, first = out.detach().float().softmax(-1), loss.detach()
+        if loss_scaler is not None:
+            loss_scaler._scaler.scale(loss).backward()
+        else:
+            loss.backward()
+    net.set_placement(placements[0])
+    if loss_scaler is not None:
+        if args.clip_grad is not None:
+            loss_scaler._scaler.unscale_(optimizer)
+            dispatch_clip_grad(model.parameters(), args.clip_grad)
+        loss_scaler._scaler.step(optimizer)
+        loss_scaler._scaler.update()
+    else:
+        if args.clip_grad is not None:
+            dispatch_clip_grad(model.parameters(), args.clip_grad)
+        optimizer.step()
+    return first
 
 
 @torch.no_grad()
@@ -583,6 +629,12 @@ def main(argv=None):
 
     train_model = model
     device_ids = [args.local_rank] if device.type == "cuda" else None
+    if args.sandwich is not None and not hasattr(model, "sample_placements"):
+        raise ValueError(f"--sandwich trains mixer supernets (models with sample_placements, e.g. zoo_supernet); "
+                         f"{args.model} has none: drop --sandwich")
+    if args.sandwich is not None and task is not None:
+        raise ValueError("--sandwich distils in place from the supernet's largest placement; it does not combine "
+                         "with --teacher: drop one of them")
     if task is not None:  # the task compiles / wraps its trainable module, never the frozen teacher
         if args.torchcompile:
             task.compile(backend=args.torchcompile)
@@ -591,8 +643,9 @@ def main(argv=None):
     else:
         if args.torchcompile:
             train_model = torch.compile(model, backend=args.torchcompile)
-        if args.distributed:
-            train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=device_ids)
+        if args.distributed:  # a sandwich placement leaves the other candidates without gradients
+            train_model = nn.parallel.DistributedDataParallel(
+                train_model, device_ids=device_ids, find_unused_parameters=args.sandwich is not None)
 
     loader_train, loader_eval = make_loaders(args, data_config, device)
     steps_per_epoch = len(loader_train) if args.max_steps_per_epoch is None else min(len(loader_train),

@@ -1,0 +1,208 @@
+"""zoo_supernet: candidate mixers per block, placements, presets in the checkpoint, export, sandwich training."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from timm.models import save_for_hf
+
+import metaformer_zoo  # noqa: F401
+from metaformer_zoo.dense.core import DenseBackbone
+from metaformer_zoo.models.supernet import MetaFormerSupernet, MixerChoice
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(dims=(16, 32, 48, 64), depths=(1, 1, 2, 1), mixers=("pooling", "sepconv", "attention"),
+            num_classes=10, img_size=32)
+MIXED = [["pooling"], ["sepconv"], ["attention", "pooling"], ["sepconv"]]
+
+
+def _tiny(**kw):
+    torch.manual_seed(0)
+    return timm.create_model("zoo_supernet", **dict(TINY, **kw)).eval()
+
+
+def test_default_create_and_presets():
+    model = timm.create_model("zoo_supernet")
+    assert isinstance(model, MetaFormerSupernet)
+    assert set(model.presets) == {"fast", "balanced", "accurate"}
+    assert model.placement == model.presets["accurate"] == model.largest_placement()
+    assert model.presets["fast"][0] == ("pooling", "pooling")
+    choices = [m for m in model.modules() if isinstance(m, MixerChoice)]
+    assert len(choices) == sum((2, 2, 6, 2))
+    assert all(list(c.candidates) == ["pooling", "sepconv", "attention"] for c in choices)
+
+
+def test_set_placement_switches_outputs_and_active_mixers():
+    model = _tiny()
+    x = torch.randn(2, 3, 32, 32)
+    outs = {}
+    for name in ("fast", "balanced", "accurate"):
+        p = model.set_placement(name)
+        assert model.placement == p
+        outs[name] = model(x)
+    assert not torch.allclose(outs["fast"], outs["accurate"])
+    model.set_placement(MIXED)
+    blocks = model.stages[2].blocks
+    assert [b.token_mixer.active for b in blocks] == ["attention", "pooling"]
+
+
+def test_bad_placements_and_mixers_raise_clearly():
+    model = _tiny()
+    with pytest.raises(ValueError, match="unknown placement preset 'turbo'"):
+        model.set_placement("turbo")
+    with pytest.raises(ValueError, match="one entry per stage"):
+        model.set_placement(["pooling"] * 3)
+    with pytest.raises(ValueError, match="not a candidate"):
+        model.set_placement(["pooling", "pooling", "ss2d", "pooling"])
+    with pytest.raises(ValueError, match="stage 2 lists 1 mixers but the stage has 2 blocks"):
+        model.set_placement([["pooling"], ["pooling"], ["pooling"], ["pooling"]])
+    with pytest.raises(ValueError, match="unknown token mixer"):
+        _tiny(mixers=("pooling", "nosuchmixer"))
+    with pytest.raises(TypeError, match="mixers=\\[...\\]"):
+        _tiny(token_mixers="pooling")
+
+
+@pytest.mark.parametrize("placement", ["fast", MIXED])
+def test_export_is_plain_zoo_metaformer_with_same_outputs(placement):
+    model = _tiny()
+    plain = model.export(placement)
+    assert type(plain).__name__ == "MetaFormer" and plain.pretrained_cfg["architecture"] == "zoo_metaformer"
+    assert not any(isinstance(m, MixerChoice) for m in plain.modules())
+    sd = model.placement_state_dict(placement)
+    assert set(plain.state_dict()) == set(sd)
+    assert sum(p.numel() for p in plain.parameters()) < sum(p.numel() for p in model.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    model.set_placement(placement)
+    torch.testing.assert_close(plain.eval()(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("placement", ["fast", MIXED])
+def test_features_only_and_intermediates(placement):
+    x = torch.randn(1, 3, 64, 64)
+    model = _tiny()
+    model.set_placement(placement)
+    feats = model.forward_intermediates(x, intermediates_only=True)
+    assert [f.shape[1] for f in feats] == [16, 32, 48, 64]
+    torch.manual_seed(0)  # the same init as _tiny(): same weights, so the features must match
+    fnet = timm.create_model("zoo_supernet", features_only=True, placement=placement, **TINY)
+    out = fnet.eval()(x)
+    assert [o.shape[-1] for o in out] == [16, 8, 4, 2]
+    for a, b in zip(out, feats):
+        torch.testing.assert_close(a, b)
+
+
+def test_presets_round_trip_through_state_dict_and_hub_folder(tmp_path):
+    model = _tiny()
+    custom = {"tiny": ["pooling"] * 4, "mixed": MIXED}
+    model.presets = custom
+    sd = model.state_dict()
+    fresh = _tiny()
+    assert set(fresh.presets) == {"fast", "balanced", "accurate"}
+    fresh.load_state_dict(sd)  # the buffer brings the stored presets, even with another length
+    assert set(fresh.presets) == {"tiny", "mixed"}
+    assert fresh.presets["mixed"] == fresh.normalize_placement(MIXED)
+    save_for_hf(model, str(tmp_path), model_args=dict(TINY), safe_serialization=True)
+    loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
+    assert loaded.presets == model.presets
+    loaded.set_placement("mixed")
+    model.set_placement("mixed")
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(loaded.eval()(x), model(x))
+
+
+def test_sample_placements_sandwich():
+    model = _tiny()
+    gen = torch.Generator().manual_seed(3)
+    ps = model.sample_placements(3, generator=gen)
+    assert len(ps) == 5 and ps[0] == model.largest_placement() and ps[1] == model.smallest_placement()
+    again = model.sample_placements(3, generator=torch.Generator().manual_seed(3))
+    assert again == ps
+    for p in ps:
+        assert model.normalize_placement(p) == p
+
+
+def test_train_sandwich_step_updates_every_candidate(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import train  # noqa: E402
+    model = _tiny()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = train.parse_args(["--sandwich", "2", "--seed", "0"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    opt.zero_grad()
+    loss = train.sandwich_step(model, x, y, torch.nn.CrossEntropyLoss(), args, lambda: torch.autocast("cpu",
+                               enabled=False), None, opt, step=0)
+    assert torch.isfinite(loss)
+    after = model.state_dict()
+    for name in ("sepconv", "attention"):  # largest (attention) and smallest (pooling) ran; sepconv by chance
+        key = next(k for k in after if f"candidates.{name}." in k and "weight" in k)
+        if name == "attention":
+            assert not torch.equal(before[key], after[key])
+    assert model.placement == model.largest_placement()
+
+
+def test_train_sandwich_rejects_plain_models(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import train  # noqa: E402
+    with pytest.raises(ValueError, match="--sandwich trains mixer supernets"):
+        train.main(["--recipe", "digits", "--sandwich", "1", "--epochs", "1", "--max-steps-per-epoch", "1",
+                    "--output", str(tmp_path), "--no-progress", "--digits-size", "32", "--img-size", "32"])
+
+
+def test_placement_search_help():
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "placement_search.py"), "--help"],
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
+    assert out.returncode == 0 and "Pareto" in out.stdout and "--write-presets" in out.stdout
+
+
+def test_placement_search_pareto_front():
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import placement_search as ps  # noqa: E402
+    rows = [dict(label="a", placement=("a",), top1=90.0, img_s=100.0, macs=1),
+            dict(label="b", placement=("b",), top1=95.0, img_s=50.0, macs=2),
+            dict(label="c", placement=("c",), top1=89.0, img_s=40.0, macs=3),  # dominated by both
+            dict(label="d", placement=("d",), top1=94.5, img_s=80.0, macs=2)]
+    front = ps.pareto_front(rows)
+    assert [r["label"] for r in front] == ["a", "d", "b"]
+    chosen = ps.choose_presets(front, drop=1.0)
+    assert chosen == dict(fast=("a",), balanced=("d",), accurate=("b",))
+
+
+@pytest.mark.slow
+def test_supernet_digits_demonstration(tmp_path):
+    """One supernet trained once on digits (--recipe supernet_digits, --sandwich 1); >= 3 placements at >= 95 %
+    top-1 and the fastest measurably faster than the most accurate (throughput ratio in the same process)."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import placement_search as ps  # noqa: E402
+    import train  # noqa: E402
+    out = tmp_path / "run"
+    train.main(["--recipe", "supernet_digits", "--output", str(out), "--no-progress", "--workers", "0"])
+    hub = tmp_path / "hub"
+    res = ps.main(["--checkpoint", str(out / "last.pth.tar"), "--space", "stages", "--max-placements", "12",
+                   "--plot", str(tmp_path / "pareto.png"), "--write-presets", str(hub), "--threads", "1",
+                   "--bench-batch", "256"])
+    rows = res["rows"]
+    good = [r for r in rows if r["top1"] >= 95.0]
+    assert len(good) >= 3, [(ps.short(r["placement"]), r["top1"]) for r in rows]
+    best = max(rows, key=lambda r: (r["top1"], -r["img_s"]))
+    fastest = max(good, key=lambda r: r["img_s"])
+    assert fastest["img_s"] / best["img_s"] > 1.0
+    assert os.path.getsize(tmp_path / "pareto.png") > 0
+    loaded = timm.create_model(f"local-dir:{hub}", pretrained=True)
+    assert loaded.presets == {k: tuple(tuple(s) for s in v) for k, v in res["presets"].items()}
+    assert json.loads((hub / "config.json").read_text())["model_args"]["presets"]
+
+
+@pytest.mark.parametrize("placement", ["fast", MIXED])
+def test_dense_backbone_for_two_placements(placement):
+    kw = {k: v for k, v in TINY.items() if k not in ("num_classes", "img_size")}
+    b = DenseBackbone("zoo_supernet", model_kwargs=dict(kw, placement=placement)).eval()
+    actives = [blk.token_mixer.active for s in b.model.stages for blk in s.blocks]
+    assert actives == [n for s in _tiny().normalize_placement(placement) for n in s]
+    with torch.no_grad():
+        outs = b(torch.randn(1, 3, 64, 96))
+    assert [tuple(o.shape[1:]) for o in outs] == [(16, 16, 24), (32, 8, 12), (48, 4, 6), (64, 2, 3)]
