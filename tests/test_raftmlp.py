@@ -11,6 +11,7 @@ from helpers import perturb
 from metaformer_zoo.checkpoint import CheckpointError
 from metaformer_zoo.dense.core import resolve_out_norms
 from metaformer_zoo.hub import convert_checkpoint
+import metaformer_zoo.mixers.raft as raft_mod
 from metaformer_zoo.mixers.raft import RaftTokenMLP, raft_ln_from_official, raft_ln_to_official
 from metaformer_zoo.models import raftmlp as R
 from metaformer_zoo.skeleton import MetaFormerBase
@@ -205,3 +206,31 @@ def test_skeleton_hooks_stem_feature():
         torch.testing.assert_close(f0, model.stem(x))
         torch.testing.assert_close(f2, feats[2])
         torch.testing.assert_close(early, feats[2])
+
+
+def test_cpu_mixing_skips_the_op_and_matches_it(monkeypatch):
+    """On CPU (reference dispatch) the raft mixing runs as plain NHWC linears, not through the ``strip_mix`` op
+    wrapper (slower on CPU than the official code), and gives the op's values and gradients."""
+    torch.manual_seed(0)
+    mix = raft_mod.RaftTokenMixing(16, (6, 5), raft_size=2, token_expansion=2)
+    for p in mix.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 16, 6, 5, requires_grad=True)
+    want = mix._forward_op(x)
+    want_g = torch.autograd.grad(want.square().sum(), [x] + list(mix.parameters()))
+
+    def no_op(*args, **kwargs):
+        raise AssertionError("strip_mix op called on the CPU reference path")
+
+    monkeypatch.setattr(raft_mod, "strip_mix_op", no_op)
+    got = mix(x)
+    assert got.is_contiguous(memory_format=torch.channels_last)  # NHWC inside, no NCHW copies
+    got_g = torch.autograd.grad(got.square().sum(), [x] + list(mix.parameters()))
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_g, want_g):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    # other sizes: resampled to the built grid and back, same on both paths
+    x2 = torch.randn(1, 16, 9, 4)
+    monkeypatch.undo()
+    want2 = raft_mod.resample_like(mix._forward_op(raft_mod.resample_to(x2, mix.grid)), x2)
+    torch.testing.assert_close(mix(x2), want2)

@@ -13,7 +13,12 @@ feature size the official code bicubically resamples the **feature map** to (ph,
 back afterwards (``RaftShrink`` / ``RaftExpansion``, ``align_corners=False``); this is reproduced exactly.
 
 The mixing itself is the ``metaformer_zoo.kernels.strip_mix`` op (two calls per direction, GELU between), called
-through ``metaformer_zoo.mixers.strip.strip_mix_op`` so that TorchScript can compile it.
+through ``metaformer_zoo.mixers.strip.strip_mix_op`` so that TorchScript can compile it, whenever a kernel is selected
+(``METAFORMER_ZOO_KERNELS`` / ``TRITON_INTERPRET=1`` / a GPU-verified op on CUDA). When the dispatch resolves to the
+op's reference (the default today, and always on CPU) ``RaftTokenMixing`` computes the same function directly in
+NHWC: one LayerNorm over the channels, one permute-copy to (B, P, M, r L) per direction, two ``F.linear`` and a
+residual add in 5-D; about as many memory passes as the official einops code. The op wrapper (argument checks,
+autocast, dispatch, custom-op boxing) and its NCHW round trips cost RaftMLP ~20 % on CPU.
 """
 from typing import Tuple
 
@@ -21,8 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d
-from timm.models import register_notrace_function
+from timm.models import register_notrace_function, register_notrace_module
 
+from ..kernels import resolve_backend
 from . import register_mixer
 from .strip import strip_mix_op
 
@@ -83,7 +89,26 @@ class RaftTokenMLP(nn.Module):
                       self.axis, r * e, backend)
         return self.drop(y)
 
+    def forward_nhwc(self, x: torch.Tensor) -> torch.Tensor:
+        """Plain-PyTorch path on a (B, H, W, C) map (any strides): the MLP branch as a (B, H, W, r, C / r) view.
 
+        Same function as ``forward`` with ``backend="reference"`` (up to float rounding), with no NCHW round trip.
+        """
+        B, H, W, C = x.shape
+        r = self.raft_size
+        M = C // r
+        y = F.layer_norm(x, self.norm.normalized_shape, self.norm.weight, self.norm.bias, self.norm.eps)
+        y = y.view(B, H, W, r, M)
+        # rows of the token MLP: (B, P, M, r, L); L = H (vertical) or W (horizontal)
+        y = y.permute(0, 2, 4, 3, 1) if self.axis == "h" else y.permute(0, 1, 4, 3, 2)
+        P, L = y.shape[1], y.shape[4]
+        y = y.reshape(B, P, M, r * L)
+        y = self.drop(self.fc2(self.drop(self.act(self.fc1(y)))))
+        y = y.view(B, P, M, r, L)
+        return y.permute(0, 4, 1, 3, 2) if self.axis == "h" else y.permute(0, 1, 4, 3, 2)
+
+
+@register_notrace_module  # a leaf for FX: the dispatch below is Python control flow
 class RaftTokenMixing(nn.Module):
     """Serial vertical + horizontal raft token mixing with its own pre-norm residuals (one official RaftMLP block
     minus the channel MLP), including the bicubic resampling to the built grid ``feat_size`` at other sizes.
@@ -103,10 +128,29 @@ class RaftTokenMixing(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = resample_to(x, self.grid)
-        y = y + self.drop_path(self.vertical(y))
-        y = y + self.drop_path(self.horizontal(y))
+        if torch.jit.is_scripting():  # scripted calls go through the op (strip_mix_op)
+            y = self._forward_op(y)
+        elif resolve_backend("auto", y, op="strip_mix") == "reference":
+            y = self._forward_nhwc(y)
+        else:
+            y = self._forward_op(y)
         y = resample_like(y, x)
         return y - x if self.return_delta else y
+
+    def _forward_op(self, y: torch.Tensor) -> torch.Tensor:
+        """Both sub-blocks through the ``strip_mix`` op (NCHW)."""
+        y = y + self.drop_path(self.vertical(y))
+        return y + self.drop_path(self.horizontal(y))
+
+    def _forward_nhwc(self, x: torch.Tensor) -> torch.Tensor:
+        """Both sub-blocks in NHWC (reference dispatch); returns NCHW (a view of an NHWC-contiguous tensor)."""
+        B, C, H, W = x.shape
+        r = self.vertical.raft_size
+        y = x.permute(0, 2, 3, 1).contiguous().view(B, H, W, r, C // r)
+        y = y + self.drop_path(self.vertical.forward_nhwc(y.reshape(B, H, W, C)))
+        y = y.reshape(B, H, W, r, C // r)
+        y = y + self.drop_path(self.horizontal.forward_nhwc(y.reshape(B, H, W, C)))
+        return y.reshape(B, H, W, C).permute(0, 3, 1, 2)
 
 
 @register_mixer("raft")
