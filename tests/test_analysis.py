@@ -246,7 +246,7 @@ def test_bad_arguments_say_what_to_do():
 @pytest.mark.skipif("hydra" not in list_mixers(), reason="the hydra mixer is not registered (yet)")
 def test_hydra_matches_brute_force_jacobian():
     torch.manual_seed(0)
-    mixer = create_mixer("hydra", 16)
+    mixer = create_mixer("hydra", 16, headdim=8)  # d_inner = 2 * 16 = 32: 4 heads
     x = torch.randn(1, 16, 3, 3)
     same, cross = brute_force(mixer.eval(), x)
     res = mixing_analysis(mixer, x)
