@@ -513,7 +513,8 @@ def _progress(total, desc, args):
     return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
 
 
-def print_table(rows: List[Dict], file=sys.stdout):
+def print_table(rows: List[Dict], file=None):
+    file = sys.stdout if file is None else file  # resolved per call: sys.stdout may be replaced after import
     header = ["epoch", "train_loss", "val_loss", "top1", "top5", "lr", "time_s"]
     print("| " + " | ".join(header) + " |", file=file)
     print("|" + "|".join("---" for _ in header) + "|", file=file)
