@@ -169,6 +169,25 @@ def remap_keys(state_dict: Mapping[str, torch.Tensor], rules: Sequence[Tuple[str
     return out
 
 
+def is_official_layout(state_dict: Mapping[str, torch.Tensor], family: str, zoo_key: str,
+                       official_keys: Sequence[str] = (), origin: str = "official",
+                       hint: str = "Is this a checkpoint of another family?") -> bool:
+    """Which layout a (unwrapped) state dict is in: ``False`` for the zoo's (it holds ``zoo_key``), ``True`` for the
+    official one (it holds ``official_keys[0]``; the other keys only illustrate the layout in the message).
+
+    Anything else raises ``CheckpointError`` naming both layouts, a sample of the file's keys and ``hint``.
+    """
+    if zoo_key in state_dict:
+        return False
+    if official_keys and official_keys[0] in state_dict:
+        return True
+    sample = ", ".join(sorted(state_dict)[:5])
+    expected = f"{origin} keys ({', '.join(repr(k) for k in official_keys)}, ...) or zoo keys" if official_keys \
+        else "metaformer_zoo keys"
+    raise CheckpointError(f"unrecognised checkpoint layout for {family}: expected {expected} ({zoo_key!r}), "
+                          f"got {sample} ... {hint}")
+
+
 def linear_to_conv1x1(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Reshape official ``nn.Linear`` weights (out, in) to the model's 1x1 conv weights (out, in, 1, 1) where needed."""
     target = model.state_dict()

@@ -10,7 +10,7 @@ from typing import Dict, Mapping
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ..checkpoint import CheckpointError, linear_to_conv1x1, remap_keys, unwrap_state_dict, validate_state_dict
+from ..checkpoint import is_official_layout, linear_to_conv1x1, remap_keys, unwrap_state_dict, validate_state_dict
 from ..skeleton import MetaFormer
 
 __all__ = ["CITATION", "IDENTITY", "CFG", "SIZES", "BASE_ARGS", "official_url", "official_tags",
@@ -77,21 +77,11 @@ OFFICIAL_RULES = (
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: MetaFormer) -> Dict[str, torch.Tensor]:
     """Official sail-sg/metaformer checkpoint (plain state dict, NHWC Linear weights) -> zoo layout, validated."""
     state_dict = unwrap_state_dict(state_dict)
-    if "stem.conv.weight" not in state_dict:
-        if "downsample_layers.0.conv.weight" not in state_dict:
-            raise _layout_error(state_dict, model)
+    if is_official_layout(state_dict, type(model).__name__, "stem.conv.weight",
+                          ("downsample_layers.0.conv.weight", "stages.0.0.norm1.weight"), "official sail-sg/metaformer"):
         state_dict = remap_keys(state_dict, OFFICIAL_RULES)
     state_dict = linear_to_conv1x1(dict(state_dict), model)
     return validate_state_dict(state_dict, model, source="checkpoint (sail-sg/metaformer layout)")
-
-
-def _layout_error(state_dict: Mapping[str, torch.Tensor], model: MetaFormer) -> CheckpointError:
-    sample = ", ".join(sorted(state_dict)[:5])
-    return CheckpointError(
-        f"unrecognised checkpoint layout for {type(model).__name__}: expected official sail-sg/metaformer keys "
-        f"('downsample_layers.0.conv.weight', 'stages.0.0.norm1.weight', ...) or zoo/timm keys ('stem.conv.weight'), "
-        f"got {sample} ... Is this a checkpoint of another family?"
-    )
 
 
 # zoo key -> official key (the inverse of OFFICIAL_RULES), for synthetic official checkpoints in tests and tools

@@ -30,7 +30,7 @@ import torch.nn as nn
 from timm.layers import DropPath, GroupNorm1, calculate_drop_path_rates, make_divisible
 from timm.models._features import feature_take_indices
 
-from ..checkpoint import CheckpointError, remap_keys, unwrap_state_dict, validate_state_dict
+from ..checkpoint import is_official_layout, remap_keys, unwrap_state_dict, validate_state_dict
 from ..layers import get_act
 from ..mixers.affnet import AFFMixer
 from ..skeleton import MetaFormerBase, MetaFormerHead, MetaFormerStage
@@ -286,13 +286,8 @@ def checkpoint_filter_fn(state_dict, model: AFFNet):
     if isinstance(state_dict, dict) and "model_state_dict" in state_dict:
         state_dict = state_dict["model_state_dict"]
     state_dict = unwrap_state_dict(state_dict)
-    if "stem.conv.conv.weight" not in state_dict:
-        if "conv_1.block.conv.weight" not in state_dict:
-            sample = ", ".join(sorted(state_dict)[:5])
-            raise CheckpointError(
-                f"unrecognised checkpoint layout for AFFNet: expected official cvnets keys ('conv_1.block.conv.weight',"
-                f" 'layer_3.1.global_rep.0.filter.w1', ...) or zoo keys ('stem.conv.conv.weight'), got {sample} ... "
-                f"Is this a checkpoint of another family?")
+    if is_official_layout(state_dict, "AFFNet", "stem.conv.conv.weight",
+                          ("conv_1.block.conv.weight", "layer_3.1.global_rep.0.filter.w1"), "official cvnets"):
         sd = {}
         for k, v in state_dict.items():
             k = re.sub(r"(^|\.)block\.", r"\1", k)

@@ -31,7 +31,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import calculate_drop_path_rates, trunc_normal_
 from timm.models import checkpoint_seq, register_notrace_function
 
-from ..checkpoint import CheckpointError, linear_to_conv1x1, remap_keys, unwrap_state_dict, validate_state_dict
+from ..checkpoint import is_official_layout, linear_to_conv1x1, remap_keys, unwrap_state_dict, validate_state_dict
 from ..mixers.inception_transformer import InceptionMixer
 from ..skeleton import MetaFormerBase, MetaFormerBlock, MetaFormerHead, MetaFormerStage, make_mlp, to_stage_list
 from ..spec import FamilySpec, OfficialFormat, Variant
@@ -240,14 +240,10 @@ def checkpoint_filter_fn(state_dict, model: InceptionTransformer) -> Dict[str, t
     as the forward pass would resize them; zoo-layout state dicts pass through (pos tables resized likewise).
     """
     state_dict = unwrap_state_dict(state_dict)
-    if "stem.proj1.weight" not in state_dict:
-        if "patch_embed.proj1.weight" not in state_dict:
-            sample = ", ".join(sorted(state_dict)[:5])
-            raise CheckpointError(
-                f"unrecognised checkpoint layout for InceptionTransformer (iFormer): expected official sail-sg/iFormer "
-                f"keys ('patch_embed.proj1.weight', 'blocks1.0.attn.high_mixer.conv1.weight', ...) or zoo keys "
-                f"('stem.proj1.weight'), got {sample} ... Is this a checkpoint of another family (timm's unrelated "
-                f"iformer_t/s/m/l are a different model)?")
+    if is_official_layout(state_dict, "InceptionTransformer (iFormer)", "stem.proj1.weight",
+                          ("patch_embed.proj1.weight", "blocks1.0.attn.high_mixer.conv1.weight"),
+                          "official sail-sg/iFormer", hint="Is this a checkpoint of another family (timm's unrelated "
+                          "iformer_t/s/m/l are a different model)?"):
         state_dict = remap_keys(state_dict, _OFFICIAL_RULES)
     state_dict = linear_to_conv1x1(dict(state_dict), model)
     state_dict = _resize_pos_tables(state_dict, model)

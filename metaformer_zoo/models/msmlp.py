@@ -40,7 +40,7 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, Mlp, calculate_drop_path_rates, trunc_normal_
 
-from ..checkpoint import CheckpointError, unwrap_state_dict, validate_state_dict
+from ..checkpoint import is_official_layout, unwrap_state_dict, validate_state_dict
 from ..mixers.msmlp import MIX_SIZES, SHIFT_DIST, MixShift
 from ..skeleton import MetaFormerBase, MetaFormerHead, MetaFormerStage, to_stage_list
 from ..spec import FamilySpec, OfficialFormat, Variant
@@ -214,14 +214,9 @@ def checkpoint_filter_fn(state_dict, model: MSMLP):
     unchanged (the official MLP layers are nn.Linear, as here). Raises ``CheckpointError`` when nothing fits.
     """
     state_dict = unwrap_state_dict(state_dict)
-    if "stem.proj.weight" not in state_dict:
-        if "patch_embed.proj.weight" not in state_dict:
-            sample = ", ".join(sorted(state_dict)[:5])
-            raise CheckpointError(
-                f"unrecognised checkpoint layout for MS-MLP: expected official JegZheng/MS-MLP keys "
-                f"('patch_embed.proj.weight', 'layers.0.blocks.0.dwconv_lr.0.weight', ...) or zoo keys "
-                f"('stem.proj.weight'), got {sample} ... Is this a checkpoint of another family?"
-            )
+    if is_official_layout(state_dict, "MS-MLP", "stem.proj.weight",
+                          ("patch_embed.proj.weight", "layers.0.blocks.0.dwconv_lr.0.weight"),
+                          "official JegZheng/MS-MLP"):
         state_dict = {_official_to_zoo_key(k): v for k, v in state_dict.items()}
     return validate_state_dict(state_dict, model, source="checkpoint (JegZheng/MS-MLP layout)")
 

@@ -37,7 +37,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, Mlp
 from timm.models import register_notrace_function
 
-from ..checkpoint import CheckpointError, unwrap_state_dict, validate_state_dict
+from ..checkpoint import CheckpointError, is_official_layout, unwrap_state_dict, validate_state_dict
 from ..mixers.raft import RaftTokenMixing, raft_ln_from_official, raft_ln_to_official
 from ..skeleton import MetaFormerBase, MetaFormerHead, MetaFormerStage, to_stage_list
 from ..spec import FamilySpec, OfficialFormat, Variant
@@ -173,15 +173,11 @@ def checkpoint_filter_fn(state_dict, model: RaftMLP):
     Zoo-layout dicts pass through (validated).
     """
     state_dict = unwrap_state_dict(state_dict)
-    if "stem.proj.0.weight" in state_dict:
+    if not is_official_layout(state_dict, "RaftMLP", "stem.proj.0.weight",
+                              ("levels.0.fn.0.fc.weight", "levels.0.fn.2.1.fn.0.weight"), "official okojoalg/raft-mlp",
+                              hint="Is this a checkpoint of another family, or of the 'emb_mixer' / isotropic settings "
+                                   "(not supported: only the cross-scale-embedding S/M/L models are)?"):
         return validate_state_dict(state_dict, model, source="checkpoint (zoo layout)")
-    if "levels.0.fn.0.fc.weight" not in state_dict:
-        sample = ", ".join(sorted(state_dict)[:5])
-        raise CheckpointError(
-            f"unrecognised checkpoint layout for RaftMLP: expected official okojoalg/raft-mlp keys "
-            f"('levels.0.fn.0.fc.weight', 'levels.0.fn.2.1.fn.0.weight', ...) or zoo keys ('stem.proj.0.weight'), got "
-            f"{sample} ... Is this a checkpoint of another family, or of the 'emb_mixer' / isotropic settings (not "
-            f"supported: only the cross-scale-embedding S/M/L models are)?")
     r = model.raft_size
     out = {}
     num_levels = len(model.stages)

@@ -35,7 +35,7 @@ from timm.layers import DropPath
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 
-from ..checkpoint import CheckpointError, remap_keys, unwrap_state_dict, validate_state_dict
+from ..checkpoint import is_official_layout, remap_keys, unwrap_state_dict, validate_state_dict
 from ..mixers.strip import StripTokenMixing
 from ..skeleton import MetaFormerBase, MetaFormerHead, MetaFormerStage, to_stage_list
 from ..spec import FamilySpec, OfficialFormat, Variant
@@ -234,13 +234,9 @@ def checkpoint_filter_fn(state_dict, model: StripMLP):
     ``lsmm`` sub-modules, ``norm`` -> ``head.norm``, ``head`` -> ``head.fc``. Validated strictly.
     """
     state_dict = unwrap_state_dict(state_dict)
-    if "stem.conv.weight" not in state_dict:
-        if "patch_embed.weight" not in state_dict:
-            sample = ", ".join(sorted(state_dict)[:5])
-            raise CheckpointError(
-                f"unrecognised checkpoint layout for Strip-MLP: expected official Med-Process/Strip_MLP keys "
-                f"('patch_embed.weight', 'blocks1.0.token_mixing.smlp_block.proj_h.weight', ...) or zoo keys "
-                f"('stem.conv.weight'), got {sample} ... Is this a checkpoint of another family?")
+    if is_official_layout(state_dict, "Strip-MLP", "stem.conv.weight",
+                          ("patch_embed.weight", "blocks1.0.token_mixing.smlp_block.proj_h.weight"),
+                          "official Med-Process/Strip_MLP"):
         state_dict = remap_keys(state_dict, OFFICIAL_RULES)
     return validate_state_dict(state_dict, model, source="checkpoint (Med-Process/Strip_MLP layout)")
 

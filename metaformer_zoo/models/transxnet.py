@@ -27,7 +27,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, calculate_drop_path_rates
 from timm.models import checkpoint
 
-from ..checkpoint import CheckpointError, remap_keys, unwrap_state_dict, validate_state_dict
+from ..checkpoint import CheckpointError, is_official_layout, remap_keys, unwrap_state_dict, validate_state_dict
 from ..mixers.transxnet import ConvBN, DMixer, rel_pos_shape, resize_rel_pos
 from ..skeleton import MetaFormerBase, MetaFormerHead
 from ..spec import FamilySpec, OfficialFormat, Variant
@@ -269,13 +269,8 @@ def checkpoint_filter_fn(state_dict, model: TransXNet) -> Dict[str, torch.Tensor
     the 224-built model at 384 px).
     """
     state_dict = unwrap_state_dict(state_dict)
-    if "stem.conv.weight" not in state_dict:
-        if "patch_embed.proj.conv.weight" not in state_dict:
-            sample = ", ".join(sorted(state_dict)[:5])
-            raise CheckpointError(
-                f"unrecognised checkpoint layout for TransXNet: expected official LMMMEng/TransXNet keys "
-                f"('patch_embed.proj.conv.weight', 'network.0.0.token_mixer...', ...) or zoo keys ('stem.conv.weight'),"
-                f" got {sample} ... Is this a checkpoint of another family?")
+    if is_official_layout(state_dict, "TransXNet", "stem.conv.weight",
+                          ("patch_embed.proj.conv.weight", "network.0.0.token_mixer..."), "official LMMMEng/TransXNet"):
         if any(k.startswith(("norm0.", "norm2.", "norm4.", "norm6.")) for k in state_dict):
             raise CheckpointError(
                 "this is a TransXNet dense-prediction backbone (fork_feat: per-output norm0/2/4/6, no classifier); "

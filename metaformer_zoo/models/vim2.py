@@ -33,7 +33,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm2d, calculate_drop_path_rates, trunc_normal_
 from timm.models import checkpoint, register_notrace_function
 
-from ..checkpoint import CheckpointError, unwrap_state_dict, validate_state_dict
+from ..checkpoint import is_official_layout, unwrap_state_dict, validate_state_dict
 from ..mixers.vim2 import SS2D, SelectiveChannelMixer
 from ..skeleton import MetaFormerBase, MetaFormerBlock, MetaFormerHead, to_stage_list
 from ..spec import FamilySpec, OfficialFormat, Variant
@@ -268,12 +268,9 @@ class Vim2(MetaFormerBase):
 def checkpoint_filter_fn(state_dict, model: Vim2):
     """Zoo-layout ViM2 checkpoint (optionally wrapped) -> validated state dict. No official layout exists."""
     state_dict = unwrap_state_dict(state_dict)
-    if "stem.conv.weight" not in state_dict:
-        sample = ", ".join(sorted(state_dict)[:5])
-        raise CheckpointError(
-            f"unrecognised checkpoint layout for ViM2: expected metaformer_zoo keys ('stem.conv.weight', "
-            f"'stages.0.blocks.0.token_blocks.0.token_mixer.A_logs', ...), got {sample} ... ViM2 has no official "
-            f"checkpoint, so only zoo-trained weights load. Is this a checkpoint of another family?")
+    is_official_layout(state_dict, "ViM2", "stem.conv.weight",  # no official layout: raises unless zoo keys
+                       hint="ViM2 has no official checkpoint, so only zoo-trained weights load. Is this a checkpoint "
+                            "of another family?")
     return validate_state_dict(state_dict, model, source="checkpoint (metaformer_zoo ViM2 layout)")
 
 
