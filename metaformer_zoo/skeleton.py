@@ -305,13 +305,16 @@ class MetaFormerBase(nn.Module):
     # --- timm interface -------------------------------------------------------------------------------------------
     # group_matcher: the last group (after every stage), e.g. AFFNet's ``r"^final_conv"``
     final_group_pattern: str = r"^head\.norm"
+    # group_matcher: a stage's own parameters outside its blocks (e.g. iFormer's ``pos_embed``), grouped with the
+    # stage's downsampling (first layer of the stage for layer decay)
+    stage_param_pattern: str = r"downsample"
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(
             stem=r"^stem",
             blocks=r"^stages\.(\d+)" if coarse else [
-                (r"^stages\.(\d+)\.downsample", (0,)),
+                (rf"^stages\.(\d+)\.(?:{self.stage_param_pattern})", (0,)),
                 (r"^stages\.(\d+)\.blocks\.(\d+)", None),
                 (self.final_group_pattern, (99999,)),
             ],

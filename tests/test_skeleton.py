@@ -97,6 +97,23 @@ def test_no_weight_decay_and_group_matcher():
     assert n_opt == count_params(rand)[1]  # frozen random matrices are not optimised
 
 
+@pytest.mark.parametrize("name,table", [("iformer_small", "pos_embed"), ("transxnet_t", "relative_pos_enc")])
+def test_group_matcher_stage_tables(name, table):
+    """Per-stage tables outside the blocks are grouped with the stage's downsampling by the skeleton's matcher."""
+    from timm.models import group_parameters
+    model = timm.create_model(name)
+    assert type(model).group_matcher is metaformer_zoo.skeleton.MetaFormerBase.group_matcher
+    groups = group_parameters(model, model.group_matcher())
+    group_of = {n: gid for gid, names in groups.items() for n in names}
+    assert len(group_of) == len(dict(model.named_parameters()))  # every parameter is in a group
+    for i in (1, 2, 3):
+        tables = [n for n in group_of if n.startswith(f"stages.{i}.{table}")]
+        down = [n for n in group_of if n.startswith(f"stages.{i}.downsample.")]
+        assert tables and down
+        assert {group_of[n] for n in tables + down} == {group_of[f"stages.{i}.blocks.0.norm1.weight"]}
+    assert group_of["stem." + next(n for n, _ in model.stem.named_parameters())] == 0
+
+
 def test_head_variants():
     x = torch.randn(2, 3, 64, 64)
     mlp = MetaFormer(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), head_mlp_ratio=4, head_dropout=0.5, num_classes=4)

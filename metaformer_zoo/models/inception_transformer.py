@@ -182,17 +182,8 @@ class InceptionTransformer(MetaFormerBase):
     # init: the official ``_init_vit_weights`` without a name (every Linear/Conv, the head included, trunc-normal 0.02,
     # zero bias) is the skeleton's ``MetaFormerBase._init_weights``
 
-    # the skeleton's groups plus the per-stage positional table, grouped with the stage's downsampling (layer decay)
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False):
-        return dict(
-            stem=r"^stem",
-            blocks=r"^stages\.(\d+)" if coarse else [
-                (r"^stages\.(\d+)\.(downsample|pos_embed)", (0,)),
-                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^head\.norm", (99999,)),
-            ],
-        )
+    # group_matcher: the per-stage positional table goes with the stage's downsampling (layer decay)
+    stage_param_pattern = r"downsample|pos_embed"
 
 
 # --- official checkpoint layout ----------------------------------------------------------------------------------

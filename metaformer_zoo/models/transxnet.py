@@ -227,17 +227,8 @@ class TransXNet(MetaFormerBase):
     # init: the official one (every Conv2d trunc-normal 0.02, zero bias; the classifier conv too, a Linear here) is the
     # skeleton's ``MetaFormerBase._init_weights``
 
-    # the skeleton's groups plus the per-stage relative position bias, grouped with the stage's downsampling
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False):
-        return dict(
-            stem=r"^stem",
-            blocks=r"^stages\.(\d+)" if coarse else [
-                (r"^stages\.(\d+)\.(downsample|relative_pos_enc)", (0,)),
-                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^head\.norm", (99999,)),
-            ],
-        )
+    # group_matcher: the per-stage relative position bias goes with the stage's downsampling (layer decay)
+    stage_param_pattern = r"downsample|relative_pos_enc"
 
 
 # --- official checkpoint layout ----------------------------------------------------------------------------------
