@@ -4,7 +4,7 @@ A family module declares its modules, then one spec, and registers it::
 
     SPEC = FamilySpec(
         name="identityformer", model_cls=MetaFormer,
-        paper="MetaFormer Baselines for Vision", arxiv="2210.13452", code="https://github.com/sail-sg/metaformer",
+        citation=CITATION, arxiv="2210.13452", code="https://github.com/sail-sg/metaformer",  # paper: from the BibTeX
         cfg=dict(input_size=(3, 224, 224), crop_pct=1.0, first_conv="stem.conv", classifier="head.fc"),
         official=OfficialFormat(filter=checkpoint_filter_fn, to_official=official_state_dict),
         dense_out_norms=("layernorm2d",) * 4, recipe="identityformer", card="identityformer",
@@ -19,6 +19,7 @@ else (catalogue rows, hub conversion and export, dense per-output norms and the 
 citations, card checks) reads the spec. Families timm already owns are declared with ``owner="timm"``: catalogued and
 converted, never registered with timm again.
 """
+import re
 import sys
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -41,6 +42,30 @@ StateDict = Dict[str, torch.Tensor]
 
 def _frozen(d: Optional[Mapping]) -> Mapping:
     return MappingProxyType(dict(d or {}))
+
+
+# journal names without a parenthesised acronym in the BibTeX
+_JOURNALS = {"IEEE Transactions on Pattern Analysis and Machine Intelligence": "TPAMI",
+             "IEEE Transactions on Neural Networks and Learning Systems": "IEEE TNNLS"}
+_ARXIV_ID = re.compile(r"arXiv:(\d{4}\.\d{4,5})")
+
+
+def bibtex_field(bibtex: str, key: str) -> str:
+    """The value of a one-line ``key = {...}`` (or ``"..."``) field of a BibTeX entry, braces dropped; "" if absent."""
+    m = re.search(rf"^\s*{key}\s*=\s*[{{\"](.*?)[}}\"]\s*,?\s*$", bibtex, re.M | re.I)
+    return m.group(1).replace("{", "").replace("}", "").strip() if m else ""
+
+
+def paper_of(bibtex: str) -> Tuple[str, str, str]:
+    """(title, "title (venue year)", arXiv id or "") of a BibTeX entry: the venue is the booktitle's acronym in
+    parentheses, a known journal's acronym, or "arXiv"."""
+    title, year = bibtex_field(bibtex, "title"), bibtex_field(bibtex, "year")
+    journal = bibtex_field(bibtex, "journal")
+    m = re.search(r"\(([^()]+)\)\s*$", bibtex_field(bibtex, "booktitle"))
+    arxiv = bibtex_field(bibtex, "eprint") if bibtex_field(bibtex, "archivePrefix").lower() == "arxiv" else ""
+    arxiv = arxiv or (_ARXIV_ID.search(journal).group(1) if _ARXIV_ID.search(journal) else "")
+    venue = m.group(1) if m else _JOURNALS.get(journal) or ("arXiv" if arxiv else journal)
+    return title, f"{title} ({venue} {year})" if venue else title, arxiv
 
 
 @dataclass(frozen=True)
@@ -98,11 +123,14 @@ class FamilySpec:
     models: Tuple[Variant, ...]
     model_cls: Optional[type] = None
     owner: str = "zoo"  # "zoo": registered by metaformer_zoo; "timm": timm's own models, catalogued only
-    paper: str = ""  # title (venue)
+    # identity: ``paper`` ("title (venue year)") and ``arxiv`` are read from the BibTeX ``citation`` where it holds
+    # them; give them only where it does not (e.g. a journal version without its arXiv id)
+    paper: str = ""
     arxiv: str = ""  # e.g. "2210.13452"
     code: str = ""  # official code URL
     license: str = "apache-2.0"
     citation: str = ""  # BibTeX
+    title: str = field(default="", init=False)  # the paper's title (from the BibTeX), timm's ``paper_name``
     cfg: Mapping[str, Any] = field(default_factory=dict)  # pretrained-cfg fields shared by every variant
     official: Optional[OfficialFormat] = None
     dense_out_norms: Optional[Tuple[NormSpec, ...]] = None  # per stage; None = not declared (adapter default)
@@ -127,6 +155,10 @@ class FamilySpec:
             raise ValueError(f"family {self.name!r} needs model_cls (or build) to register its variants")
         if self.dense_out_norms is not None:
             object.__setattr__(self, "dense_out_norms", tuple(self.dense_out_norms))
+        title, paper, arxiv = paper_of(self.citation) if self.citation else (self.paper, self.paper, "")
+        object.__setattr__(self, "paper", self.paper or paper)
+        object.__setattr__(self, "arxiv", self.arxiv or arxiv)
+        object.__setattr__(self, "title", title or self.paper)
         object.__setattr__(self, "cfg", _frozen(self.cfg))
         object.__setattr__(self, "feature_cfg", _frozen(self.feature_cfg))
         object.__setattr__(self, "card", self.card or self.name)
@@ -148,7 +180,7 @@ class FamilySpec:
     def pretrained_cfgs(self) -> Dict[str, Dict[str, Any]]:
         """``{"name.tag": cfg}`` for ``timm.models.generate_default_cfgs`` (the first tag of a variant is its default)."""
         base = dict(num_classes=1000, license=self.license, origin_url=self.code,
-                    paper_ids=f"arXiv:{self.arxiv}" if self.arxiv else "", paper_name=self.paper)
+                    paper_ids=f"arXiv:{self.arxiv}" if self.arxiv else "", paper_name=self.title)
         base.update(self.cfg)
         out = {}
         for v in self.models:

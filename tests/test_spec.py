@@ -16,7 +16,7 @@ import timm
 
 import metaformer_zoo
 from metaformer_zoo import zoo
-from metaformer_zoo.spec import FamilySpec, OfficialFormat, Variant
+from metaformer_zoo.spec import FamilySpec, OfficialFormat, Variant, paper_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -146,3 +146,17 @@ def test_no_family_module_keeps_its_own_tables():
 
 
 assert metaformer_zoo  # imported for its registration side effect
+
+
+def test_paper_identity_from_bibtex():
+    """A spec's paper line, arXiv id and timm paper_name come from its BibTeX; explicit fields win."""
+    conf = "@inproceedings{a,\n  title={Strip-MLP: A},\n  booktitle={Proceedings of the IEEE/CVF (ICCV)},\n  year={2023}\n}"
+    assert paper_of(conf) == ("Strip-MLP: A", "Strip-MLP: A (ICCV 2023)", "")
+    preprint = "@article{b,\n  title   = {{Mixing} and Shifting},\n  journal = {arXiv preprint arXiv:2202.06510},\n" \
+               "  year    = {2022}\n}"
+    assert paper_of(preprint) == ("Mixing and Shifting", "Mixing and Shifting (arXiv 2022)", "2202.06510")
+    eprint = "@misc{c,\n  title = {RaftMLP},\n  year = {2021},\n  eprint = {2108.04384},\n  archivePrefix = {arXiv}\n}"
+    assert paper_of(eprint)[1:] == ("RaftMLP (arXiv 2021)", "2108.04384")
+    fam = zoo.family_of("msmlp_tiny")
+    assert fam.arxiv == "2202.06510" and fam.title == timm.models.get_pretrained_cfg("msmlp_tiny").paper_name
+    assert zoo.family_of("transxnet_t").paper.endswith("(IEEE TNNLS 2025)")

@@ -27,7 +27,7 @@ CITATION = """@article{yu2024metaformer,
 }"""
 
 # family identity shared by IdentityFormer, RandFormer and the composed zoo_metaformer (FamilySpec fields)
-IDENTITY = dict(paper="MetaFormer Baselines for Vision", arxiv="2210.13452",
+IDENTITY = dict(arxiv="2210.13452",
                 code="https://github.com/sail-sg/metaformer", license="apache-2.0", citation=CITATION)
 
 # pretrained-cfg fields shared by every variant (FamilySpec.cfg)

@@ -315,7 +315,6 @@ _TOP1 = "microsoft/TokenMixers README (256 px)"
 SPEC = FamilySpec(
     name="affnet",
     model_cls=AFFNet,
-    paper="Adaptive Frequency Filters As Efficient Global Token Mixers (ICCV 2023)",
     arxiv="2307.14008",
     code="https://github.com/microsoft/TokenMixers",
     license="mit",
@@ -323,7 +322,6 @@ SPEC = FamilySpec(
     cfg=dict(
         input_size=(3, 256, 256), pool_size=(8, 8), crop_pct=0.888, interpolation="bicubic",
         mean=(0., 0., 0.), std=(1., 1., 1.), first_conv="stem.conv.conv", classifier="head.fc",
-        paper_name="Adaptive Frequency Filters As Efficient Global Token Mixers",
         origin_url="https://github.com/microsoft/TokenMixers/tree/main/Adaptive%20Frequency%20Filters",
     ),
     official=OfficialFormat(filter=checkpoint_filter_fn, to_official=official_state_dict, wrapper=None),

@@ -41,8 +41,7 @@ def _variant(size: str) -> Variant:
 
 SPEC = FamilySpec(
     name="hydraformer", model_cls=MetaFormer,
-    paper="Hydra: Bidirectional State Space Models Through Generalized Matrix Mixers (arXiv 2407.09941)",
-    arxiv="2407.09941", code="https://github.com/goombalab/hydra", citation=CITATION,
+    code="https://github.com/goombalab/hydra", citation=CITATION,
     cfg=dict(input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=1.0, interpolation="bicubic",
              mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="stem.conv", classifier="head.fc"),
     official=None, dense_out_norms=("layernorm2d",) * 4, recipe="hydraformer", card="hydraformer",

@@ -290,14 +290,12 @@ def _variant(size: str, res: int) -> Variant:
 SPEC = FamilySpec(
     name="iformer",
     model_cls=InceptionTransformer,
-    paper="Inception Transformer (NeurIPS 2022)",
     arxiv="2205.12956",
     code="https://github.com/sail-sg/iFormer",
     license="apache-2.0",
     citation=CITATION,
     cfg=dict(input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.9, interpolation="bicubic",
-             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="stem.proj1", classifier="head.fc",
-             paper_name="Inception Transformer"),
+             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="stem.proj1", classifier="head.fc"),
     official=OfficialFormat(filter=checkpoint_filter_fn, to_official=official_state_dict, wrapper=None),
     # the official repo has no detection / segmentation code: the raw stage outputs, no per-output norm
     dense_out_norms=(None, None, None, None),

@@ -236,8 +236,6 @@ CITATION = """@article{zheng2022mixing,
   year    = {2022}
 }"""
 
-PAPER_TITLE = "Mixing and Shifting: Exploiting Global and Local Dependencies in Vision MLPs"
-
 
 def _official_url(size: str) -> str:
     return (f"https://tsciencescu.blob.core.windows.net/projectshzheng/MSMLP/released_model/"
@@ -249,13 +247,13 @@ _TOP1_SOURCE = "JegZheng/MS-MLP README"
 # variants: configs/msmlp_{tiny,small,base}_patch4_shift5_224.yaml (EMBED_DIM C -> dims (C, 2C, 4C, 8C))
 SPEC = FamilySpec(
     name="msmlp", model_cls=MSMLP,
-    paper=f"{PAPER_TITLE} (arXiv preprint 2022)", arxiv="2202.06510", code="https://github.com/JegZheng/MS-MLP",
+    code="https://github.com/JegZheng/MS-MLP",
     license="mit", citation=CITATION,
     cfg=dict(
         input_size=(3, 224, 224), pool_size=(7, 7),
         crop_pct=0.875,  # official eval: resize int(256 / 224 * 224) = 256, center crop 224
         interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-        first_conv="stem.proj", classifier="head.fc", paper_name=PAPER_TITLE,
+        first_conv="stem.proj", classifier="head.fc",
     ),
     official=OfficialFormat(filter=checkpoint_filter_fn, to_official=official_state_dict, wrapper="model"),
     # the official repo has no detection/segmentation code and its stage outputs carry no norm: the zoo's dense

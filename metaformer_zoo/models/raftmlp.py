@@ -281,8 +281,6 @@ _TOP1 = "paper arXiv 2108.04384 (recalled; README has none; no weights)"
 SPEC = FamilySpec(
     name="raftmlp",
     model_cls=RaftMLP,
-    paper="RaftMLP: How Much Can Be Done Without Attention and with Less Spatial Locality? (arXiv 2021)",
-    arxiv="2108.04384",
     code="https://github.com/okojoalg/raft-mlp",
     license="apache-2.0",
     citation=CITATION,
@@ -290,7 +288,6 @@ SPEC = FamilySpec(
         input_size=(3, 224, 224), pool_size=(7, 7),
         crop_pct=0.875, interpolation="bilinear",  # official eval: Resize(256) + CenterCrop(224), bilinear
         mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="stem.proj.0", classifier="head.fc",
-        paper_name="RaftMLP: How Much Can Be Done Without Attention and with Less Spatial Locality?",
     ),
     official=OfficialFormat(filter=checkpoint_filter_fn, to_official=official_state_dict, wrapper=None),
     # the official dense wrappers (backbones/__init__.py) return the raw maps: no norm on any output

@@ -276,7 +276,6 @@ def _dims(embed_dim: int) -> Tuple[int, ...]:
 SPEC = FamilySpec(
     name="stripmlp",
     model_cls=StripMLP,
-    paper="Strip-MLP: Efficient Token Interaction for Vision MLP (ICCV 2023)",
     arxiv="2307.11458",
     code="https://github.com/Med-Process/Strip_MLP",
     license="mit",
@@ -285,7 +284,6 @@ SPEC = FamilySpec(
         input_size=(3, 224, 224), pool_size=(7, 7),
         crop_pct=0.875, interpolation="bicubic",  # Swin-style eval: resize 256 (bicubic) + center crop 224
         mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="stem.conv", classifier="head.fc",
-        paper_name="Strip-MLP: Efficient Token Interaction for Vision MLP",
     ),
     official=OfficialFormat(filter=checkpoint_filter_fn, to_official=official_state_dict, wrapper="model"),
     # no official dense code: the stage outputs are used raw

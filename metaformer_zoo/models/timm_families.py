@@ -130,7 +130,7 @@ _MAMBAOUT = _models("yuweihao/MambaOut README", (
     ("mambaout_base", 84_813_092, 15_794_325_760, 84.2),
 ))
 
-_BASELINES = dict(paper="MetaFormer Baselines for Vision", arxiv="2210.13452",
+_BASELINES = dict(arxiv="2210.13452",
                   code="https://github.com/sail-sg/metaformer", citation=BASELINES_CITATION)
 
 
@@ -138,7 +138,7 @@ _BASELINES = dict(paper="MetaFormer Baselines for Vision", arxiv="2210.13452",
 # backbone puts GroupNorm(1, C) (eps 1e-5) on each output; the others have no official dense code (adapter default)
 for _spec in (
     FamilySpec("poolformer", _POOLFORMER, owner="timm",
-               paper="MetaFormer Is Actually What You Need for Vision", arxiv="2111.11418",
+               arxiv="2111.11418",
                code="https://github.com/sail-sg/poolformer", citation=POOLFORMER_CITATION,
                official=OfficialFormat(filter=_META_FILTER, to_official=_pool_v1_to_official),
                dense_out_norms=("groupnorm1",) * 4, recipe="poolformer", card="poolformer"),
@@ -152,7 +152,6 @@ for _spec in (
                official=OfficialFormat(filter=_META_FILTER, to_official=baselines_to_official),
                recipe="caformer", card="convformer_caformer"),
     FamilySpec("mambaout", _MAMBAOUT, owner="timm",
-               paper="MambaOut: Do We Really Need Mamba for Vision?", arxiv="2405.07992",
                code="https://github.com/yuweihao/MambaOut", citation=MAMBAOUT_CITATION,
                official=OfficialFormat(filter=_MAMBAOUT_FILTER, to_official=_mambaout_to_official),
                recipe="mambaout", card="mambaout"),

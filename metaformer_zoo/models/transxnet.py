@@ -299,19 +299,16 @@ CITATION = """@article{lou2025transxnet,
 }"""
 
 _URL = "https://github.com/LMMMEng/TransXNet/releases/download/v1.0/{}.pth.tar"
-_PAPER = "TransXNet: Learning Both Global and Local Dynamics with a Dual Dynamic Token Mixer for Visual Recognition"
 
 SPEC = FamilySpec(
     name="transxnet",
     model_cls=TransXNet,
-    paper=f"{_PAPER} (IEEE TNNLS 2025)",
     arxiv="2310.19380",
     code="https://github.com/LMMMEng/TransXNet",
     license="apache-2.0",
     citation=CITATION,
     cfg=dict(input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.9, interpolation="bicubic",
-             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="stem.conv", classifier="head.fc",
-             paper_name=_PAPER),
+             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="stem.conv", classifier="head.fc"),
     # official files are timm CheckpointSaver dicts (weights under ``state_dict``, EMA weights under ``state_dict_ema``,
     # read first as timm does; the pickled training argparse.Namespace is allowed by the safe reader)
     official=OfficialFormat(filter=checkpoint_filter_fn, to_official=official_state_dict, wrapper="state_dict"),

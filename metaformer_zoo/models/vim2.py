@@ -281,8 +281,6 @@ CITATION = """@article{behrouz2024mambamixer,
   year    = {2024}
 }"""
 
-PAPER_TITLE = "MambaMixer: Efficient Selective State Space Models with Dual Token and Channel Selection"
-
 _TOP1_SOURCE = "paper arXiv 2403.19888v1 (preliminary; zoo model is a reconstruction; no code or weights)"
 
 # variants: dims and drop path of VMamba-v0 vanilla_vmamba_*; depths = MambaMixer layers per stage (reference
@@ -290,12 +288,11 @@ _TOP1_SOURCE = "paper arXiv 2403.19888v1 (preliminary; zoo model is a reconstruc
 # see the card); no weights exist (tag "untrained").
 SPEC = FamilySpec(
     name="vim2", model_cls=Vim2,
-    paper=f"{PAPER_TITLE} (arXiv preprint 2024, v1)", arxiv="2403.19888", code="https://github.com/MambaMixer/M2",
+    code="https://github.com/MambaMixer/M2",
     license="apache-2.0", citation=CITATION,
     cfg=dict(
         url="", input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875, interpolation="bicubic",
         mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="stem.conv", classifier="head.fc",
-        paper_name=PAPER_TITLE,
     ),
     # no official code or checkpoint: the filter validates zoo-layout checkpoints only
     official=OfficialFormat(filter=checkpoint_filter_fn, to_official=None, wrapper=None),
