@@ -1,5 +1,6 @@
 """Distillation across mixers: metaformer_zoo.transfer.transfer_mixers and tools/train.py --teacher (timm.task)."""
 import json
+import math
 import os
 import sys
 
@@ -242,3 +243,32 @@ def test_digits_transfer_and_distillation_beats_scratch(tmp_path, monkeypatch, c
               f"transfer + distillation {distilled:.2f}%")
     assert teacher > 85.0
     assert distilled > scratch + 2.0, (scratch, distilled)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["soft", "feature"])
+def test_torchrun_ddp_distillation_on_cpu(teacher_file, tmp_path, kind):
+    """tools/train.py --teacher under torchrun (two Gloo ranks on CPU): the task's trainable module (the student, plus
+    the feature task's projection) is DDP-wrapped, the frozen teacher is not; rank 0 saves the student alone."""
+    import subprocess
+    from test_train import TINY
+    from metaformer_zoo.data import prepare_digits
+    path, _ = teacher_file
+    data = tmp_path / "data"
+    prepare_digits(str(data), size=32)
+    out = tmp_path / "ddp"
+    tiny = TINY[:TINY.index("--model-kwargs")] + TINY[TINY.index("--digits-size"):]
+    # a narrower student stage 4 (32 vs the teacher's 64): the feature task needs its learned projection
+    student = ["--model-kwargs", "dims=[16, 32, 64, 32]", "depths=[1, 1, 1, 1]", f"token_mixers={HYDRA}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29543",
+           os.path.join(REPO, "tools", "train.py")] + tiny + student + [
+        "--epochs", "1", "--max-steps-per-epoch", "4", "--output", str(out), "--teacher", "zoo_metaformer",
+        "--teacher-checkpoint", path, "--distill-type", kind]
+    env = dict(os.environ, METAFORMER_ZOO_DATA=str(data), PYTHONPATH=REPO)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ckpt = torch.load(out / "last.pth.tar", weights_only=True)
+    assert ckpt["args"]["world_size"] == 2 and ckpt["args"]["distill_type"] == kind and ckpt["step"] == 4
+    sd = ckpt["state_dict"]
+    assert sd["stages.3.blocks.0.norm1.weight"].shape == (32,) and not any(k.startswith("teacher") for k in sd)
+    assert ckpt["history"][-1]["n"] == 359 and math.isfinite(ckpt["history"][-1]["train_loss"])

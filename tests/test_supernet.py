@@ -172,6 +172,85 @@ def test_placement_search_pareto_front():
     assert chosen == dict(fast=("a",), balanced=("d",), accurate=("b",))
 
 
+_DDP_SANDWICH = """
+import sys, torch, timm, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import metaformer_zoo, train
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+kw = dict(dims=(16, 32, 48, 64), depths=(1, 1, 2, 1), mixers=("pooling", "sepconv", "attention"), num_classes=10,
+          img_size=32)
+torch.manual_seed(0)
+model = timm.create_model("zoo_supernet", **kw).train()
+ref = timm.create_model("zoo_supernet", **kw).train()
+ref.load_state_dict(model.state_dict())
+before = {k: v.clone() for k, v in model.state_dict().items()}
+args = train.parse_args(["--sandwich", "2", "--seed", "0"])
+g = torch.Generator().manual_seed(1)
+data = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(2)]
+no_amp, ce, lr = (lambda: torch.autocast("cpu", enabled=False)), torch.nn.CrossEntropyLoss(), 0.5
+ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+opt = torch.optim.SGD(model.parameters(), lr=lr)
+opt.zero_grad()
+train.sandwich_step(ddp, *data[rank], ce, args, no_amp, None, opt, step=0)
+# reference in one process: the same placements on both ranks' batches, gradients accumulated (lr 0 steps), averaged
+frozen = torch.optim.SGD(ref.parameters(), lr=0.0)
+frozen.zero_grad()
+for x, y in data:
+    train.sandwich_step(ref, x, y, ce, args, no_amp, None, frozen, step=0)
+with torch.no_grad():
+    for p in ref.parameters():
+        if p.grad is not None:
+            p -= lr * p.grad / 2
+err = max((a - b).abs().max().item() for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+assert err < 1e-5, err
+assert any(".candidates.attention." in k for k in moved) and any(".candidates.sepconv." in k for k in moved), moved
+flat = torch.cat([v.flatten().float() for v in model.state_dict().values()])
+both = [torch.empty_like(flat) for _ in range(2)]
+dist.all_gather(both, flat)
+assert torch.equal(both[0], both[1]), "ranks diverged"
+print(f"rank {rank} OK max err {err:.2e}, {len(moved)} tensors moved")
+dist.destroy_process_group()
+""".strip()
+
+
+@pytest.mark.slow
+def test_ddp_sandwich_step_equals_the_averaged_gradient(tmp_path):
+    """Two Gloo ranks, a different batch each, one sandwich step (3 placements, DDP no_sync until the last): every
+    tensor equals one SGD step on the average of both batches' accumulated gradients, and the ranks agree."""
+    script = tmp_path / "ddp_sandwich.py"
+    script.write_text(_DDP_SANDWICH)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29542",
+                          str(script), os.path.join(REPO, "tools")], env=dict(os.environ, PYTHONPATH=REPO),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.count(" OK max err ") == 2
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_sandwich_on_cpu(tmp_path):
+    """tools/train.py --sandwich under torchrun (two Gloo ranks on CPU): both ranks step the supernet identically."""
+    data = tmp_path / "data"
+    from metaformer_zoo.data import prepare_digits
+    prepare_digits(str(data), size=32)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+           os.path.join(REPO, "tools", "train.py"), "--model", "zoo_supernet", "--model-kwargs",
+           "dims=[16, 24, 32, 48]", "depths=[1, 1, 2, 1]", "mixers=['pooling', 'sepconv', 'attention']",
+           "--sandwich", "1", "--digits-size", "32", "--img-size", "32", "--crop-pct", "1.0", "-b", "16",
+           "--lr", "3e-3", "--warmup-epochs", "0", "--workers", "0", "--no-progress", "--max-steps-per-epoch", "6",
+           "--seed", "3", "--epochs", "1", "--output", str(out)]
+    subprocess.run(cmd, env=dict(os.environ, METAFORMER_ZOO_DATA=str(data), PYTHONPATH=REPO), check=True,
+                   timeout=900)
+    ckpt = torch.load(out / "last.pth.tar", weights_only=True)
+    assert ckpt["args"]["world_size"] == 2 and ckpt["args"]["sandwich"] == 1 and ckpt["step"] == 6
+    model = timm.create_model("zoo_supernet", dims=(16, 24, 32, 48), depths=(1, 1, 2, 1),
+                              mixers=("pooling", "sepconv", "attention"), num_classes=10, img_size=32)
+    model.load_state_dict(ckpt["state_dict"])  # presets travel with the weights
+    assert set(model.presets) >= {"fast", "accurate"}
+
+
 @pytest.mark.slow
 def test_supernet_digits_demonstration(tmp_path):
     """One supernet trained once on digits (--recipe supernet_digits, --sandwich 1); >= 3 placements at >= 95 %

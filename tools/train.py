@@ -449,18 +449,23 @@ def sandwich_step(model, x, y, loss_fn, args, amp_ctx, loss_scaler, optimizer, s
     teacher, first = None, None
     for k, placement in enumerate(placements):
         net.set_placement(placement)
-        with amp_ctx():
-            out = model(x)
+        # DDP: gradients accumulate locally and are all-reduced once, in the last placement's backward
+        last = k == len(placements) - 1
+        sync = model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not last \
+            else contextlib.nullcontext()
+        with sync:
+            with amp_ctx():
+                out = model(x)
+                if teacher is None:
+                    loss = loss_fn(out, y)
+                else:
+                    loss = nn.functional.kl_div(out.float().log_softmax(-1), teacher, reduction="batchmean")
             if teacher is None:
-                loss = loss_fn(out, y)
+                teacher, first = out.detach().float().softmax(-1), loss.detach()
+            if loss_scaler is not None:
+                loss_scaler._scaler.scale(loss).backward()
             else:
-                loss = nn.functional.kl_div(out.float().log_softmax(-1), teacher, reduction="batchmean")
-        if teacher is None:
-            teacher, first = out.detach().float().softmax(-1), loss.detach()
-        if loss_scaler is not None:
-            loss_scaler._scaler.scale(loss).backward()
-        else:
-            loss.backward()
+                loss.backward()
     net.set_placement(placements[0])
     if loss_scaler is not None:
         if args.clip_grad is not None:
