@@ -32,7 +32,7 @@ from timm.layers import LayerNorm2d
 from timm.models import group_parameters
 from timm.models._hub import download_cached_file
 
-from ..checkpoint import CheckpointError, allow_safe_globals, load_checkpoint_file, unwrap_state_dict
+from ..checkpoint import CheckpointError, allow_safe_globals, load_checkpoint_file, misfit_error, unwrap_state_dict
 from ..layers import get_norm
 from ..zoo import family_of
 
@@ -186,17 +186,9 @@ def prepare_trunk_state_dict(
     shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
               for k, v in sd.items() if k in target and tuple(v.shape) != tuple(target[k].shape)]
     if missing or unexpected or shapes:
-        def fmt(keys, n=6):
-            return ", ".join(keys[:n]) + (f" ... (+{len(keys) - n} more)" if len(keys) > n else "")
-        parts = [f"{source} does not fit the {model_name} backbone:"]
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {fmt(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {fmt(unexpected)}")
-        if shapes:
-            parts.append(f"{len(shapes)} mis-shaped tensor(s): {fmt(shapes, 3)}")
-        parts.append("Is it a checkpoint of this variant (depths/dims) and family? Nothing was loaded.")
-        raise CheckpointError("\n  ".join(parts))
+        raise misfit_error(f"{source} does not fit the {model_name} backbone:", missing, unexpected, shapes,
+                           "Is it a checkpoint of this variant (depths/dims) and family? Nothing was loaded.",
+                           limits=(6, 6, 3))
     return sd, norm_sd
 
 
