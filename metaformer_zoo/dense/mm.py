@@ -1,4 +1,5 @@
-"""mmengine-registered backbone adapter and layer-wise lr decay constructor (see ``metaformer_zoo.dense``)."""
+"""mmengine-registered backbone adapter, layer-wise lr decay constructor and the task bases' backbone entry (see
+``metaformer_zoo.dense``)."""
 from typing import Dict, List, Optional, Union
 
 import torch.nn as nn
@@ -8,7 +9,26 @@ from mmengine.registry import MODELS, OPTIM_WRAPPER_CONSTRUCTORS
 
 from .core import DenseBackboneMixin, layer_id_map
 
-__all__ = ["MetaFormerZooBackbone", "MetaFormerZooLayerDecayOptimizerConstructor"]
+__all__ = ["MetaFormerZooBackbone", "MetaFormerZooLayerDecayOptimizerConstructor", "zoo_backbone_cfg"]
+
+
+def zoo_backbone_cfg(**options) -> dict:
+    """The ``model.backbone`` entry of the task bases (``configs/mmdet/_base_/*_zoo.py``, ``configs/mmseg/_base_/``):
+    a ``MetaFormerZooBackbone`` in place of the packaged base's ResNet (``_delete_``), all four stages, nothing
+    frozen, the family's official output norms and timm's ImageNet weights through the model's pretrained cfg
+    (``'timm'`` or ``'timm:<name>.<tag>'``; a path / URL of a zoo, timm or official checkpoint also works, loaded
+    strictly, head dropped). ``options`` add or replace entries (RetinaNet: ``out_norm_skip=(0, )``); the per-model
+    configs set ``model_name`` and ``drop_path_rate``.
+
+    The task bases call it from Python (an mmengine config is Python; the function itself does not reach the merged
+    config): a shared ``_base_`` cannot carry the entry, since mmengine refuses a ``model`` key in two sibling bases
+    and any other key of a base would stay in every merged config.
+    """
+    cfg = dict(_delete_=True, type="MetaFormerZooBackbone", model_name="caformer_s18", out_indices=(0, 1, 2, 3),
+               frozen_stages=-1, norm_eval=False, drop_path_rate=0.1, out_norms="official")
+    cfg.update(options)
+    cfg.setdefault("init_cfg", dict(type="Pretrained", checkpoint="timm"))
+    return cfg
 
 
 @MODELS.register_module()
