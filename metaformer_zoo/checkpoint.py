@@ -29,13 +29,14 @@ import collections
 import os
 import pickle
 import re
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 __all__ = ["CheckpointError", "SAFE_GLOBALS", "allow_safe_globals", "load_checkpoint_file", "unwrap_state_dict",
-           "validate_state_dict", "check_classifier", "official_layout_pre_hook", "remap_keys", "linear_to_conv1x1"]
+           "validate_state_dict", "misfit_error", "check_classifier", "run_family_filter", "official_layout_pre_hook",
+           "remap_keys", "linear_to_conv1x1"]
 
 # the (stand-in, "module.Name") form of safe_globals needs torch >= 2.5
 _CFGNODE = (collections.OrderedDict, "yacs.config.CfgNode")
@@ -198,10 +199,23 @@ def linear_to_conv1x1(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> 
     return state_dict
 
 
-def _fmt(keys: Iterable[str], limit: int = 8) -> str:
-    keys = sorted(keys)
+def _fmt(keys: Sequence[str], limit: int = 8) -> str:
     more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
+
+
+def misfit_error(header: str, missing: Sequence[str], unexpected: Sequence[str], mismatched: Sequence[str],
+                 advice: str, limits: Tuple[int, int, int] = (8, 8, 4)) -> CheckpointError:
+    """The ``CheckpointError`` of a state dict that does not fit a model: ``header``, then one line per non-empty
+    list (missing keys, unexpected keys, mis-shaped tensors; each with its count and at most ``limits[i]`` entries,
+    in the order given), then ``advice``."""
+    parts = [header]
+    for keys, what, limit in zip((missing, unexpected, mismatched),
+                                 ("missing key(s)", "unexpected key(s)", "mis-shaped tensor(s)"), limits):
+        if keys:
+            parts.append(f"{len(keys)} {what}: {_fmt(keys, limit)}")
+    parts.append(advice)
+    return CheckpointError("\n  ".join(parts))
 
 
 def validate_state_dict(
@@ -224,26 +238,20 @@ def validate_state_dict(
     def _head_refit(k):
         return k in head_keys and (k not in target or tuple(target[k].shape) != tuple(state_dict[k].shape))
 
-    missing = [k for k in target if k not in state_dict and not (allow_missing and allow_missing(k))]
-    unexpected = [k for k in state_dict if k not in target and not _head_refit(k)]
-    mismatched = [
+    missing = sorted(k for k in target if k not in state_dict and not (allow_missing and allow_missing(k)))
+    unexpected = sorted(k for k in state_dict if k not in target and not _head_refit(k))
+    mismatched = sorted(
         f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(target[k].shape)}"
         for k in state_dict
         if k in target and tuple(state_dict[k].shape) != tuple(target[k].shape) and not _head_refit(k)
-    ]
+    )
     if missing or unexpected or mismatched:
         name = getattr(model, "pretrained_cfg", {}).get("architecture") if hasattr(model, "pretrained_cfg") else None
         name = name or type(model).__name__
-        parts = [f"{source} does not fit {name}:"]
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {_fmt(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {_fmt(unexpected)}")
-        if mismatched:
-            parts.append(f"{len(mismatched)} mis-shaped tensor(s): {_fmt(mismatched, 4)}")
-        parts.append("Check that the checkpoint is for this variant (depths/dims) and family, and that the model was "
-                     "created with the same num_classes / img_size as the checkpoint. Nothing was loaded.")
-        raise CheckpointError("\n  ".join(parts))
+        raise misfit_error(
+            f"{source} does not fit {name}:", missing, unexpected, mismatched,
+            "Check that the checkpoint is for this variant (depths/dims) and family, and that the model was created "
+            "with the same num_classes / img_size as the checkpoint. Nothing was loaded.")
     return state_dict
 
 
@@ -264,6 +272,27 @@ def check_classifier(state_dict: Mapping[str, torch.Tensor], model: nn.Module, s
                 f"{tuple(target[k].shape)}: create the model with num_classes={n} (tools/convert.py --num-classes "
                 f"{n}), or load it with pretrained=True and pretrained_cfg_overlay=dict(file=...), which "
                 f"re-initialises a re-sized classifier. Nothing was loaded.")
+
+
+# what a family filter raises when it is handed a file it cannot read as an official layout (reworded as a misfit)
+_FILTER_FAILURES = (KeyError, IndexError, RuntimeError, ValueError, TypeError, AttributeError)
+
+
+def run_family_filter(filter_fn: Callable, state_dict: Any, model: nn.Module, where: str, failed: str,
+                      filter_name: str, hint: str) -> Any:
+    """``filter_fn(state_dict, model)`` (a family's ``checkpoint_filter_fn``), every error as a ``CheckpointError``.
+
+    The filter's own ``CheckpointError`` (a misfit it diagnosed) comes back prefixed with ``where``; any other error
+    of ``_FILTER_FAILURES`` (the filter choked on a layout it was not written for) becomes ``"{failed}: the
+    {filter_name} checkpoint filter failed with <error>. {hint} Nothing was loaded."``.
+    """
+    try:
+        return filter_fn(state_dict, model)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    except _FILTER_FAILURES as e:
+        raise CheckpointError(f"{failed}: the {filter_name} checkpoint filter failed with {type(e).__name__}: {e}. "
+                              f"{hint} Nothing was loaded.") from e
 
 
 def official_layout_pre_hook(module: nn.Module, state_dict: Dict[str, Any], prefix: str, local_metadata: dict,
@@ -291,14 +320,9 @@ def official_layout_pre_hook(module: nn.Module, state_dict: Dict[str, Any], pref
     if any(f"{a}.weight" in state_dict for a in anchors) or (not anchors and any(k in own for k in state_dict)):
         return
     source = "state dict (official layout)"
-    try:
-        converted = dict(filter_fn(dict(state_dict), module))
-    except CheckpointError as e:
-        raise CheckpointError(f"{source}: {e}") from None
-    except (KeyError, IndexError, RuntimeError, ValueError, TypeError, AttributeError) as e:
-        raise CheckpointError(
-            f"{source} -> {type(module).__name__}: the family's checkpoint filter failed with {type(e).__name__}: {e}. "
-            f"It is probably not an official checkpoint of this family and variant. Nothing was loaded.") from e
+    converted = dict(run_family_filter(
+        filter_fn, dict(state_dict), module, where=source, failed=f"{source} -> {type(module).__name__}",
+        filter_name="family's", hint="It is probably not an official checkpoint of this family and variant."))
     check_classifier(converted, module, source)
     state_dict.clear()
     state_dict.update(converted)

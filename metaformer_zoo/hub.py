@@ -34,7 +34,8 @@ from timm.models import save_for_hf
 
 from .builder import WeightsUnavailableError, weights_source, weights_unavailable_error
 from .checkpoint import (
-    CheckpointError, check_classifier, load_checkpoint_file, remap_keys, unwrap_state_dict, validate_state_dict)
+    CheckpointError, check_classifier, load_checkpoint_file, remap_keys, run_family_filter, unwrap_state_dict,
+    validate_state_dict)
 from .spec import FamilySpec, OfficialFormat
 from .version import __version__
 from .zoo import count_macs, count_params, family_of, list_families, published_results
@@ -84,19 +85,15 @@ def convert_checkpoint(model_name: str, checkpoint: Union[str, Mapping[str, Any]
     raw = load_official_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     source = str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "checkpoint"
     model = timm.create_model(model_name, pretrained=False, **model_kwargs)
-    try:
-        state_dict = protocol.filter(raw, model)
-    except CheckpointError as e:
-        raise CheckpointError(f"{source} -> {model_name}: {e}") from None
-    except (KeyError, IndexError, RuntimeError, ValueError, TypeError, AttributeError) as e:
-        raise CheckpointError(
-            f"{source} -> {model_name}: the {fam.name} checkpoint filter failed with {type(e).__name__}: {e}. The file "
-            f"is probably not an official {fam.name} checkpoint of this variant. Nothing was loaded.") from e
-    check_classifier(state_dict, model, f"{source} -> {model_name}")
+    where = f"{source} -> {model_name}"
+    state_dict = run_family_filter(
+        protocol.filter, raw, model, where=where, failed=where, filter_name=fam.name,
+        hint=f"The file is probably not an official {fam.name} checkpoint of this variant.")
+    check_classifier(state_dict, model, where)
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{source} -> {model_name}: {e}") from None
+        raise CheckpointError(f"{where}: {e}") from None
     return model.eval()
 
 

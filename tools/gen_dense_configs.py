@@ -21,11 +21,24 @@ import metaformer_zoo
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # family -> variants (name -> drop path), dp_note, tasks ({task: variants}), recipes ({task: (overrides, note)}),
-# model_kwargs
+# model_kwargs. A task without a recipe gets the base's generic one (TASKS: GENERIC_*).
 GENERIC_DET = "no official detection recipe: Swin / ConvNeXt / VMamba AdamW recipe of the base"
 GENERIC_SEG = "no official Semantic FPN recipe: PoolFormer / PVT recipe of the base"
 GENERIC_UPER = "no official UperNet recipe: Swin recipe of the base"
 ALL = ("mask_rcnn", "retinanet", "fpn", "upernet")
+IN1K_DP = "ImageNet-1k drop path"
+
+
+def one_variant(model: str, drop_path: float, dp_note: str = IN1K_DP, **entry) -> dict:
+    """The table entry of a family whose configs (every task) use one variant, ``model`` with ``drop_path``."""
+    return dict(variants={model: drop_path}, dp_note=dp_note, **entry)
+
+
+def adamw(lr: float, weight_decay: float, **paramwise) -> dict:
+    """Optimizer overrides of an official recipe: AdamW ``lr`` / ``weight_decay``, and the base's paramwise_cfg
+    (no decay on norms) replaced by ``paramwise`` (none given: plain decay everywhere)."""
+    return dict(optimizer=dict(lr=lr, weight_decay=weight_decay), paramwise_cfg=dict(_delete_=True, **paramwise))
+
 
 DENSE = {
     "poolformer": dict(
@@ -37,50 +50,42 @@ DENSE = {
                "upernet": ["poolformer_s12"]},
         dp_note="official fork_feat backbones use the default drop_path_rate=0",
         recipes={
-            "mask_rcnn": (dict(optimizer=dict(lr=2e-4, weight_decay=1e-4), paramwise_cfg=dict(_delete_=True)),
-                          "official (sail-sg/poolformer detection): AdamW lr 2e-4, wd 1e-4"),
+            "mask_rcnn": (adamw(2e-4, 1e-4), "official (sail-sg/poolformer detection): AdamW lr 2e-4, wd 1e-4"),
             "retinanet": ({}, "official (sail-sg/poolformer detection): AdamW lr 1e-4, wd 1e-4, FORK_LAST3 norm0=Identity"),
             "fpn": ({}, "official (sail-sg/poolformer segmentation): AdamW lr 2e-4, wd 1e-4, poly 0.9, 40k iters"),
-            "upernet": ({}, GENERIC_UPER),
         }),
-    "poolformerv2": dict(variants={"poolformerv2_s12": 0.1}, dp_note="ImageNet-1k drop path"),
-    "convformer": dict(variants={"convformer_s18": 0.2}, dp_note="ImageNet-1k drop path"),
-    "caformer": dict(variants={"caformer_s18": 0.15}, dp_note="ImageNet-1k drop path"),
-    "mambaout": dict(variants={"mambaout_tiny": 0.2}, dp_note="ImageNet-1k drop path"),
-    "identityformer": dict(variants={"identityformer_s12": 0.1}, dp_note="ImageNet-1k drop path"),
-    "randformer": dict(variants={"randformer_s12": 0.1}, dp_note="ImageNet-1k drop path",
-                       model_kwargs=dict(random_mixing_resize=True)),
-    "iformer": dict(variants={"iformer_small": 0.2}, dp_note="ImageNet-1k drop path"),
-    "transxnet": dict(
-        variants={"transxnet_t": 0.1},
-        dp_note="official detection configs (T 0.1)",
+    "poolformerv2": one_variant("poolformerv2_s12", 0.1),
+    "convformer": one_variant("convformer_s18", 0.2),
+    "caformer": one_variant("caformer_s18", 0.15),
+    "mambaout": one_variant("mambaout_tiny", 0.2),
+    "identityformer": one_variant("identityformer_s12", 0.1),
+    "randformer": one_variant("randformer_s12", 0.1, model_kwargs=dict(random_mixing_resize=True)),
+    "iformer": one_variant("iformer_small", 0.2),
+    "transxnet": one_variant(
+        "transxnet_t", 0.1, "official detection configs (T 0.1)",
         recipes={
-            "mask_rcnn": (dict(optimizer=dict(lr=1e-4, weight_decay=0.05),
-                               paramwise_cfg=dict(_delete_=True, custom_keys=dict(norm=dict(decay_mult=0.0)))),
+            "mask_rcnn": (adamw(1e-4, 0.05, custom_keys=dict(norm=dict(decay_mult=0.0))),
                           "official (LMMMEng/TransXNet detection): AdamW lr 1e-4, wd 0.05, decay_mult 0 on 'norm' keys"),
             "retinanet": ({}, "official (LMMMEng/TransXNet detection): AdamW lr 1e-4, wd 1e-4, start_level=1"),
             "fpn": ("transxnet_fpn", "official (LMMMEng/TransXNet segmentation): AdamW lr 2e-4, wd 1e-4, cosine, "
                                      "1000-iter warmup, 80k iters"),
-            "upernet": ({}, GENERIC_UPER),
         }),
-    "affnet": dict(variants={"affnet": 0.0}, dp_note="ImageNet recipe has no drop path"),
-    "raftmlp": dict(
-        variants={"raftmlp_s": 0.1}, dp_note="zoo choice (official configs: none given)",
+    "affnet": one_variant("affnet", 0.0, "ImageNet recipe has no drop path"),
+    "raftmlp": one_variant(
+        "raftmlp_s", 0.1, "zoo choice (official configs: none given)",
         recipes={
-            "mask_rcnn": (dict(optimizer=dict(lr=1e-4, weight_decay=1e-4), paramwise_cfg=dict(_delete_=True)),
-                          "official (okojoalg/raft-mlp detection): AdamW lr 1e-4, wd 1e-4"),
+            "mask_rcnn": (adamw(1e-4, 1e-4), "official (okojoalg/raft-mlp detection): AdamW lr 1e-4, wd 1e-4"),
             "retinanet": ({}, "official (okojoalg/raft-mlp detection): AdamW lr 1e-4, wd 1e-4"),
             "fpn": ({}, "official (okojoalg/raft-mlp segmentation): AdamW lr 2e-4, wd 1e-4, poly, 40k iters"),
-            "upernet": ({}, GENERIC_UPER),
         }),
-    "msmlp": dict(variants={"msmlp_tiny": 0.2}, dp_note="ImageNet-1k drop path"),
-    "stripmlp": dict(variants={"stripmlp_light_t": 0.1}, dp_note="zoo choice"),
-    "vim2": dict(variants={"vim2_tiny": 0.2},
-                 dp_note="VMamba-T value (the paper follows VMamba)",
-                 recipes={"mask_rcnn": ({}, "paper: mmdetection 'following VMamba', AdamW lr 1e-4 (wd 0.05 VMamba)"),
-                          "retinanet": ({}, "no RetinaNet in the paper: base recipe"),
-                          "fpn": ({}, GENERIC_SEG),
-                          "upernet": ({}, "paper: UperNet 512x512, AdamW lr 6e-5, batch 16; 160k as VMamba")}),
+    "msmlp": one_variant("msmlp_tiny", 0.2),
+    "stripmlp": one_variant("stripmlp_light_t", 0.1, "zoo choice"),
+    "vim2": one_variant(
+        "vim2_tiny", 0.2, "VMamba-T value (the paper follows VMamba)",
+        recipes={"mask_rcnn": ({}, "paper: mmdetection 'following VMamba', AdamW lr 1e-4 (wd 0.05 VMamba)"),
+                 "retinanet": ({}, "no RetinaNet in the paper: base recipe"),
+                 "fpn": ({}, GENERIC_SEG),
+                 "upernet": ({}, "paper: UperNet 512x512, AdamW lr 6e-5, batch 16; 160k as VMamba")}),
 }
 
 TASKS = {
@@ -119,7 +124,7 @@ def dense_table(family) -> dict:
     """The generator's entry for a catalogued family: ``DENSE``'s, or the default (first variant, every task)."""
     entry = DENSE.get(family.name)
     if entry is None:
-        entry = dict(variants={family.variants[0]: DEFAULT["dp"]}, dp_note=DEFAULT["dp_note"])
+        entry = one_variant(family.variants[0], DEFAULT["dp"], DEFAULT["dp_note"])
     return entry
 
 

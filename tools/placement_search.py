@@ -39,6 +39,7 @@ from metaformer_zoo.checkpoint import CheckpointError, load_checkpoint_file, val
 from metaformer_zoo.data import EVAL_SPLITS, find_split, prepare_digits  # noqa: E402
 from metaformer_zoo.hub import export_folder  # noqa: E402
 from metaformer_zoo.zoo import count_macs  # noqa: E402
+from validate import write_results  # noqa: E402  (tools/validate.py, next to this file)
 
 
 TRAIN_DATA_KEYS = ("model", "data_dir", "digits_size", "img_size", "crop_pct")
@@ -261,11 +262,7 @@ def main(argv=None):
                                                         for r in front]))
         print(f"presets written to {args.write_presets} (timm.create_model('local-dir:{args.write_presets}', "
               f"pretrained=True).presets)")
-    result = dict(rows=rows, front=front, presets=chosen)
-    if args.results_file:
-        with open(args.results_file, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return write_results(args.results_file, dict(rows=rows, front=front, presets=chosen))
 
 
 if __name__ == "__main__":

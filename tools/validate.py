@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def write_results(path: str, result):
+    """``--results-file``: write ``result`` there as JSON when a path is given; returns ``result``."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
@@ -140,10 +148,7 @@ def main(argv=None):
     print("| model | weights | top1 | top5 | images | img_size | crop_pct |\n|---|---|---|---|---|---|---|")
     print(f"| {name} | {weights} | {res['top1']:.2f} | {res['top5']:.2f} | {n} | {res['img_size']} "
           f"| {res['crop_pct']} |")
-    if args.results_file:
-        with open(args.results_file, "w") as f:
-            json.dump(res, f, indent=1)
-    return res
+    return write_results(args.results_file, res)
 
 
 if __name__ == "__main__":

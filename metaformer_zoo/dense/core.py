@@ -32,7 +32,7 @@ from timm.layers import LayerNorm2d
 from timm.models import group_parameters
 from timm.models._hub import download_cached_file
 
-from ..checkpoint import CheckpointError, allow_safe_globals, load_checkpoint_file, unwrap_state_dict
+from ..checkpoint import CheckpointError, allow_safe_globals, load_checkpoint_file, misfit_error, unwrap_state_dict
 from ..layers import get_norm
 from ..zoo import family_of
 
@@ -186,17 +186,9 @@ def prepare_trunk_state_dict(
     shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
               for k, v in sd.items() if k in target and tuple(v.shape) != tuple(target[k].shape)]
     if missing or unexpected or shapes:
-        def fmt(keys, n=6):
-            return ", ".join(keys[:n]) + (f" ... (+{len(keys) - n} more)" if len(keys) > n else "")
-        parts = [f"{source} does not fit the {model_name} backbone:"]
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {fmt(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {fmt(unexpected)}")
-        if shapes:
-            parts.append(f"{len(shapes)} mis-shaped tensor(s): {fmt(shapes, 3)}")
-        parts.append("Is it a checkpoint of this variant (depths/dims) and family? Nothing was loaded.")
-        raise CheckpointError("\n  ".join(parts))
+        raise misfit_error(f"{source} does not fit the {model_name} backbone:", missing, unexpected, shapes,
+                           "Is it a checkpoint of this variant (depths/dims) and family? Nothing was loaded.",
+                           limits=(6, 6, 3))
     return sd, norm_sd
 
 
@@ -221,6 +213,18 @@ def layer_id_map(trunk: nn.Module) -> Tuple[Dict[str, int], int]:
 
 
 # --- the adapter -------------------------------------------------------------------------------------------------
+def _stage_indices(model_name: str, n: int, out_indices: Sequence[int], frozen_stages: int) -> Tuple[int, ...]:
+    """``out_indices`` as increasing stage indices (negative ones count from the end), checked together with
+    ``frozen_stages`` against the ``n`` stages of the model."""
+    out_indices = tuple(int(i) + n if int(i) < 0 else int(i) for i in out_indices)
+    if not out_indices or any(i < 0 or i >= n for i in out_indices) or list(out_indices) != sorted(set(out_indices)):
+        raise ValueError(f"out_indices {out_indices} must be increasing stage indices in [0, {n - 1}] "
+                         f"({model_name} has {n} stages)")
+    if frozen_stages >= n:
+        raise ValueError(f"frozen_stages={frozen_stages} but {model_name} has only {n} stages (max {n - 1})")
+    return out_indices
+
+
 class DenseBackboneMixin:
     """Shared implementation; the host class is an ``nn.Module`` and calls ``_setup_backbone`` in ``__init__``."""
 
@@ -237,6 +241,9 @@ class DenseBackboneMixin:
             with_cp: bool = False,
             model_kwargs: Optional[Dict[str, Any]] = None,
     ):
+        """The adapter's options, in the one place they are declared: the host classes (``DenseBackbone``,
+        ``MetaFormerZooBackbone``, whose docstring describes each) pass their positional and keyword arguments
+        through, keeping only their own (``checkpoint`` / ``pretrained``, ``init_cfg``)."""
         if not timm.is_model(model_name.split(".")[0]):
             raise ValueError(f"unknown model {model_name!r}: not registered with timm (is its family installed? "
                              f"`python -m metaformer_zoo list` shows the zoo)")
@@ -247,13 +254,7 @@ class DenseBackboneMixin:
         self.model_kwargs.pop("pretrained", None)
         model = timm.create_model(model_name, pretrained=False, **self.model_kwargs)
         n = len(model.feature_info)
-        out_indices = tuple(int(i) + n if int(i) < 0 else int(i) for i in out_indices)
-        if not out_indices or any(i < 0 or i >= n for i in out_indices) or list(out_indices) != sorted(set(out_indices)):
-            raise ValueError(f"out_indices {out_indices} must be increasing stage indices in [0, {n - 1}] "
-                             f"({model_name} has {n} stages)")
-        if frozen_stages >= n:
-            raise ValueError(f"frozen_stages={frozen_stages} but {model_name} has only {n} stages (max {n - 1})")
-        self.out_indices = out_indices
+        self.out_indices = out_indices = _stage_indices(model_name, n, out_indices, frozen_stages)
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.pad_input = pad_input
@@ -391,17 +392,12 @@ def _read_checkpoint(path: str, map_location: str = "cpu"):
 
 
 class DenseBackbone(DenseBackboneMixin, nn.Module):
-    """Framework-free backbone (same arguments as ``MetaFormerZooBackbone`` minus ``init_cfg``; ``checkpoint=``
-    loads weights strictly at construction)."""
+    """Framework-free backbone (same arguments as ``MetaFormerZooBackbone`` minus ``pretrained`` / ``init_cfg``,
+    declared by ``DenseBackboneMixin._setup_backbone``; ``checkpoint=`` loads weights strictly at construction)."""
 
-    def __init__(self, model_name: str, out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1,
-                 norm_eval: bool = False, drop_path_rate: Optional[float] = None,
-                 out_norms: Union[bool, str, Sequence[Any]] = "official", out_norm_skip: Sequence[int] = (),
-                 pad_input: bool = True, with_cp: bool = False, model_kwargs: Optional[Dict[str, Any]] = None,
-                 checkpoint: Optional[str] = None):
+    def __init__(self, *args, checkpoint: Optional[Union[str, Mapping[str, torch.Tensor]]] = None, **kwargs):
         nn.Module.__init__(self)
-        self._setup_backbone(model_name, out_indices, frozen_stages, norm_eval, drop_path_rate, out_norms,
-                             out_norm_skip, pad_input, with_cp, model_kwargs)
+        self._setup_backbone(*args, **kwargs)
         if checkpoint is not None:
             self.load_checkpoint(checkpoint)
 

@@ -1,5 +1,6 @@
-"""mmengine-registered backbone adapter and layer-wise lr decay constructor (see ``metaformer_zoo.dense``)."""
-from typing import Any, Dict, List, Optional, Sequence, Union
+"""mmengine-registered backbone adapter, layer-wise lr decay constructor and the task bases' backbone entry (see
+``metaformer_zoo.dense``)."""
+from typing import Dict, List, Optional, Union
 
 import torch.nn as nn
 from mmengine.model import BaseModule
@@ -8,7 +9,26 @@ from mmengine.registry import MODELS, OPTIM_WRAPPER_CONSTRUCTORS
 
 from .core import DenseBackboneMixin, layer_id_map
 
-__all__ = ["MetaFormerZooBackbone", "MetaFormerZooLayerDecayOptimizerConstructor"]
+__all__ = ["MetaFormerZooBackbone", "MetaFormerZooLayerDecayOptimizerConstructor", "zoo_backbone_cfg"]
+
+
+def zoo_backbone_cfg(**options) -> dict:
+    """The ``model.backbone`` entry of the task bases (``configs/mmdet/_base_/*_zoo.py``, ``configs/mmseg/_base_/``):
+    a ``MetaFormerZooBackbone`` in place of the packaged base's ResNet (``_delete_``), all four stages, nothing
+    frozen, the family's official output norms and timm's ImageNet weights through the model's pretrained cfg
+    (``'timm'`` or ``'timm:<name>.<tag>'``; a path / URL of a zoo, timm or official checkpoint also works, loaded
+    strictly, head dropped). ``options`` add or replace entries (RetinaNet: ``out_norm_skip=(0, )``); the per-model
+    configs set ``model_name`` and ``drop_path_rate``.
+
+    The task bases call it from Python (an mmengine config is Python; the function itself does not reach the merged
+    config): a shared ``_base_`` cannot carry the entry, since mmengine refuses a ``model`` key in two sibling bases
+    and any other key of a base would stay in every merged config.
+    """
+    cfg = dict(_delete_=True, type="MetaFormerZooBackbone", model_name="caformer_s18", out_indices=(0, 1, 2, 3),
+               frozen_stages=-1, norm_eval=False, drop_path_rate=0.1, out_norms="official")
+    cfg.update(options)
+    cfg.setdefault("init_cfg", dict(type="Pretrained", checkpoint="timm"))
+    return cfg
 
 
 @MODELS.register_module()
@@ -35,28 +55,15 @@ class MetaFormerZooBackbone(DenseBackboneMixin, BaseModule):
         pretrained: deprecated alias of ``init_cfg=dict(type='Pretrained', checkpoint=pretrained)``.
     """
 
-    def __init__(
-            self,
-            model_name: str,
-            out_indices: Sequence[int] = (0, 1, 2, 3),
-            frozen_stages: int = -1,
-            norm_eval: bool = False,
-            drop_path_rate: Optional[float] = None,
-            out_norms: Union[bool, str, Sequence[Any]] = "official",
-            out_norm_skip: Sequence[int] = (),
-            pad_input: bool = True,
-            with_cp: bool = False,
-            model_kwargs: Optional[Dict[str, Any]] = None,
-            pretrained: Optional[str] = None,
-            init_cfg: Optional[Union[dict, List[dict]]] = None,
-    ):
+    def __init__(self, *args, pretrained: Optional[str] = None, init_cfg: Optional[Union[dict, List[dict]]] = None,
+                 **kwargs):
+        # args / kwargs: model_name ... model_kwargs, declared once by DenseBackboneMixin._setup_backbone
         if pretrained is not None:
             if init_cfg is not None:
                 raise ValueError("give either pretrained= or init_cfg=, not both")
             init_cfg = dict(type="Pretrained", checkpoint=pretrained)
         BaseModule.__init__(self, init_cfg=init_cfg)
-        self._setup_backbone(model_name, out_indices, frozen_stages, norm_eval, drop_path_rate, out_norms,
-                             out_norm_skip, pad_input, with_cp, model_kwargs)
+        self._setup_backbone(*args, **kwargs)
 
     def init_weights(self):
         """Load ``Pretrained`` init_cfgs strictly ourselves (mmengine's PretrainedInit loads with strict=False and

@@ -3,22 +3,11 @@
 # FPN in_channels (= stage dims) and the paper's optimizer / drop path. Defaults here: the AdamW recipe of Swin /
 # ConvNeXt / VMamba (lr 1e-4, wd 0.05, no decay on norms), used by families without an official detection recipe.
 _base_ = ['mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py']
+# the backbone entry every zoo task base shares; imported after _base_, so mmengine still reads a plain config
+from metaformer_zoo.dense.mm import zoo_backbone_cfg  # noqa: E402
 custom_imports = dict(imports=['metaformer_zoo.dense'], allow_failed_imports=False)
 
-model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='MetaFormerZooBackbone',
-        model_name='caformer_s18',
-        out_indices=(0, 1, 2, 3),
-        frozen_stages=-1,
-        norm_eval=False,
-        drop_path_rate=0.1,
-        out_norms='official',
-        # ImageNet weights through timm's pretrained cfg of the model ('timm' or 'timm:<name>.<tag>'), or a path /
-        # URL of a zoo, timm or official checkpoint; loaded strictly (head dropped).
-        init_cfg=dict(type='Pretrained', checkpoint='timm')),
-    neck=dict(in_channels=[64, 128, 320, 512]))
+model = dict(backbone=zoo_backbone_cfg(), neck=dict(in_channels=[64, 128, 320, 512]))
 
 optim_wrapper = dict(
     _delete_=True,

@@ -3,20 +3,12 @@
 # PoolFormer (FORK_LAST3) / TransXNet (start_level=1) code its output norm is Identity (out_norm_skip=(0,)).
 # Defaults: AdamW lr 1e-4, wd 1e-4 (PoolFormer / TransXNet / RaftMLP RetinaNet recipe).
 _base_ = ['mmdet::retinanet/retinanet_r50_fpn_1x_coco.py']
+# the backbone entry every zoo task base shares; imported after _base_, so mmengine still reads a plain config
+from metaformer_zoo.dense.mm import zoo_backbone_cfg  # noqa: E402
 custom_imports = dict(imports=['metaformer_zoo.dense'], allow_failed_imports=False)
 
 model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='MetaFormerZooBackbone',
-        model_name='caformer_s18',
-        out_indices=(0, 1, 2, 3),
-        frozen_stages=-1,
-        norm_eval=False,
-        drop_path_rate=0.1,
-        out_norms='official',
-        out_norm_skip=(0, ),
-        init_cfg=dict(type='Pretrained', checkpoint='timm')),
+    backbone=zoo_backbone_cfg(out_norm_skip=(0, )),
     neck=dict(in_channels=[64, 128, 320, 512], start_level=1, add_extra_convs='on_input', num_outs=5))
 
 optim_wrapper = dict(

@@ -2,20 +2,13 @@
 # poly power 0.9 down to 0), with a metaformer_zoo backbone. Per-model files (configs/mmseg/fpn_<model>_...) set the
 # model name, neck in_channels and the paper's schedule where it differs.
 _base_ = ['mmseg::sem_fpn/fpn_r50_4xb4-160k_ade20k-512x512.py']
+# the backbone entry every zoo task base shares; imported after _base_, so mmengine still reads a plain config
+from metaformer_zoo.dense.mm import zoo_backbone_cfg  # noqa: E402
 custom_imports = dict(imports=['metaformer_zoo.dense'], allow_failed_imports=False)
 
 model = dict(
     pretrained=None,  # the base's open-mmlab://resnet50_v1c must not reach the zoo backbone
-    backbone=dict(
-        _delete_=True,
-        type='MetaFormerZooBackbone',
-        model_name='caformer_s18',
-        out_indices=(0, 1, 2, 3),
-        frozen_stages=-1,
-        norm_eval=False,
-        drop_path_rate=0.1,
-        out_norms='official',
-        init_cfg=dict(type='Pretrained', checkpoint='timm')),
+    backbone=zoo_backbone_cfg(),
     neck=dict(in_channels=[64, 128, 320, 512], out_channels=256, num_outs=4),
     decode_head=dict(num_classes=150))
 

@@ -3,20 +3,13 @@
 # that the MambaOut / ViM2 / iFormer papers follow. Auxiliary FCN head on stage 3. Per-model files set the model name
 # and channels.
 _base_ = ['mmseg::upernet/upernet_r50_4xb4-160k_ade20k-512x512.py']
+# the backbone entry every zoo task base shares; imported after _base_, so mmengine still reads a plain config
+from metaformer_zoo.dense.mm import zoo_backbone_cfg  # noqa: E402
 custom_imports = dict(imports=['metaformer_zoo.dense'], allow_failed_imports=False)
 
 model = dict(
     pretrained=None,  # the base's open-mmlab://resnet50_v1c must not reach the zoo backbone
-    backbone=dict(
-        _delete_=True,
-        type='MetaFormerZooBackbone',
-        model_name='caformer_s18',
-        out_indices=(0, 1, 2, 3),
-        frozen_stages=-1,
-        norm_eval=False,
-        drop_path_rate=0.1,
-        out_norms='official',
-        init_cfg=dict(type='Pretrained', checkpoint='timm')),
+    backbone=zoo_backbone_cfg(),
     decode_head=dict(in_channels=[64, 128, 320, 512], num_classes=150),
     auxiliary_head=dict(in_channels=320, num_classes=150))
 
