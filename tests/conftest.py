@@ -27,3 +27,11 @@ def _kernel_dispatch_env(request, monkeypatch):
     else:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     yield
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch):
+    """Model tests run the CPU reference path of strip_mix even if a kernel test of the same session left
+    TRITON_INTERPRET=1 set (the kernels themselves are tested in tests/test_kernel_strip_mix.py); a module opts in
+    with ``pytestmark = pytest.mark.usefixtures("reference_kernels")``."""
+    monkeypatch.setenv("METAFORMER_ZOO_KERNELS", "reference")

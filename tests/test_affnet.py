@@ -7,13 +7,12 @@ import timm
 import torch
 
 import metaformer_zoo  # noqa: F401
-from helpers import perturb
+from helpers import check_input_errors, check_skeleton_hooks, features_only_sizes, perturb
 from metaformer_zoo.checkpoint import CheckpointError
 from metaformer_zoo.dense.core import resolve_out_norms
 from metaformer_zoo.mixers.affnet import AFFMixer
 from metaformer_zoo.models import affnet as A
 from metaformer_zoo.models.affnet import checkpoint_filter_fn, official_state_dict
-from metaformer_zoo.skeleton import MetaFormerBase
 from metaformer_zoo.zoo import count_macs, count_params, family_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,18 +136,12 @@ def test_input_sizes_and_features():
     fm = timm.create_model("affnet_et", features_only=True).eval()
     assert fm.feature_info.reduction() == [4, 8, 16, 32]
     assert fm.feature_info.channels() == [48, 64, 104, 144]
-    with pytest.raises(ValueError, match="too small"):
-        model(torch.randn(1, 3, 16, 64))
-    with pytest.raises(ValueError, match="input channels"):
-        model(torch.randn(1, 1, 64, 64))
+    check_input_errors(model)
 
 
 @pytest.mark.slow
 def test_detection_size():
-    model = timm.create_model("affnet_et", features_only=True).eval()
-    with torch.no_grad():
-        feats = model(torch.randn(1, 3, 800, 1216))
-    assert [tuple(f.shape[-2:]) for f in feats] == [(200, 304), (100, 152), (50, 76), (25, 38)]
+    assert features_only_sizes("affnet_et", (800, 1216)) == [(200, 304), (100, 152), (50, 76), (25, 38)]
 
 
 def test_block_norm_and_act_switches():
@@ -207,15 +200,10 @@ def test_spec_declaration():
 def test_skeleton_hooks_final_conv():
     """forward_intermediates / group_matcher are the skeleton's; the 1x1 expansion comes in through its hooks."""
     model = timm.create_model("affnet_et", num_classes=3).eval()
-    assert type(model).forward_intermediates is MetaFormerBase.forward_intermediates
-    assert type(model).group_matcher is MetaFormerBase.group_matcher
     assert model.group_matcher()["blocks"][-1] == (r"^final_conv", (99999,))
-    groups = timm.models.group_parameters(model, model.group_matcher())
-    assert sum(len(v) for v in groups.values()) == len(list(model.named_parameters()))
     x = torch.randn(1, 3, 64, 64)
+    final, inter = check_skeleton_hooks(model, x)
     with torch.no_grad():
-        final, inter = model.forward_intermediates(x)
-        torch.testing.assert_close(final, model.forward_features(x))
         assert final.shape[1] == 576 and inter[-1].shape[1] == 144
         early, inter1 = model.forward_intermediates(x, indices=[1], stop_early=True)
         torch.testing.assert_close(inter1[0], inter[1])

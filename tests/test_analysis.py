@@ -1,6 +1,5 @@
 """metaformer_zoo.analysis.mixing_matrix: exact for linear mixers (matrices built by hand), equal to the brute-force
 channel-averaged Jacobian for nonlinear ones, found inside zoo / timm / bespoke models; tools/mixing_matrix.py."""
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from timm.models.metaformer import Attention, LayerNorm2dNoBias, LayerNormNoBias
 from timm.models.metaformer import MetaFormer as TimmMetaFormer
 
 import metaformer_zoo  # noqa: F401
+from helpers import load_script
 from metaformer_zoo import zoo
 from metaformer_zoo.analysis import find_token_mixer, mixing_analysis, mixing_matrix, receptive_field
 from metaformer_zoo.kernels.strip_mix import strip_mix
@@ -258,10 +258,7 @@ def test_hydra_matches_brute_force_jacobian():
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("zoo_mixing_matrix_cli", ROOT / "tools" / "mixing_matrix.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/mixing_matrix.py", "zoo_mixing_matrix_cli")
 
 
 def test_tool_help():

@@ -1,8 +1,6 @@
 """tools/benchmark.py: table, CSV, library timers, timm's kwargs parser and the matplotlib top-1 figure."""
-import importlib.util
 import time
 import types
-from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -10,9 +8,9 @@ import timm
 import torch
 
 import metaformer_zoo  # noqa: F401
+from helpers import load_script
 from metaformer_zoo import hub, zoo
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model-kwargs", "depths=(1,1,1,1)", "dims=(8,16,24,32)"]
 FAST = ["--device", "cpu", "--img-size", "32", "-b", "1", "--num-warmup", "0", "--min-run-time", "0.01",
         "--threads", "1", "--no-progress"]
@@ -20,10 +18,7 @@ FAST = ["--device", "cpu", "--img-size", "32", "-b", "1", "--num-warmup", "0", "
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("zoo_benchmark_cli", ROOT / "tools" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/benchmark.py", "zoo_benchmark_cli")
 
 
 @pytest.fixture(autouse=True)

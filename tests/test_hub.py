@@ -6,7 +6,6 @@ outputs; bad files (truncated, corrupt, missing / unexpected / mis-shaped keys, 
 with a ``CheckpointError`` naming the problem, and ``tools/convert.py`` exits with code 2 and no traceback.
 """
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,7 +17,7 @@ import timm
 import torch
 
 import metaformer_zoo  # noqa: F401
-from helpers import perturb
+from helpers import load_script, perturb
 from metaformer_zoo import hub, zoo
 from metaformer_zoo.checkpoint import CheckpointError
 
@@ -48,10 +47,7 @@ def _smallest(family):
 
 
 def _load_cli():
-    spec = importlib.util.spec_from_file_location("zoo_convert_cli", ROOT / "tools" / "convert.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("tools/convert.py", "zoo_convert_cli")
 
 
 def test_catalogue_has_converters():

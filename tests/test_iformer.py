@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 
 import metaformer_zoo  # noqa: F401
-from helpers import perturb
+from helpers import (ceil_sizes, check_filter_rejects, check_forward_sizes, check_input_errors,
+                     check_official_roundtrip, check_resized_load, intermediate_sizes, perturb)
 from metaformer_zoo.checkpoint import CheckpointError
 from metaformer_zoo.dense.core import resolve_out_norms
 from metaformer_zoo.mixers.inception_transformer import InceptionMixer, LowMixer
@@ -74,25 +75,14 @@ def test_official_layout_roundtrip(small):
     assert sd["blocks1.0.attn.conv_fuse.weight"].shape == (160, 1, 3, 3)
     assert sd["blocks1.0.attn.proj.weight"].shape == (96, 160, 1, 1)
 
-    fresh = timm.create_model("iformer_small").eval()
-    fresh.load_state_dict(ifm.checkpoint_filter_fn(sd, fresh), strict=True)
-    x = torch.randn(2, 3, 96, 128)
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(x), small(x), rtol=0, atol=0)
-    # and back to the same official tensors
-    back = ifm.official_state_dict(fresh)
-    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    # into a fresh build (same outputs) and back to the same official tensors
+    check_official_roundtrip(ifm, small, timm.create_model("iformer_small").eval(), sd)
 
 
 def test_filter_rejects_bad_checkpoints(small):
     sd = ifm.official_state_dict(small)
     model = timm.create_model("iformer_small", device="meta")
-    with pytest.raises(CheckpointError, match="unrecognised checkpoint layout"):
-        ifm.checkpoint_filter_fn({"foo.weight": torch.zeros(1)}, model)
-    bad = dict(sd)
-    del bad["blocks3.0.layer_scale_1"]
-    with pytest.raises(CheckpointError, match="missing"):
-        ifm.checkpoint_filter_fn(bad, model)
+    check_filter_rejects(ifm, model, sd, foreign={"foo.weight": torch.zeros(1)}, drop="blocks3.0.layer_scale_1")
     with pytest.raises(CheckpointError, match="mis-shaped"):
         ifm.checkpoint_filter_fn(sd, timm.create_model("iformer_base", device="meta"))
 
@@ -100,14 +90,8 @@ def test_filter_rejects_bad_checkpoints(small):
 def test_pos_embed_resized_in_filter():
     """Weights of a model built for one img_size load into another, giving the first model's outputs."""
     torch.manual_seed(0)
-    kw = dict(depths=(1, 1, 2, 1), attention_heads=[1, 3, 7, 9, 11])
-    a = perturb(timm.create_model("iformer_small", img_size=64, **kw))
-    b = timm.create_model("iformer_small", img_size=128, **kw).eval()
-    b.load_state_dict(ifm.checkpoint_filter_fn(ifm.official_state_dict(a), b))
+    b = check_resized_load(ifm, "iformer_small", 64, 128, depths=(1, 1, 2, 1), attention_heads=[1, 3, 7, 9, 11])
     assert b.stages[0].pos_embed.shape == (1, 32, 32, 96)
-    x = torch.randn(1, 3, 128, 128)
-    with torch.no_grad():
-        torch.testing.assert_close(b(x), a(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -186,28 +170,17 @@ def test_low_mixer_matches_official_at_even_square_sizes(pool):
 @pytest.mark.parametrize("size", [(224, 224), (104, 104), (72, 136)])
 def test_forward_sizes(small, size):
     """Official sizes plus what the official code cannot run: not a multiple of 16, non-square."""
-    x = torch.randn(1, 3, *size)
-    with torch.no_grad():
-        feats = small.forward_intermediates(x, intermediates_only=True)
-        out = small(x)
-    assert out.shape == (1, 1000) and torch.isfinite(out).all()
-    for f, r in zip(feats, (4, 8, 16, 32)):
-        assert f.shape[-2:] == (-(-size[0] // r), -(-size[1] // r))
+    check_forward_sizes(small, size)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("size", [(256, 256), (232, 232), (224, 320), (200, 136), (384, 384), (800, 1216)])
 def test_forward_sizes_slow(small, size):
-    with torch.no_grad():
-        feats = small.forward_intermediates(torch.randn(1, 3, *size), intermediates_only=True)
-    assert [tuple(f.shape[-2:]) for f in feats] == [(-(-size[0] // r), -(-size[1] // r)) for r in (4, 8, 16, 32)]
+    assert intermediate_sizes(small, size) == ceil_sizes(size)
 
 
 def test_bad_inputs_raise(small):
-    with pytest.raises(ValueError, match="too small"):
-        small(torch.randn(1, 3, 16, 64))
-    with pytest.raises(ValueError, match="input channels"):
-        small(torch.randn(1, 1, 64, 64))
+    check_input_errors(small)
     with pytest.raises(ValueError, match="attention_head"):
         InceptionMixer(64, num_heads=2, attention_head=2)
 

@@ -8,7 +8,7 @@ import timm
 import torch
 
 import metaformer_zoo  # noqa: F401  (registers the models)
-from helpers import perturb
+from helpers import check_forward_sizes, perturb
 from metaformer_zoo.checkpoint import CheckpointError, load_checkpoint_file
 from metaformer_zoo.dense.core import resolve_out_norms
 from metaformer_zoo.mixers import create_mixer
@@ -332,13 +332,8 @@ def test_checkpoint_errors():
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("size", [(224, 224), (256, 256), (224, 320)])
 def test_forward_sizes(tiny, size):
-    x = torch.randn(1, 3, *size)
-    with torch.no_grad():
-        feats = tiny.forward_intermediates(x, intermediates_only=True)
-        out = tiny(x)
-    assert out.shape == (1, 1000) and torch.isfinite(out).all()
-    for f, r, c in zip(feats, (4, 8, 16, 32), (96, 192, 384, 768)):
-        assert f.shape == (1, c, size[0] // r, size[1] // r)
+    # the sizes are multiples of 32: every map is exactly H / r x W / r
+    check_forward_sizes(tiny, size, channels=(96, 192, 384, 768))
 
 
 def test_features_only_and_dense_norms():

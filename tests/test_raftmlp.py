@@ -7,15 +7,15 @@ import torch
 import torch.nn.functional as F
 
 import metaformer_zoo  # noqa: F401
-from helpers import perturb
+from helpers import (ceil_sizes, check_forward_sizes, check_params_and_macs, check_skeleton_hooks,
+                     features_only_sizes, perturb)
 from metaformer_zoo.checkpoint import CheckpointError
 from metaformer_zoo.dense.core import resolve_out_norms
 from metaformer_zoo.hub import convert_checkpoint
 import metaformer_zoo.mixers.raft as raft_mod
 from metaformer_zoo.mixers.raft import RaftTokenMLP, raft_ln_from_official, raft_ln_to_official
 from metaformer_zoo.models import raftmlp as R
-from metaformer_zoo.skeleton import MetaFormerBase
-from metaformer_zoo.zoo import count_macs, count_params, family_of
+from metaformer_zoo.zoo import family_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,20 +27,12 @@ OFFICIAL = {
 }
 TINY = dict(dims=(16, 32, 32, 64), depths=(1, 1, 2, 1))
 
+pytestmark = pytest.mark.usefixtures("reference_kernels")
 
-
-@pytest.fixture(autouse=True)
-def _reference_kernels(monkeypatch):
-    """Model tests run the CPU reference path of strip_mix even if a kernel test of the same session left
-    TRITON_INTERPRET=1 set (the kernels themselves are tested in tests/test_kernel_strip_mix.py)."""
-    monkeypatch.setenv("METAFORMER_ZOO_KERNELS", "reference")
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
 def test_params_and_macs(name):
-    model = timm.create_model(name, device="meta")
-    params, macs = OFFICIAL[name]
-    assert count_params(model)[0] == params
-    assert abs(count_macs(model, (3, 224, 224), device="meta") - macs) / macs < 0.01
+    check_params_and_macs(name, *OFFICIAL[name])
 
 
 def test_ln_permutation():
@@ -124,13 +116,7 @@ def test_bad_checkpoints_raise():
 def test_forward_sizes(size):
     torch.manual_seed(0)
     model = timm.create_model("raftmlp_s", **TINY, num_classes=5).eval()
-    x = torch.randn(1, 3, *size)
-    with torch.no_grad():
-        out = model(x)
-        feats = model.forward_intermediates(x, intermediates_only=True)
-    assert out.shape == (1, 5) and torch.isfinite(out).all()
-    for f, s, c in zip(feats, (4, 8, 16, 32), TINY["dims"]):
-        assert f.shape == (1, c, -(-size[0] // s), -(-size[1] // s))
+    check_forward_sizes(model, size, num_classes=5, channels=TINY["dims"])
 
 
 def test_stride4_feature_is_pre_block_embedding():
@@ -169,10 +155,7 @@ def test_clear_errors():
 @pytest.mark.slow
 @pytest.mark.parametrize("size", [(224, 224), (800, 1216)])
 def test_full_model_sizes_slow(size):
-    model = timm.create_model("raftmlp_s", features_only=True).eval()
-    with torch.no_grad():
-        feats = model(torch.randn(1, 3, *size))
-    assert [f.shape[-2:] for f in feats] == [(-(-size[0] // s), -(-size[1] // s)) for s in (4, 8, 16, 32)]
+    assert features_only_sizes("raftmlp_s", size) == ceil_sizes(size)
 
 
 def test_spec_declaration():
@@ -194,14 +177,9 @@ def test_skeleton_hooks_stem_feature():
     """forward_intermediates / group_matcher are the skeleton's; output 0 is the stem output (stem_is_first_feature)."""
     torch.manual_seed(0)
     model = timm.create_model("raftmlp_s", **TINY, num_classes=3).eval()
-    assert type(model).forward_intermediates is MetaFormerBase.forward_intermediates
-    assert type(model).group_matcher is MetaFormerBase.group_matcher
-    groups = timm.models.group_parameters(model, model.group_matcher())
-    assert sum(len(v) for v in groups.values()) == len(list(model.named_parameters()))
     x = torch.randn(1, 3, 64, 64)
+    _, feats = check_skeleton_hooks(model, x)
     with torch.no_grad():
-        final, feats = model.forward_intermediates(x)
-        torch.testing.assert_close(final, model.forward_features(x))
         early, (f0, f2) = model.forward_intermediates(x, indices=[0, 2], stop_early=True)
         torch.testing.assert_close(f0, model.stem(x))
         torch.testing.assert_close(f2, feats[2])

@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 
 import metaformer_zoo  # noqa: F401
-from helpers import perturb
+from helpers import check_params_and_macs, features_only_sizes, perturb
 from metaformer_zoo.checkpoint import SAFE_GLOBALS, CheckpointError, load_checkpoint_file, unwrap_state_dict
 from metaformer_zoo.dense.core import resolve_out_norms
 from metaformer_zoo.hub import convert_checkpoint
 from metaformer_zoo.mixers.strip import CGSMM, resize_strip_weight, strip_groups
 from metaformer_zoo.models import stripmlp as S
 from metaformer_zoo.skeleton import MetaFormerBase
-from metaformer_zoo.zoo import count_macs, count_params, family_of
+from metaformer_zoo.zoo import family_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,20 +33,12 @@ OFFICIAL = {
 }
 TINY = dict(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1))
 
+pytestmark = pytest.mark.usefixtures("reference_kernels")
 
-
-@pytest.fixture(autouse=True)
-def _reference_kernels(monkeypatch):
-    """Model tests run the CPU reference path of strip_mix even if a kernel test of the same session left
-    TRITON_INTERPRET=1 set (the kernels themselves are tested in tests/test_kernel_strip_mix.py)."""
-    monkeypatch.setenv("METAFORMER_ZOO_KERNELS", "reference")
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
 def test_params_and_macs(name):
-    model = timm.create_model(name, device="meta")
-    params, macs = OFFICIAL[name]
-    assert count_params(model)[0] == params
-    assert abs(count_macs(model, (3, 224, 224), device="meta") - macs) / macs < 0.01
+    check_params_and_macs(name, *OFFICIAL[name])
 
 
 def test_group_rule():
@@ -208,10 +200,7 @@ def test_clear_errors():
 
 @pytest.mark.slow
 def test_full_model_detection_size_slow():
-    model = timm.create_model("stripmlp_light_t", features_only=True).eval()
-    with torch.no_grad():
-        feats = model(torch.randn(1, 3, 800, 1216))
-    assert [tuple(f.shape[-2:]) for f in feats] == [(200, 304), (100, 152), (50, 76), (25, 38)]
+    assert features_only_sizes("stripmlp_light_t", (800, 1216)) == [(200, 304), (100, 152), (50, 76), (25, 38)]
 
 
 def test_loader_returns_config_as_plain_dict(tmp_path):

@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import metaformer_zoo  # noqa: F401
-from helpers import perturb
+from helpers import (ceil_sizes, check_filter_rejects, check_forward_sizes, check_input_errors,
+                     check_official_roundtrip, check_resized_load, intermediate_sizes, perturb)
 from metaformer_zoo.checkpoint import CheckpointError, load_checkpoint_file
 from metaformer_zoo.dense.core import resolve_out_norms
 from metaformer_zoo.hub import convert_checkpoint
@@ -64,14 +65,9 @@ def test_official_layout_roundtrip(tiny):
     assert "network.6.0.token_mixer.global_unit.sr.0.conv.weight" not in sd  # sr = 1: identity
     assert sd["classifier.0.weight"].shape == (448,) and sd["classifier.2.weight"].shape == (1000, 448, 1, 1)
 
-    fresh = timm.create_model("transxnet_t").eval()
     # official files are timm CheckpointSaver dicts: weights under "state_dict"
-    fresh.load_state_dict(txn.checkpoint_filter_fn({"state_dict": sd, "epoch": 299, "arch": "transxnet_t"}, fresh))
-    x = torch.randn(2, 3, 96, 128)
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(x), tiny(x), rtol=0, atol=0)
-    back = txn.official_state_dict(fresh)
-    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    check_official_roundtrip(txn, tiny, timm.create_model("transxnet_t").eval(), sd,
+                             checkpoint={"state_dict": sd, "epoch": 299, "arch": "transxnet_t"})
 
 
 def test_official_constants(tiny):
@@ -89,12 +85,8 @@ def test_official_constants(tiny):
 def test_filter_rejects_bad_checkpoints(tiny):
     sd = txn.official_state_dict(tiny)
     model = timm.create_model("transxnet_t", device="meta")
-    with pytest.raises(CheckpointError, match="unrecognised checkpoint layout"):
-        txn.checkpoint_filter_fn({"state_dict": {"foo.weight": torch.zeros(1)}}, model)
-    bad = dict(sd)
-    del bad["network.2.1.layer_scale_2.bias"]
-    with pytest.raises(CheckpointError, match="missing"):
-        txn.checkpoint_filter_fn(bad, model)
+    check_filter_rejects(txn, model, sd, foreign={"state_dict": {"foo.weight": torch.zeros(1)}},
+                         drop="network.2.1.layer_scale_2.bias")
     dense = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
     dense["norm0.weight"] = torch.ones(48)
     with pytest.raises(CheckpointError, match="dense-prediction"):
@@ -104,14 +96,8 @@ def test_filter_rejects_bad_checkpoints(tiny):
 def test_rel_pos_resized_in_filter():
     """Tables built for one img_size load into another build and reproduce the first model (official runtime rule)."""
     torch.manual_seed(0)
-    kw = dict(depths=(1, 1, 1, 1))
-    a = perturb(timm.create_model("transxnet_t", img_size=64, **kw))
-    b = timm.create_model("transxnet_t", img_size=96, **kw).eval()
-    b.load_state_dict(txn.checkpoint_filter_fn(txn.official_state_dict(a), b))
+    b = check_resized_load(txn, "transxnet_t", 64, 96, depths=(1, 1, 1, 1))
     assert b.stages[0].relative_pos_enc.shape == (1, 1, 576, 9)
-    x = torch.randn(1, 3, 96, 96)
-    with torch.no_grad():
-        torch.testing.assert_close(b(x), a(x), rtol=1e-5, atol=1e-5)
 
 
 def test_resize_rel_pos_is_flattened_bicubic():
@@ -123,21 +109,13 @@ def test_resize_rel_pos_is_flattened_bicubic():
 
 @pytest.mark.parametrize("size", [(224, 224), (102, 102), (64, 160)])
 def test_forward_sizes(tiny, size):
-    x = torch.randn(1, 3, *size)
-    with torch.no_grad():
-        feats = tiny.forward_intermediates(x, intermediates_only=True)
-        out = tiny(x)
-    assert out.shape == (1, 1000) and torch.isfinite(out).all()
-    for f, r in zip(feats, (4, 8, 16, 32)):
-        assert f.shape[-2:] == (-(-size[0] // r), -(-size[1] // r))
+    check_forward_sizes(tiny, size)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("size", [(256, 256), (230, 230), (224, 320), (384, 384), (800, 1216)])
 def test_forward_sizes_slow(tiny, size):
-    with torch.no_grad():
-        feats = tiny.forward_intermediates(torch.randn(1, 3, *size), intermediates_only=True)
-    assert [tuple(f.shape[-2:]) for f in feats] == [(-(-size[0] // r), -(-size[1] // r)) for r in (4, 8, 16, 32)]
+    assert intermediate_sizes(tiny, size) == ceil_sizes(size)
 
 
 def test_batch1_training_step():
@@ -177,10 +155,7 @@ def test_idconv_batch1_fallback_only_changes_training_at_batch1():
 
 
 def test_bad_inputs_raise(tiny):
-    with pytest.raises(ValueError, match="too small"):
-        tiny(torch.randn(1, 3, 16, 64))
-    with pytest.raises(ValueError, match="input channels"):
-        tiny(torch.randn(1, 1, 64, 64))
+    check_input_errors(tiny)
     with pytest.raises(ValueError, match="even"):
         DMixer(33)
 
