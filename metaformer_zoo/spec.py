@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 
 from .builder import build_zoo_model
@@ -38,6 +39,12 @@ __all__ = ["NormSpec", "Variant", "OfficialFormat", "FamilySpec", "register_entr
 NormSpec = Union[None, str, Mapping[str, Any]]
 
 StateDict = Dict[str, torch.Tensor]
+
+# the pretrained-cfg fields a family's ``cfg`` starts from (timm's usual ``_cfg`` defaults for an ImageNet classifier
+# at 224 px with a stride-32 trunk); a family declares only what differs
+DEFAULT_CFG = MappingProxyType(dict(
+    input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875, interpolation="bicubic",
+    mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="stem.conv", classifier="head.fc"))
 
 
 def _frozen(d: Optional[Mapping]) -> Mapping:
@@ -131,7 +138,7 @@ class FamilySpec:
     license: str = "apache-2.0"
     citation: str = ""  # BibTeX
     title: str = field(default="", init=False)  # the paper's title (from the BibTeX), timm's ``paper_name``
-    cfg: Mapping[str, Any] = field(default_factory=dict)  # pretrained-cfg fields shared by every variant
+    cfg: Mapping[str, Any] = field(default_factory=dict)  # pretrained-cfg fields shared by every variant (over DEFAULT_CFG)
     official: Optional[OfficialFormat] = None
     dense_out_norms: Optional[Tuple[NormSpec, ...]] = None  # per stage; None = not declared (adapter default)
     feature_cfg: Mapping[str, Any] = field(default_factory=dict)  # extra timm feature_cfg (e.g. feature_cls)
@@ -179,7 +186,7 @@ class FamilySpec:
     # ---- what timm needs ----------------------------------------------------------------------------------------
     def pretrained_cfgs(self) -> Dict[str, Dict[str, Any]]:
         """``{"name.tag": cfg}`` for ``timm.models.generate_default_cfgs`` (the first tag of a variant is its default)."""
-        base = dict(num_classes=1000, license=self.license, origin_url=self.code,
+        base = dict(num_classes=1000, **DEFAULT_CFG, license=self.license, origin_url=self.code,
                     paper_ids=f"arXiv:{self.arxiv}" if self.arxiv else "", paper_name=self.title)
         base.update(self.cfg)
         out = {}

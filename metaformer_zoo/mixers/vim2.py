@@ -102,6 +102,16 @@ class _SSMParams(nn.Module):
         self.A_logs = nn.Parameter(torch.empty(K * d, d_state))
         self.Ds = nn.Parameter(torch.empty(K * d))
 
+    def reset_parameters(self):
+        """Every Linear child trunc-normal 0.02 with zero bias (in declaration order), then the Mamba init of the SSM
+        parameters (``mamba_init_``)."""
+        for lin in self.children():
+            if isinstance(lin, nn.Linear):
+                trunc_normal_(lin.weight, std=.02)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+        mamba_init_(self, self.dt_rank, **self._dt_init)
+
     def _project(self, xs: torch.Tensor):
         """xs (M, K, d, L) -> delta (M, K, d, L), B (M, K, N, L), C (M, K, N, L)."""
         x_dbl = torch.einsum("mkdl,kcd->mkcl", xs, self.x_proj_weight)
@@ -142,13 +152,6 @@ class SS2D(_SSMParams):
         self.dropout = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
         self._dt_init = dict(dt_scale=dt_scale, dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor)
         self.reset_parameters()
-
-    def reset_parameters(self):
-        for lin in (self.in_proj, self.out_proj):
-            trunc_normal_(lin.weight, std=.02)
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
-        mamba_init_(self, self.dt_rank, **self._dt_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         Bsz, _, H, W = x.shape
@@ -202,13 +205,6 @@ class SelectiveChannelMixer(_SSMParams):
         self.dropout = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
         self._dt_init = dict(dt_scale=dt_scale, dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor)
         self.reset_parameters()
-
-    def reset_parameters(self):
-        for lin in (self.in_proj, self.gate_proj, self.out_proj):
-            trunc_normal_(lin.weight, std=.02)
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
-        mamba_init_(self, self.dt_rank, **self._dt_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         Bsz, C, H, W = x.shape

@@ -8,7 +8,6 @@ post channel-LN (no bias, eps 1e-6), pre-norm conv3 s2 downsampling, "modified L
 from typing import Dict, Mapping
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..checkpoint import is_official_layout, linear_to_conv1x1, remap_keys, unwrap_state_dict, validate_state_dict
 from ..skeleton import MetaFormer
@@ -31,10 +30,7 @@ IDENTITY = dict(arxiv="2210.13452",
                 code="https://github.com/sail-sg/metaformer", license="apache-2.0", citation=CITATION)
 
 # pretrained-cfg fields shared by every variant (FamilySpec.cfg)
-CFG = dict(
-    input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=1.0, interpolation="bicubic",
-    mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="stem.conv", classifier="head.fc",
-)
+CFG = dict(crop_pct=1.0)
 
 # depths and dims of the five sizes (sail-sg/metaformer metaformer_baselines.py)
 SIZES = {

@@ -320,8 +320,8 @@ SPEC = FamilySpec(
     license="mit",
     citation=CITATION,
     cfg=dict(
-        input_size=(3, 256, 256), pool_size=(8, 8), crop_pct=0.888, interpolation="bicubic",
-        mean=(0., 0., 0.), std=(1., 1., 1.), first_conv="stem.conv.conv", classifier="head.fc",
+        input_size=(3, 256, 256), pool_size=(8, 8), crop_pct=0.888, mean=(0., 0., 0.), std=(1., 1., 1.),
+        first_conv="stem.conv.conv",
         origin_url="https://github.com/microsoft/TokenMixers/tree/main/Adaptive%20Frequency%20Filters",
     ),
     official=OfficialFormat(filter=checkpoint_filter_fn, to_official=official_state_dict, wrapper=None),

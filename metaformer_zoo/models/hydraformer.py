@@ -7,7 +7,6 @@ it like CAFormer places attention: ``sepconv`` in stages 1-2, ``hydra`` in stage
 and macro design of the MetaFormer baselines (IdentityFormer / RandFormer: ``_baselines.SIZES`` / ``BASE_ARGS``), so it
 sits in the same tables and trains with the same recipe. A zoo composition: no official classifier and no weights.
 """
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..skeleton import MetaFormer
 from ..spec import FamilySpec, Variant
@@ -42,8 +41,7 @@ def _variant(size: str) -> Variant:
 SPEC = FamilySpec(
     name="hydraformer", model_cls=MetaFormer,
     code="https://github.com/goombalab/hydra", citation=CITATION,
-    cfg=dict(input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=1.0, interpolation="bicubic",
-             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="stem.conv", classifier="head.fc"),
+    cfg=dict(crop_pct=1.0),
     official=None, dense_out_norms=("layernorm2d",) * 4, recipe="hydraformer", card="hydraformer",
     notes="zoo composition (sepconv stages 1-2, hydra stages 3-4, MetaFormer-baselines s12/s24/s36 shapes); no "
           "weights: goombalab/hydra has no image classifier",

@@ -27,7 +27,6 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import calculate_drop_path_rates, trunc_normal_
 from timm.models import checkpoint_seq, register_notrace_function
 
@@ -294,8 +293,7 @@ SPEC = FamilySpec(
     code="https://github.com/sail-sg/iFormer",
     license="apache-2.0",
     citation=CITATION,
-    cfg=dict(input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.9, interpolation="bicubic",
-             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="stem.proj1", classifier="head.fc"),
+    cfg=dict(crop_pct=0.9, first_conv="stem.proj1"),
     official=OfficialFormat(filter=checkpoint_filter_fn, to_official=official_state_dict, wrapper=None),
     # the official repo has no detection / segmentation code: the raw stage outputs, no per-output norm
     dense_out_norms=(None, None, None, None),

@@ -37,7 +37,6 @@ from typing import Dict, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, Mlp, calculate_drop_path_rates, trunc_normal_
 
 from ..checkpoint import is_official_layout, unwrap_state_dict, validate_state_dict
@@ -249,12 +248,8 @@ SPEC = FamilySpec(
     name="msmlp", model_cls=MSMLP,
     code="https://github.com/JegZheng/MS-MLP",
     license="mit", citation=CITATION,
-    cfg=dict(
-        input_size=(3, 224, 224), pool_size=(7, 7),
-        crop_pct=0.875,  # official eval: resize int(256 / 224 * 224) = 256, center crop 224
-        interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-        first_conv="stem.proj", classifier="head.fc",
-    ),
+    # official eval: resize int(256 / 224 * 224) = 256, center crop 224 (the default crop_pct 0.875), bicubic
+    cfg=dict(first_conv="stem.proj"),
     official=OfficialFormat(filter=checkpoint_filter_fn, to_official=official_state_dict, wrapper="model"),
     # the official repo has no detection/segmentation code and its stage outputs carry no norm: the zoo's dense
     # adapter puts a channel LayerNorm (eps 1e-6, like every MS-MLP norm) on each output, Swin/ConvNeXt style

@@ -33,7 +33,6 @@ from typing import Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, Mlp
 from timm.models import register_notrace_function
 
@@ -284,11 +283,8 @@ SPEC = FamilySpec(
     code="https://github.com/okojoalg/raft-mlp",
     license="apache-2.0",
     citation=CITATION,
-    cfg=dict(
-        input_size=(3, 224, 224), pool_size=(7, 7),
-        crop_pct=0.875, interpolation="bilinear",  # official eval: Resize(256) + CenterCrop(224), bilinear
-        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="stem.proj.0", classifier="head.fc",
-    ),
+    # official eval: Resize(256) + CenterCrop(224) (the default crop_pct 0.875), bilinear
+    cfg=dict(interpolation="bilinear", first_conv="stem.proj.0"),
     official=OfficialFormat(filter=checkpoint_filter_fn, to_official=official_state_dict, wrapper=None),
     # the official dense wrappers (backbones/__init__.py) return the raw maps: no norm on any output
     dense_out_norms=(None, None, None, None),

@@ -30,7 +30,6 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
@@ -280,11 +279,7 @@ SPEC = FamilySpec(
     code="https://github.com/Med-Process/Strip_MLP",
     license="mit",
     citation=CITATION,
-    cfg=dict(
-        input_size=(3, 224, 224), pool_size=(7, 7),
-        crop_pct=0.875, interpolation="bicubic",  # Swin-style eval: resize 256 (bicubic) + center crop 224
-        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="stem.conv", classifier="head.fc",
-    ),
+    cfg={},  # the defaults: Swin-style eval (resize 256 bicubic + center crop 224: crop_pct 0.875)
     official=OfficialFormat(filter=checkpoint_filter_fn, to_official=official_state_dict, wrapper="model"),
     # no official dense code: the stage outputs are used raw
     dense_out_norms=(None, None, None, None),

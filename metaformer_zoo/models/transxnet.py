@@ -23,7 +23,6 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, calculate_drop_path_rates
 from timm.models import checkpoint
 
@@ -307,8 +306,7 @@ SPEC = FamilySpec(
     code="https://github.com/LMMMEng/TransXNet",
     license="apache-2.0",
     citation=CITATION,
-    cfg=dict(input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.9, interpolation="bicubic",
-             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="stem.conv", classifier="head.fc"),
+    cfg=dict(crop_pct=0.9),
     # official files are timm CheckpointSaver dicts (weights under ``state_dict``, EMA weights under ``state_dict_ema``,
     # read first as timm does; the pickled training argparse.Namespace is allowed by the safe reader)
     official=OfficialFormat(filter=checkpoint_filter_fn, to_official=official_state_dict, wrapper="state_dict"),

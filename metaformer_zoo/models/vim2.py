@@ -29,7 +29,6 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm2d, calculate_drop_path_rates, trunc_normal_
 from timm.models import checkpoint, register_notrace_function
 
@@ -290,10 +289,7 @@ SPEC = FamilySpec(
     name="vim2", model_cls=Vim2,
     code="https://github.com/MambaMixer/M2",
     license="apache-2.0", citation=CITATION,
-    cfg=dict(
-        url="", input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875, interpolation="bicubic",
-        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="stem.conv", classifier="head.fc",
-    ),
+    cfg=dict(url=""),
     # no official code or checkpoint: the filter validates zoo-layout checkpoints only
     official=OfficialFormat(filter=checkpoint_filter_fn, to_official=None, wrapper=None),
     # VMamba's dense backbone (Backbone_VSSM) puts a LayerNorm ``outnorm{i}`` (nn.LayerNorm default eps) on every
