@@ -7,9 +7,10 @@ Two paths, chosen per call by :func:`use_fused` from the padded tile size:
   (``rfft2 = F_H . (x . F_W)``), then the block-diagonal complex filter MLP (``tl.dot`` over channels), activation,
   softshrink, the complex product with the same spectrum, the inverse DFT along H and the c2r DFT along W (weights
   1 for DC, 2 for 1..ceil(W/2)-1, 1 for Nyquist; the imaginary parts of DC/Nyquist drop out because their sine
-  rows are zero). The spectrum never leaves registers. The backward kernel recomputes the forward in the same
-  program and applies the transposed real matrices (every step is real-linear except the MLP nonlinearities), so
-  it produces dx and per-(batch, group) partial weight gradients that the wrapper sums over the batch.
+  rows are zero). The spectrum never leaves registers. The backward (the same kernel specialised with
+  ``BWD=True``) recomputes the forward in the same program and applies the transposed real matrices (every step is
+  real-linear except the MLP nonlinearities), so it produces dx and per-(batch, group) partial weight gradients that
+  the wrapper sums over the batch.
 * **spectral** (large maps, e.g. detection): cuFFT via ``torch.fft.rfft2`` / ``irfft2`` around one Triton kernel
   that computes filter MLP + softshrink + complex multiply per block of frequency bins. Its backward is
   recompute-based: ``reference.fft_filter_reference_backward`` (torch.fft + the analytic adjoint of the filter MLP,
@@ -147,6 +148,35 @@ def _bdot(a2, b3, BS: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _load_mlp(w1_ptr, b1_ptr, w2_ptr, b2_ptr, g, G, bs, bsh, BS: tl.constexpr, BSH: tl.constexpr):
+    """Group g's filter MLP: transposed complex weights and biases (real parts, imaginary parts one part later)."""
+    w1rT = _load_wT(w1_ptr, g, bs, bsh, G, BSH, BS)
+    w1iT = _load_wT(w1_ptr + G * bs * bsh, g, bs, bsh, G, BSH, BS)
+    w2rT = _load_wT(w2_ptr, g, bsh, bs, G, BS, BSH)
+    w2iT = _load_wT(w2_ptr + G * bs * bsh, g, bsh, bs, G, BS, BSH)
+    b1r = _load_vec(b1_ptr, g, bsh, BSH)
+    b1i = _load_vec(b1_ptr + G * bsh, g, bsh, BSH)
+    b2r = _load_vec(b2_ptr, g, bs, BS)
+    b2i = _load_vec(b2_ptr + G * bs, g, bs, BS)
+    return w1rT, w1iT, w2rT, w2iT, b1r, b1i, b2r, b2i
+
+
+@triton.jit
+def _filter_mlp(xr, xi, w1rT, w1iT, b1r, b1i, w2rT, w2iT, b2r, b2i, lam, ACT: tl.constexpr, PREC: tl.constexpr):
+    """Complex block-diagonal MLP over channels (W^T @ X) and softshrink of a (channels, bins) spectrum block:
+    returns the hidden pre- / post-activation, the output and the filter mask M (real, imaginary each)."""
+    h1r = tl.dot(w1rT, xr, input_precision=PREC) - tl.dot(w1iT, xi, input_precision=PREC) + b1r[:, None]
+    h1i = tl.dot(w1rT, xi, input_precision=PREC) + tl.dot(w1iT, xr, input_precision=PREC) + b1i[:, None]
+    o1r = _act_fwd(h1r, ACT)
+    o1i = _act_fwd(h1i, ACT)
+    o2r = tl.dot(w2rT, o1r, input_precision=PREC) - tl.dot(w2iT, o1i, input_precision=PREC) + b2r[:, None]
+    o2i = tl.dot(w2rT, o1i, input_precision=PREC) + tl.dot(w2iT, o1r, input_precision=PREC) + b2i[:, None]
+    mr = _softshrink(o2r, lam)
+    mi = _softshrink(o2i, lam)
+    return h1r, h1i, o1r, o1i, o2r, o2i, mr, mi
+
+
+@triton.jit
 def _fused_forward_math(x3, fwr, fwi, fhr, fhi, w1rT, w1iT, b1r, b1i, w2rT, w2iT, b2r, b2i, lam,
                         BS: tl.constexpr, BSH: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
                         BWF: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr):
@@ -159,76 +189,14 @@ def _fused_forward_math(x3, fwr, fwi, fhr, fhi, w1rT, w1iT, b1r, b1i, w2rT, w2iT
     xi = _bdot(fhr, ti, BS, PREC) + _bdot(fhi, tr, BS, PREC)
     xr = tl.reshape(xr, (BS, BH * BWF))
     xi = tl.reshape(xi, (BS, BH * BWF))
-    # complex block-diagonal MLP over channels (W^T @ X)
-    h1r = tl.dot(w1rT, xr, input_precision=PREC) - tl.dot(w1iT, xi, input_precision=PREC) + b1r[:, None]
-    h1i = tl.dot(w1rT, xi, input_precision=PREC) + tl.dot(w1iT, xr, input_precision=PREC) + b1i[:, None]
-    o1r = _act_fwd(h1r, ACT)
-    o1i = _act_fwd(h1i, ACT)
-    o2r = tl.dot(w2rT, o1r, input_precision=PREC) - tl.dot(w2iT, o1i, input_precision=PREC) + b2r[:, None]
-    o2i = tl.dot(w2rT, o1i, input_precision=PREC) + tl.dot(w2iT, o1r, input_precision=PREC) + b2i[:, None]
-    mr = _softshrink(o2r, lam)
-    mi = _softshrink(o2i, lam)
+    h1r, h1i, o1r, o1i, o2r, o2i, mr, mi = _filter_mlp(xr, xi, w1rT, w1iT, b1r, b1i, w2rT, w2iT, b2r, b2i, lam,
+                                                       ACT, PREC)
     return xr, xi, h1r, h1i, o1r, o1i, o2r, o2i, mr, mi
 
 
 @triton.jit
-def _fft_filter_fused_fwd_kernel(
-        x_ptr, y_ptr, fwr_ptr, fwi_ptr, fhr_ptr, fhi_ptr, gwr_ptr, gwi_ptr,
-        w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-        G, bs, bsh, H, W, Wf,
-        sxb, sxc, sxh, sxw,
-        lam,
-        BS: tl.constexpr, BSH: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BWF: tl.constexpr,
-        ACT: tl.constexpr, PREC: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    b = pid // G
-    g = pid % G
-    c = tl.arange(0, BS)
-    hh = tl.arange(0, BH)
-    ww = tl.arange(0, BW)
-    c3 = c[:, None, None]
-    h3 = hh[None, :, None]
-    w3 = ww[None, None, :]
-    mask3 = (c3 < bs) & (h3 < H) & (w3 < W)
-    x_off = b * sxb + (g * bs + c3) * sxc + h3 * sxh + w3 * sxw
-    x3 = tl.load(x_ptr + x_off, mask=mask3, other=0.0).to(tl.float32)
-
-    fwr = _load_mat(fwr_ptr, W, Wf, BW, BWF)
-    fwi = _load_mat(fwi_ptr, W, Wf, BW, BWF)
-    fhr = _load_mat(fhr_ptr, H, H, BH, BH)
-    fhi = _load_mat(fhi_ptr, H, H, BH, BH)
-    gwr = _load_mat(gwr_ptr, Wf, W, BWF, BW)
-    gwi = _load_mat(gwi_ptr, Wf, W, BWF, BW)
-    w1rT = _load_wT(w1_ptr, g, bs, bsh, G, BSH, BS)
-    w1iT = _load_wT(w1_ptr + G * bs * bsh, g, bs, bsh, G, BSH, BS)
-    w2rT = _load_wT(w2_ptr, g, bsh, bs, G, BS, BSH)
-    w2iT = _load_wT(w2_ptr + G * bs * bsh, g, bsh, bs, G, BS, BSH)
-    b1r = _load_vec(b1_ptr, g, bsh, BSH)
-    b1i = _load_vec(b1_ptr + G * bsh, g, bsh, BSH)
-    b2r = _load_vec(b2_ptr, g, bs, BS)
-    b2i = _load_vec(b2_ptr + G * bs, g, bs, BS)
-
-    xr, xi, h1r, h1i, o1r, o1i, o2r, o2i, mr, mi = _fused_forward_math(
-        x3, fwr, fwi, fhr, fhi, w1rT, w1iT, b1r, b1i, w2rT, w2iT, b2r, b2i, lam,
-        BS, BSH, BH, BW, BWF, ACT, PREC)
-    yr = tl.reshape(mr * xr - mi * xi, (BS, BH, BWF))
-    yi = tl.reshape(mr * xi + mi * xr, (BS, BH, BWF))
-    # inverse DFT along H: conj(F_H) (symmetric) -> (fhr, -fhi)
-    zr = _bdot(fhr, yr, BS, PREC) + _bdot(fhi, yi, BS, PREC)
-    zi = _bdot(fhr, yi, BS, PREC) - _bdot(fhi, yr, BS, PREC)
-    # c2r along W
-    zr = tl.reshape(zr, (BS * BH, BWF))
-    zi = tl.reshape(zi, (BS * BH, BWF))
-    out = tl.dot(zr, gwr, input_precision=PREC) - tl.dot(zi, gwi, input_precision=PREC)
-    out3 = tl.reshape(out, (BS, BH, BW))
-    y_off = ((b * G + g) * bs + c3) * (H * W) + h3 * W + w3
-    tl.store(y_ptr + y_off, out3.to(y_ptr.dtype.element_ty), mask=mask3)
-
-
-@triton.jit
-def _fft_filter_fused_bwd_kernel(
-        x_ptr, gy_ptr, gx_ptr, fwr_ptr, fwi_ptr, fhr_ptr, fhi_ptr, gwr_ptr, gwi_ptr,
+def _fft_filter_fused_kernel(
+        x_ptr, gy_ptr, out_ptr, fwr_ptr, fwi_ptr, fhr_ptr, fhi_ptr, gwr_ptr, gwi_ptr,
         w1_ptr, b1_ptr, w2_ptr, b2_ptr,
         dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
         G, bs, bsh, H, W, Wf,
@@ -236,8 +204,13 @@ def _fft_filter_fused_bwd_kernel(
         sgb, sgc, sgh, sgw,
         lam,
         BS: tl.constexpr, BSH: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BWF: tl.constexpr,
-        ACT: tl.constexpr, PREC: tl.constexpr,
+        ACT: tl.constexpr, PREC: tl.constexpr, BWD: tl.constexpr,
 ):
+    """One program per (batch, group) tile; the forward math is shared by both directions (the backward recomputes it).
+
+    BWD=False: out = the filter output. BWD=True: out = dx for the upstream gradient gy, and the partial weight
+    gradients of this (batch, group) go to dw1 / db1 / dw2 / db2 (gy and those pointers are unused by the forward).
+    """
     pid = tl.program_id(0)
     b = pid // G
     g = pid % G
@@ -249,7 +222,9 @@ def _fft_filter_fused_bwd_kernel(
     w3 = ww[None, None, :]
     mask3 = (c3 < bs) & (h3 < H) & (w3 < W)
     x3 = tl.load(x_ptr + b * sxb + (g * bs + c3) * sxc + h3 * sxh + w3 * sxw, mask=mask3, other=0.0).to(tl.float32)
-    g3 = tl.load(gy_ptr + b * sgb + (g * bs + c3) * sgc + h3 * sgh + w3 * sgw, mask=mask3, other=0.0).to(tl.float32)
+    if BWD:
+        g3 = tl.load(gy_ptr + b * sgb + (g * bs + c3) * sgc + h3 * sgh + w3 * sgw, mask=mask3,
+                     other=0.0).to(tl.float32)
 
     fwr = _load_mat(fwr_ptr, W, Wf, BW, BWF)
     fwi = _load_mat(fwi_ptr, W, Wf, BW, BWF)
@@ -257,85 +232,90 @@ def _fft_filter_fused_bwd_kernel(
     fhi = _load_mat(fhi_ptr, H, H, BH, BH)
     gwr = _load_mat(gwr_ptr, Wf, W, BWF, BW)
     gwi = _load_mat(gwi_ptr, Wf, W, BWF, BW)
-    w1rT = _load_wT(w1_ptr, g, bs, bsh, G, BSH, BS)
-    w1iT = _load_wT(w1_ptr + G * bs * bsh, g, bs, bsh, G, BSH, BS)
-    w2rT = _load_wT(w2_ptr, g, bsh, bs, G, BS, BSH)
-    w2iT = _load_wT(w2_ptr + G * bs * bsh, g, bsh, bs, G, BS, BSH)
-    b1r = _load_vec(b1_ptr, g, bsh, BSH)
-    b1i = _load_vec(b1_ptr + G * bsh, g, bsh, BSH)
-    b2r = _load_vec(b2_ptr, g, bs, BS)
-    b2i = _load_vec(b2_ptr + G * bs, g, bs, BS)
+    w1rT, w1iT, w2rT, w2iT, b1r, b1i, b2r, b2i = _load_mlp(w1_ptr, b1_ptr, w2_ptr, b2_ptr, g, G, bs, bsh, BS, BSH)
 
     xr, xi, h1r, h1i, o1r, o1i, o2r, o2i, mr, mi = _fused_forward_math(
         x3, fwr, fwi, fhr, fhi, w1rT, w1iT, b1r, b1i, w2rT, w2iT, b2r, b2i, lam,
         BS, BSH, BH, BW, BWF, ACT, PREC)
+    if BWD:
+        # out = Zr @ GWr - Zi @ GWi  ->  dZr = g @ GWr^T, dZi = -g @ GWi^T
+        g2 = tl.reshape(g3, (BS * BH, BW))
+        dzr = tl.reshape(tl.dot(g2, tl.trans(gwr), input_precision=PREC), (BS, BH, BWF))
+        dzi = -tl.reshape(tl.dot(g2, tl.trans(gwi), input_precision=PREC), (BS, BH, BWF))
+        # Zr = Fr Yr + Fi Yi ; Zi = Fr Yi - Fi Yr  (Fr, Fi symmetric)  ->  dYr = Fr dZr - Fi dZi ; dYi = Fi dZr + Fr dZi
+        dyr = _bdot(fhr, dzr, BS, PREC) - _bdot(fhi, dzi, BS, PREC)
+        dyi = _bdot(fhi, dzr, BS, PREC) + _bdot(fhr, dzi, BS, PREC)
+        dyr = tl.reshape(dyr, (BS, BH * BWF))
+        dyi = tl.reshape(dyi, (BS, BH * BWF))
+        # Y = M * X (complex)
+        dmr = dyr * xr + dyi * xi
+        dmi = dyi * xr - dyr * xi
+        dxr = dyr * mr + dyi * mi
+        dxi = dyi * mr - dyr * mi
+        # softshrink
+        do2r = tl.where((o2r > lam) | (o2r < -lam), dmr, 0.0)
+        do2i = tl.where((o2i > lam) | (o2i < -lam), dmi, 0.0)
+        # layer 2: O2r = W2r^T O1r - W2i^T O1i + b ; O2i = W2r^T O1i + W2i^T O1r + b
+        do1r = tl.dot(tl.trans(w2rT), do2r, input_precision=PREC) + tl.dot(tl.trans(w2iT), do2i, input_precision=PREC)
+        do1i = tl.dot(tl.trans(w2rT), do2i, input_precision=PREC) - tl.dot(tl.trans(w2iT), do2r, input_precision=PREC)
+        # dW2r[i, o] = sum_n O1r[i,n] dO2r[o,n] + O1i[i,n] dO2i[o,n] ; dW2i[i,o] = sum O1r dO2i - O1i dO2r
+        dw2r = tl.dot(o1r, tl.trans(do2r), input_precision=PREC) + tl.dot(o1i, tl.trans(do2i), input_precision=PREC)
+        dw2i = tl.dot(o1r, tl.trans(do2i), input_precision=PREC) - tl.dot(o1i, tl.trans(do2r), input_precision=PREC)
+        db2r = _rowsum(do2r)
+        db2i = _rowsum(do2i)
+        dh1r = do1r * _act_grad(h1r, ACT)
+        dh1i = do1i * _act_grad(h1i, ACT)
+        dw1r = tl.dot(xr, tl.trans(dh1r), input_precision=PREC) + tl.dot(xi, tl.trans(dh1i), input_precision=PREC)
+        dw1i = tl.dot(xr, tl.trans(dh1i), input_precision=PREC) - tl.dot(xi, tl.trans(dh1r), input_precision=PREC)
+        db1r = _rowsum(dh1r)
+        db1i = _rowsum(dh1i)
+        dxr += tl.dot(tl.trans(w1rT), dh1r, input_precision=PREC) + tl.dot(tl.trans(w1iT), dh1i, input_precision=PREC)
+        dxi += tl.dot(tl.trans(w1rT), dh1i, input_precision=PREC) - tl.dot(tl.trans(w1iT), dh1r, input_precision=PREC)
+        # Xr = Fr Tr - Fi Ti ; Xi = Fr Ti + Fi Tr  ->  dTr = Fr dXr + Fi dXi ; dTi = Fr dXi - Fi dXr
+        dxr = tl.reshape(dxr, (BS, BH, BWF))
+        dxi = tl.reshape(dxi, (BS, BH, BWF))
+        dtr = _bdot(fhr, dxr, BS, PREC) + _bdot(fhi, dxi, BS, PREC)
+        dti = _bdot(fhr, dxi, BS, PREC) - _bdot(fhi, dxr, BS, PREC)
+        # T = A @ FW  ->  dA = dTr @ FWr^T + dTi @ FWi^T
+        dtr = tl.reshape(dtr, (BS * BH, BWF))
+        dti = tl.reshape(dti, (BS * BH, BWF))
+        da = tl.dot(dtr, tl.trans(fwr), input_precision=PREC) + tl.dot(dti, tl.trans(fwi), input_precision=PREC)
+        res3 = tl.reshape(da, (BS, BH, BW))
+    else:
+        yr = tl.reshape(mr * xr - mi * xi, (BS, BH, BWF))
+        yi = tl.reshape(mr * xi + mi * xr, (BS, BH, BWF))
+        # inverse DFT along H: conj(F_H) (symmetric) -> (fhr, -fhi)
+        zr = _bdot(fhr, yr, BS, PREC) + _bdot(fhi, yi, BS, PREC)
+        zi = _bdot(fhr, yi, BS, PREC) - _bdot(fhi, yr, BS, PREC)
+        # c2r along W
+        zr = tl.reshape(zr, (BS * BH, BWF))
+        zi = tl.reshape(zi, (BS * BH, BWF))
+        out = tl.dot(zr, gwr, input_precision=PREC) - tl.dot(zi, gwi, input_precision=PREC)
+        res3 = tl.reshape(out, (BS, BH, BW))
+    out_off = ((b * G + g) * bs + c3) * (H * W) + h3 * W + w3
+    tl.store(out_ptr + out_off, res3.to(out_ptr.dtype.element_ty), mask=mask3)
 
-    # out = Zr @ GWr - Zi @ GWi  ->  dZr = g @ GWr^T, dZi = -g @ GWi^T
-    g2 = tl.reshape(g3, (BS * BH, BW))
-    dzr = tl.reshape(tl.dot(g2, tl.trans(gwr), input_precision=PREC), (BS, BH, BWF))
-    dzi = -tl.reshape(tl.dot(g2, tl.trans(gwi), input_precision=PREC), (BS, BH, BWF))
-    # Zr = Fr Yr + Fi Yi ; Zi = Fr Yi - Fi Yr  (Fr, Fi symmetric)  ->  dYr = Fr dZr - Fi dZi ; dYi = Fi dZr + Fr dZi
-    dyr = _bdot(fhr, dzr, BS, PREC) - _bdot(fhi, dzi, BS, PREC)
-    dyi = _bdot(fhi, dzr, BS, PREC) + _bdot(fhr, dzi, BS, PREC)
-    dyr = tl.reshape(dyr, (BS, BH * BWF))
-    dyi = tl.reshape(dyi, (BS, BH * BWF))
-    # Y = M * X (complex)
-    dmr = dyr * xr + dyi * xi
-    dmi = dyi * xr - dyr * xi
-    dxr = dyr * mr + dyi * mi
-    dxi = dyi * mr - dyr * mi
-    # softshrink
-    do2r = tl.where((o2r > lam) | (o2r < -lam), dmr, 0.0)
-    do2i = tl.where((o2i > lam) | (o2i < -lam), dmi, 0.0)
-    # layer 2: O2r = W2r^T O1r - W2i^T O1i + b ; O2i = W2r^T O1i + W2i^T O1r + b
-    do1r = tl.dot(tl.trans(w2rT), do2r, input_precision=PREC) + tl.dot(tl.trans(w2iT), do2i, input_precision=PREC)
-    do1i = tl.dot(tl.trans(w2rT), do2i, input_precision=PREC) - tl.dot(tl.trans(w2iT), do2r, input_precision=PREC)
-    # dW2r[i, o] = sum_n O1r[i,n] dO2r[o,n] + O1i[i,n] dO2i[o,n] ; dW2i[i,o] = sum O1r dO2i - O1i dO2r
-    dw2r = tl.dot(o1r, tl.trans(do2r), input_precision=PREC) + tl.dot(o1i, tl.trans(do2i), input_precision=PREC)
-    dw2i = tl.dot(o1r, tl.trans(do2i), input_precision=PREC) - tl.dot(o1i, tl.trans(do2r), input_precision=PREC)
-    db2r = _rowsum(do2r)
-    db2i = _rowsum(do2i)
-    dh1r = do1r * _act_grad(h1r, ACT)
-    dh1i = do1i * _act_grad(h1i, ACT)
-    dw1r = tl.dot(xr, tl.trans(dh1r), input_precision=PREC) + tl.dot(xi, tl.trans(dh1i), input_precision=PREC)
-    dw1i = tl.dot(xr, tl.trans(dh1i), input_precision=PREC) - tl.dot(xi, tl.trans(dh1r), input_precision=PREC)
-    db1r = _rowsum(dh1r)
-    db1i = _rowsum(dh1i)
-    dxr += tl.dot(tl.trans(w1rT), dh1r, input_precision=PREC) + tl.dot(tl.trans(w1iT), dh1i, input_precision=PREC)
-    dxi += tl.dot(tl.trans(w1rT), dh1i, input_precision=PREC) - tl.dot(tl.trans(w1iT), dh1r, input_precision=PREC)
-    # Xr = Fr Tr - Fi Ti ; Xi = Fr Ti + Fi Tr  ->  dTr = Fr dXr + Fi dXi ; dTi = Fr dXi - Fi dXr
-    dxr = tl.reshape(dxr, (BS, BH, BWF))
-    dxi = tl.reshape(dxi, (BS, BH, BWF))
-    dtr = _bdot(fhr, dxr, BS, PREC) + _bdot(fhi, dxi, BS, PREC)
-    dti = _bdot(fhr, dxi, BS, PREC) - _bdot(fhi, dxr, BS, PREC)
-    # T = A @ FW  ->  dA = dTr @ FWr^T + dTi @ FWi^T
-    dtr = tl.reshape(dtr, (BS * BH, BWF))
-    dti = tl.reshape(dti, (BS * BH, BWF))
-    da = tl.dot(dtr, tl.trans(fwr), input_precision=PREC) + tl.dot(dti, tl.trans(fwi), input_precision=PREC)
-    da3 = tl.reshape(da, (BS, BH, BW))
-    gx_off = ((b * G + g) * bs + c3) * (H * W) + h3 * W + w3
-    tl.store(gx_ptr + gx_off, da3.to(gx_ptr.dtype.element_ty), mask=mask3)
-
-    # partial weight grads of this (b, g): buffers (B, 2, G, ...) in float32
-    i_s = tl.arange(0, BS)
-    i_h = tl.arange(0, BSH)
-    m1 = (i_s[:, None] < bs) & (i_h[None, :] < bsh)
-    base_w1 = dw1_ptr + (b * 2 * G + g) * bs * bsh
-    off1 = i_s[:, None] * bsh + i_h[None, :]
-    tl.store(base_w1 + off1, dw1r, mask=m1)
-    tl.store(base_w1 + G * bs * bsh + off1, dw1i, mask=m1)
-    m2 = (i_h[:, None] < bsh) & (i_s[None, :] < bs)
-    base_w2 = dw2_ptr + (b * 2 * G + g) * bs * bsh
-    off2 = i_h[:, None] * bs + i_s[None, :]
-    # dw2 computed as (BSH_i, BS_o) from o1 (BSH, N) @ do2^T (N, BS)
-    tl.store(base_w2 + off2, dw2r, mask=m2)
-    tl.store(base_w2 + G * bs * bsh + off2, dw2i, mask=m2)
-    base_b1 = db1_ptr + (b * 2 * G + g) * bsh
-    tl.store(base_b1 + i_h, db1r, mask=i_h < bsh)
-    tl.store(base_b1 + G * bsh + i_h, db1i, mask=i_h < bsh)
-    base_b2 = db2_ptr + (b * 2 * G + g) * bs
-    tl.store(base_b2 + i_s, db2r, mask=i_s < bs)
-    tl.store(base_b2 + G * bs + i_s, db2i, mask=i_s < bs)
+    if BWD:
+        # partial weight grads of this (b, g): buffers (B, 2, G, ...) in float32
+        i_s = tl.arange(0, BS)
+        i_h = tl.arange(0, BSH)
+        m1 = (i_s[:, None] < bs) & (i_h[None, :] < bsh)
+        base_w1 = dw1_ptr + (b * 2 * G + g) * bs * bsh
+        off1 = i_s[:, None] * bsh + i_h[None, :]
+        tl.store(base_w1 + off1, dw1r, mask=m1)
+        tl.store(base_w1 + G * bs * bsh + off1, dw1i, mask=m1)
+        m2 = (i_h[:, None] < bsh) & (i_s[None, :] < bs)
+        base_w2 = dw2_ptr + (b * 2 * G + g) * bs * bsh
+        off2 = i_h[:, None] * bs + i_s[None, :]
+        # dw2 computed as (BSH_i, BS_o) from o1 (BSH, N) @ do2^T (N, BS)
+        tl.store(base_w2 + off2, dw2r, mask=m2)
+        tl.store(base_w2 + G * bs * bsh + off2, dw2i, mask=m2)
+        base_b1 = db1_ptr + (b * 2 * G + g) * bsh
+        tl.store(base_b1 + i_h, db1r, mask=i_h < bsh)
+        tl.store(base_b1 + G * bsh + i_h, db1i, mask=i_h < bsh)
+        base_b2 = db2_ptr + (b * 2 * G + g) * bs
+        tl.store(base_b2 + i_s, db2r, mask=i_s < bs)
+        tl.store(base_b2 + G * bs + i_s, db2i, mask=i_s < bs)
 
 
 @triton.jit
@@ -355,22 +335,9 @@ def _spectral_filter_kernel(
     off = (((b * G + g) * bs + c[:, None]) * NF + n[None, :]) * 2
     xr = tl.load(X_ptr + off, mask=mask, other=0.0)
     xi = tl.load(X_ptr + off + 1, mask=mask, other=0.0)
-    w1rT = _load_wT(w1_ptr, g, bs, bsh, G, BSH, BS)
-    w1iT = _load_wT(w1_ptr + G * bs * bsh, g, bs, bsh, G, BSH, BS)
-    w2rT = _load_wT(w2_ptr, g, bsh, bs, G, BS, BSH)
-    w2iT = _load_wT(w2_ptr + G * bs * bsh, g, bsh, bs, G, BS, BSH)
-    b1r = _load_vec(b1_ptr, g, bsh, BSH)
-    b1i = _load_vec(b1_ptr + G * bsh, g, bsh, BSH)
-    b2r = _load_vec(b2_ptr, g, bs, BS)
-    b2i = _load_vec(b2_ptr + G * bs, g, bs, BS)
-    h1r = tl.dot(w1rT, xr, input_precision=PREC) - tl.dot(w1iT, xi, input_precision=PREC) + b1r[:, None]
-    h1i = tl.dot(w1rT, xi, input_precision=PREC) + tl.dot(w1iT, xr, input_precision=PREC) + b1i[:, None]
-    o1r = _act_fwd(h1r, ACT)
-    o1i = _act_fwd(h1i, ACT)
-    o2r = tl.dot(w2rT, o1r, input_precision=PREC) - tl.dot(w2iT, o1i, input_precision=PREC) + b2r[:, None]
-    o2i = tl.dot(w2rT, o1i, input_precision=PREC) + tl.dot(w2iT, o1r, input_precision=PREC) + b2i[:, None]
-    mr = _softshrink(o2r, lam)
-    mi = _softshrink(o2i, lam)
+    w1rT, w1iT, w2rT, w2iT, b1r, b1i, b2r, b2i = _load_mlp(w1_ptr, b1_ptr, w2_ptr, b2_ptr, g, G, bs, bsh, BS, BSH)
+    h1r, h1i, o1r, o1i, o2r, o2i, mr, mi = _filter_mlp(xr, xi, w1rT, w1iT, b1r, b1i, w2rT, w2iT, b2r, b2i, lam,
+                                                       ACT, PREC)
     tl.store(Y_ptr + off, mr * xr - mi * xi, mask=mask)
     tl.store(Y_ptr + off + 1, mr * xi + mi * xr, mask=mask)
 
@@ -387,6 +354,24 @@ def _sizes(x, w1, num_groups):
     return B, C, H, W, G, bs, bsh
 
 
+def _launch_fused(x, grad, out, weights, wgrads, G: int, bs: int, bsh: int, lam: float, act: str, precision: str):
+    """Run the fused kernel over the (batch, group) tiles of x into ``out``: the forward when ``wgrads`` is None
+    (``grad`` unused), else the backward of upstream ``grad`` with the partial weight-gradient buffers ``wgrads``
+    (dw1, db1, dw2, db2)."""
+    H, W = x.shape[-2:]
+    Wf = W // 2 + 1
+    bwd = wgrads is not None
+    gy = grad if bwd else x  # the forward reads no gy and writes no weight grads: dummy pointers
+    fwr, fwi, fhr, fhi, gwr, gwi = dft_matrices(H, W, x.device)
+    BS, BH, BWF = _p2(bs), _p2(H), _p2(Wf)
+    _fft_filter_fused_kernel[(x.shape[0] * G,)](
+        x, gy, out, fwr, fwi, fhr, fhi, gwr, gwi, *weights, *(wgrads if bwd else (out,) * 4),
+        G, bs, bsh, H, W, Wf, *x.stride(), *gy.stride(), float(lam),
+        BS=BS, BSH=_p2(bsh), BH=BH, BW=_p2(W), BWF=BWF, ACT=ACT_IDS[act], PREC=precision, BWD=bwd,
+        num_warps=4 if BS * BH * BWF <= 4096 else 8,
+    )
+
+
 def fft_filter_fwd(x: torch.Tensor, w1, b1, w2, b2, num_groups: int, sparsity_threshold: float, act: str,
                    precision: str = "ieee") -> torch.Tensor:
     """Forward of the filter (no residual); result in x's dtype (float32 math)."""
@@ -396,14 +381,7 @@ def fft_filter_fwd(x: torch.Tensor, w1, b1, w2, b2, num_groups: int, sparsity_th
     act_id = ACT_IDS[act]
     if use_fused(C, H, W, G, bsh):
         y = torch.empty((B, C, H, W), device=x.device, dtype=x.dtype)
-        fwr, fwi, fhr, fhi, gwr, gwi = dft_matrices(H, W, x.device)
-        BS, BSH = _p2(bs), _p2(bsh)
-        _fft_filter_fused_fwd_kernel[(B * G,)](
-            x, y, fwr, fwi, fhr, fhi, gwr, gwi, w1, b1, w2, b2,
-            G, bs, bsh, H, W, Wf, *x.stride(), float(sparsity_threshold),
-            BS=BS, BSH=BSH, BH=_p2(H), BW=_p2(W), BWF=_p2(Wf), ACT=act_id, PREC=precision,
-            num_warps=4 if BS * _p2(H) * _p2(Wf) <= 4096 else 8,
-        )
+        _launch_fused(x, None, y, (w1, b1, w2, b2), None, G, bs, bsh, sparsity_threshold, act, precision)
         return y
     # spectral path: cuFFT + fused filter kernel
     X = torch.view_as_real(torch.fft.rfft2(x.float(), dim=(2, 3), norm="ortho")).contiguous()
@@ -423,7 +401,6 @@ def fft_filter_bwd(grad: torch.Tensor, x: torch.Tensor, w1, b1, w2, b2, num_grou
                    act: str, precision: str = "ieee"):
     """Gradients (dx, dw1, db1, dw2, db2) of the filter output w.r.t. its inputs."""
     B, C, H, W, G, bs, bsh = _sizes(x, w1, num_groups)
-    Wf = W // 2 + 1
     wdt = [t.dtype for t in (w1, b1, w2, b2)]
     w1f, b1f, w2f, b2f = _prep_weights(w1, b1, w2, b2)
     if use_fused(C, H, W, G, bsh):
@@ -432,14 +409,8 @@ def fft_filter_bwd(grad: torch.Tensor, x: torch.Tensor, w1, b1, w2, b2, num_grou
         dw2 = torch.empty((B, 2, G, bsh, bs), device=x.device, dtype=torch.float32)
         db1 = torch.empty((B, 2, G, bsh), device=x.device, dtype=torch.float32)
         db2 = torch.empty((B, 2, G, bs), device=x.device, dtype=torch.float32)
-        fwr, fwi, fhr, fhi, gwr, gwi = dft_matrices(H, W, x.device)
-        BS, BSH = _p2(bs), _p2(bsh)
-        _fft_filter_fused_bwd_kernel[(B * G,)](
-            x, grad, gx, fwr, fwi, fhr, fhi, gwr, gwi, w1f, b1f, w2f, b2f, dw1, db1, dw2, db2,
-            G, bs, bsh, H, W, Wf, *x.stride(), *grad.stride(), float(sparsity_threshold),
-            BS=BS, BSH=BSH, BH=_p2(H), BW=_p2(W), BWF=_p2(Wf), ACT=ACT_IDS[act], PREC=precision,
-            num_warps=4 if BS * _p2(H) * _p2(Wf) <= 4096 else 8,
-        )
+        _launch_fused(x, grad, gx, (w1f, b1f, w2f, b2f), (dw1, db1, dw2, db2), G, bs, bsh, sparsity_threshold, act,
+                      precision)
         grads = (dw1.sum(0), db1.sum(0), dw2.sum(0), db2.sum(0))
         return (gx,) + tuple(gw.to(d) for gw, d in zip(grads, wdt))
     # spectral path: recompute-based analytic backward (torch.fft + transposed einsums, float32)

@@ -76,6 +76,16 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _skip_and_gate(y: torch.Tensor, u: torch.Tensor, D, z, dtype_out: torch.dtype) -> torch.Tensor:
+    """The scan output's epilogue in u's (accumulation) dtype: y + D * u, times silu(z), cast to ``dtype_out``."""
+    f = u.dtype
+    if D is not None:
+        y = y + u * D.to(f)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(f))
+    return y.to(dtype_out)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # the test oracle: direct recurrence in float64, materialising (B, D, L, N)
 # ----------------------------------------------------------------------------------------------------------------------
@@ -102,12 +112,7 @@ def selective_scan_ref_naive(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     for t in range(L):
         h = deltaA[:, :, t] * h + deltaB_u[:, :, t]
         ys.append((h * Cd[:, :, :, t]).sum(-1))
-    y = torch.stack(ys, dim=-1)
-    if D is not None:
-        y = y + u * D.to(f)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(f))
-    out = y.to(dtype_in)
+    out = _skip_and_gate(torch.stack(ys, dim=-1), u, D, z, dtype_in)
     return (out, h) if return_last_state else out
 
 
@@ -354,7 +359,6 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     dtype_in = u.dtype
     u, delta, _, A, Bg, Cg = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
-    f = u.dtype
     batch, dim, L = u.shape
     T = _chunk_len(batch, dim, A.shape[1], chunk_size)
     if checkpoint_chunks is False or not (torch.is_grad_enabled() and any(
@@ -362,11 +366,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         y, h, _ = _scan_forward(u, delta, A, Bg, Cg, T, save_states=False)
     else:
         y, h = _ChunkedScan.apply(u, delta, A, Bg, Cg, T)
-    if D is not None:
-        y = y + u * D.to(f)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(f))
-    out = y.to(dtype_in)
+    out = _skip_and_gate(y, u, D, z, dtype_in)
     return (out, h) if return_last_state else out
 
 

@@ -102,6 +102,31 @@ def _softplus(x):
 
 
 @triton.jit
+def _load_channel_param(ptr, pc, mc, PRESENT: tl.constexpr):
+    """A per-parameter-channel vector (D, delta_bias) in fp32; zeros when the op has none (the kernel then never uses
+    it: every use sits under the same constexpr flag)."""
+    if PRESENT:
+        v = tl.load(ptr + pc, mask=mc, other=0.0).to(tl.float32)
+    else:
+        v = tl.zeros(pc.shape, dtype=tl.float32)
+    return v
+
+
+@triton.jit
+def _load_delta(ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """delta of a (steps, channels) block in fp32: (raw, dt) with raw = the input (+ delta_bias) and dt = softplus(raw)
+    if SOFTPLUS else raw, zero where masked (padded steps are identity steps of the recurrence: a = 1, b = 0)."""
+    raw = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw = raw + bias[None, :]
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    else:
+        dt = raw
+    return raw, tl.where(mask, dt, 0.0)
+
+
+@triton.jit
 def _route_pos(t, r, H, W, L):
     """(h, w) of route step t: route 0 row-major, 1 column-major, 2 / 3 their reverses."""
     rev = r >= 2
@@ -143,10 +168,8 @@ def _scan_fwd_kernel(
         pc = slot * Cg + c  # parameter channel (A, D, delta_bias rows)
         A2 = tl.load(A_ptr + pc[:, None] * N + n[None, :], mask=mc[:, None] & mn[None, :], other=0.0).to(tl.float32)
         A2 = A2 * 1.4426950408889634
-        if HAS_D:
-            Dv = tl.load(D_ptr + pc, mask=mc, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + pc, mask=mc, other=0.0).to(tl.float32)
+        Dv = _load_channel_param(D_ptr, pc, mc, HAS_D)
+        bias = _load_channel_param(bias_ptr, pc, mc, HAS_BIAS)
         carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
         for ci in range(NC):
             t = ci * BLOCK_L + rows
@@ -155,13 +178,8 @@ def _scan_fwd_kernel(
             hh, ww = _route_pos(t, r, H, W, L)
             u = tl.load(u_ptr + pid_b * s_ub + uc[None, :] * s_uc + hh[:, None] * s_uh + ww[:, None] * s_uw,
                         mask=m2, other=0.0).to(tl.float32)
-            dt = tl.load(dt_ptr + pid_b * s_db + slot * s_dk + c[None, :] * s_dc + t[:, None] * s_dt,
-                         mask=m2, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                dt = dt + bias[None, :]
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            dt = tl.where(m2, dt, 0.0)  # padded steps: a = 1, b = 0 (identity)
+            _raw, dt = _load_delta(dt_ptr + pid_b * s_db + slot * s_dk + c[None, :] * s_dc + t[:, None] * s_dt, m2,
+                                   bias, HAS_BIAS, SOFTPLUS)
             mtn = mt[:, None] & mn[None, :]
             Bt = tl.load(B_ptr + pid_b * s_Bb + slot * s_Bk + n[None, :] * s_Bn + t[:, None] * s_Bt,
                          mask=mtn, other=0.0).to(tl.float32)
@@ -254,31 +272,15 @@ def _scan_bwd_kernel(
                 m2 = mt[:, None] & mc[None, :]
                 A = tl.load(A_ptr + pc[:, None] * N + n[None, :], mask=mcn, other=0.0).to(tl.float32)
                 A2 = A * 1.4426950408889634
-                if HAS_D:
-                    Dv = tl.load(D_ptr + pc, mask=mc, other=0.0).to(tl.float32)
-                if HAS_BIAS:
-                    bias = tl.load(bias_ptr + pc, mask=mc, other=0.0).to(tl.float32)
+                Dv = _load_channel_param(D_ptr, pc, mc, HAS_D)
+                bias = _load_channel_param(bias_ptr, pc, mc, HAS_BIAS)
                 u = tl.load(u_ptr + pid_b * s_ub + uc[None, :] * s_uc + hh[:, None] * s_uh + ww[:, None] * s_uw,
                             mask=m2, other=0.0).to(tl.float32)
                 dt_base = dt_ptr + pid_b * s_db + slot * s_dk + c[None, :] * s_dc
-                raw = tl.load(dt_base + t[:, None] * s_dt, mask=m2, other=0.0).to(tl.float32)
-                if HAS_BIAS:
-                    raw = raw + bias[None, :]
-                if SOFTPLUS:
-                    dt = _softplus(raw)
-                else:
-                    dt = raw
-                dt = tl.where(m2, dt, 0.0)
+                raw, dt = _load_delta(dt_base + t[:, None] * s_dt, m2, bias, HAS_BIAS, SOFTPLUS)
                 # delta of the next step inside the chunk (the last row uses a = 1, the carried mu covers it)
                 mnext = has_next[:, None] & mc[None, :]
-                rawn = tl.load(dt_base + tn[:, None] * s_dt, mask=mnext, other=0.0).to(tl.float32)
-                if HAS_BIAS:
-                    rawn = rawn + bias[None, :]
-                if SOFTPLUS:
-                    dtn = _softplus(rawn)
-                else:
-                    dtn = rawn
-                dtn = tl.where(mnext, dtn, 0.0)
+                _rawn, dtn = _load_delta(dt_base + tn[:, None] * s_dt, mnext, bias, HAS_BIAS, SOFTPLUS)
                 g = tl.load(g_ptr + pid_b * s_gb + uc[None, :] * s_gc + hh[:, None] * s_gh + ww[:, None] * s_gw,
                             mask=m2, other=0.0).to(tl.float32)
                 # recompute the forward states of this chunk from the saved state of the previous chunk

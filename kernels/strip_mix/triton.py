@@ -26,6 +26,35 @@ __all__ = ["strip_mix_fwd_triton", "strip_mix_bwd_triton"]
 
 
 @triton.jit
+def _span(start, BLOCK: tl.constexpr, n):
+    """Offsets ``start .. start + BLOCK - 1`` of one block along an axis of length n, and their in-range mask."""
+    offs = start + tl.arange(0, BLOCK)
+    return offs, offs < n
+
+
+@triton.jit
+def _split_r(offs_r, L, K: tl.constexpr):
+    """Reduction index r = (j * L + l) * K + k -> (raft channel j, position l along the axis, window tap k)."""
+    j = offs_r // (L * K)
+    rem = offs_r % (L * K)
+    return j, rem // K, rem % K
+
+
+@triton.jit
+def _dot_acc(acc, a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b into the fp32 accumulator: IEEE fp32 products (no TF32) if IEEE, operands cast to fp32 first if
+    UPCAST."""
+    if UPCAST:  # the CPU interpreter's bf16 tl.dot is wrong: compute in fp32 there
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        acc += tl.dot(a, b, input_precision="ieee")
+    else:
+        acc += tl.dot(a, b)
+    return acc
+
+
+@triton.jit
 def _strip_mix_fwd_kernel(
         x_ptr, w_ptr, b_ptr, out_ptr,
         M, G, L, P, FO, RK,
@@ -35,37 +64,23 @@ def _strip_mix_fwd_kernel(
         BF: tl.constexpr, BP: tl.constexpr, BR: tl.constexpr,
 ):
     pid_bm = tl.program_id(0).to(tl.int64)
-    pid_f = tl.program_id(1)
-    pid_p = tl.program_id(2)
     b = pid_bm // M
     co = pid_bm % M
     g = co % G
-    offs_f = pid_f * BF + tl.arange(0, BF)
-    offs_p = pid_p * BP + tl.arange(0, BP)
-    mask_f = offs_f < FO
-    mask_p = offs_p < P
+    offs_f, mask_f = _span(tl.program_id(1) * BF, BF, FO)
+    offs_p, mask_p = _span(tl.program_id(2) * BP, BP, P)
     acc = tl.zeros((BF, BP), dtype=tl.float32)
     w_base = w_ptr + g * FO * RK
     x_base = x_ptr + b * sxb + co * sxc
     for r0 in range(0, RK, BR):
-        offs_r = r0 + tl.arange(0, BR)
-        mask_r = offs_r < RK
-        j = offs_r // (L * K)
-        rem = offs_r % (L * K)
-        l_idx = rem // K
-        k_idx = rem % K
+        offs_r, mask_r = _span(r0, BR, RK)
+        j, l_idx, k_idx = _split_r(offs_r, L, K)
         w = tl.load(w_base + offs_f[:, None] * RK + offs_r[None, :],
                     mask=mask_f[:, None] & mask_r[None, :], other=0.)
         src_p = offs_p[None, :] + k_idx[:, None] - PAD
         mx = mask_r[:, None] & mask_p[None, :] & (src_p >= 0) & (src_p < P)
         xv = tl.load(x_base + (j * M)[:, None] * sxc + l_idx[:, None] * sxl + src_p * sxp, mask=mx, other=0.)
-        if UPCAST:  # the CPU interpreter's bf16 tl.dot is wrong: compute in fp32 there
-            w = w.to(tl.float32)
-            xv = xv.to(tl.float32)
-        if IEEE:
-            acc += tl.dot(w, xv, input_precision="ieee")
-        else:
-            acc += tl.dot(w, xv)
+        acc = _dot_acc(acc, w, xv, IEEE, UPCAST)
     if HAS_BIAS:
         bias = tl.load(b_ptr + g * FO + offs_f, mask=mask_f, other=0.).to(tl.float32)
         acc += bias[:, None]
@@ -85,23 +100,15 @@ def _strip_mix_dw_kernel(
         BF: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr,
 ):
     g = tl.program_id(0).to(tl.int64)
-    pid_f = tl.program_id(1)
-    pid_r = tl.program_id(2)
-    offs_f = pid_f * BF + tl.arange(0, BF)
-    offs_r = pid_r * BR + tl.arange(0, BR)
-    mask_f = offs_f < FO
-    mask_r = offs_r < RK
+    offs_f, mask_f = _span(tl.program_id(1) * BF, BF, FO)
+    offs_r, mask_r = _span(tl.program_id(2) * BR, BR, RK)
     jo = offs_f // L
     lo = offs_f % L
-    j = offs_r // (L * K)
-    rem = offs_r % (L * K)
-    l_idx = rem // K
-    k_idx = rem % K
+    j, l_idx, k_idx = _split_r(offs_r, L, K)
     acc = tl.zeros((BF, BR), dtype=tl.float32)
     dbacc = tl.zeros((BF,), dtype=tl.float32)
     for n0 in range(0, N, BN):
-        offs_n = n0 + tl.arange(0, BN)
-        mask_n = offs_n < N
+        offs_n, mask_n = _span(n0, BN, N)
         bb = (offs_n // (Q * P)).to(tl.int64)
         q = (offs_n // P) % Q
         p = offs_n % P
@@ -112,19 +119,13 @@ def _strip_mix_dw_kernel(
         mx = mask_n[:, None] & mask_r[None, :] & (src_p >= 0) & (src_p < P)
         xv = tl.load(x_ptr + bb[:, None] * sxb + (j[None, :] * M + co[:, None]) * sxc + l_idx[None, :] * sxl
                      + src_p * sxp, mask=mx, other=0.)
-        if UPCAST:
-            dy = dy.to(tl.float32)
-            xv = xv.to(tl.float32)
-        if IEEE:
-            acc += tl.dot(dy, xv, input_precision="ieee")
-        else:
-            acc += tl.dot(dy, xv)
+        acc = _dot_acc(acc, dy, xv, IEEE, UPCAST)
         if HAS_BIAS:
             dbacc += tl.sum(dy.to(tl.float32), axis=1)
     tl.store(dw_ptr + g * FO * RK + offs_f[:, None] * RK + offs_r[None, :], acc.to(dw_ptr.dtype.element_ty),
              mask=mask_f[:, None] & mask_r[None, :])
     if HAS_BIAS:
-        if pid_r == 0:
+        if tl.program_id(2) == 0:  # the r-block 0 programs own dbias
             tl.store(db_ptr + g * FO + offs_f, dbacc.to(db_ptr.dtype.element_ty), mask=mask_f)
 
 
