@@ -60,6 +60,33 @@ def resolve_backend(backend: str, *tensors, op: str = "") -> str:
     return "reference"
 
 
+def measure_ms(fn: Callable[[], object], device="cpu", warmup: int = 1, min_run_time: float = 1.0,
+               grad_to_none=None) -> float:
+    """Median milliseconds per call of ``fn`` after ``warmup`` untimed calls: the one timer of the zoo's benchmarks.
+
+    CUDA: ``triton.testing.do_bench`` (device events, ``min_run_time`` seconds of repetitions, the ``.grad`` of
+    ``grad_to_none`` reset before each call); elsewhere ``torch.utils.benchmark.Timer.blocked_autorange`` at the
+    current ``torch.get_num_threads()``.
+    """
+    for _ in range(warmup):
+        fn()
+    if torch.device(device).type == "cuda":
+        if not triton_available():
+            raise RuntimeError("GPU timing needs triton (pip install 'metaformer-zoo[triton]')")
+        from triton.testing import do_bench  # optional dependency, never imported with the kernel package
+        extra = dict(grad_to_none=grad_to_none) if grad_to_none else {}
+        return float(do_bench(fn, rep=min_run_time * 1e3, return_mode="median", **extra))
+    from torch.utils.benchmark import Timer  # on first use: ``import metaformer_zoo`` does not pay for it
+
+    def call():
+        for t in grad_to_none or ():
+            t.grad = None
+        return fn()
+
+    timer = Timer(stmt="fn()", globals={"fn": call if grad_to_none else fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

@@ -1,4 +1,5 @@
 """tools/benchmark.py: table, CSV, library timers, timm's kwargs parser and the matplotlib top-1 figure."""
+import sys
 import time
 import types
 
@@ -82,8 +83,10 @@ def test_measure_ms_cuda_uses_do_bench(bench, monkeypatch):
         seen.update(rep=rep, return_mode=return_mode)
         return 1.25
 
-    fake = types.SimpleNamespace(testing=types.SimpleNamespace(do_bench=do_bench))
-    monkeypatch.setattr(bench, "triton", fake)
+    testing = types.SimpleNamespace(do_bench=do_bench)
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(testing=testing))
+    monkeypatch.setitem(sys.modules, "triton.testing", testing)
+    monkeypatch.setattr(metaformer_zoo.kernels, "triton_available", lambda: True)
     calls = []
     assert bench.measure_ms(lambda: calls.append(1), torch.device("cuda"), warmup=3, min_run_time=0.2) == 1.25
     assert seen == dict(rep=200.0, return_mode="median") and len(calls) == 4

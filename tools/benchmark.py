@@ -28,7 +28,7 @@ import os
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
@@ -36,11 +36,11 @@ if _ROOT not in sys.path:
 
 import timm  # noqa: E402
 import torch  # noqa: E402
-import torch.utils.benchmark  # noqa: E402
 from timm.utils import ParseKwargs  # noqa: E402
 
 from metaformer_zoo import zoo  # noqa: E402
 from metaformer_zoo.hub import official_results  # noqa: E402
+from metaformer_zoo.kernels import measure_ms  # noqa: E402  (the zoo's one timer)
 
 try:  # optional: figures (`pip install 'metaformer-zoo[plot]'`)
     import matplotlib
@@ -49,10 +49,6 @@ try:  # optional: figures (`pip install 'metaformer-zoo[plot]'`)
     from matplotlib.lines import Line2D
 except ImportError:  # pragma: no cover - reported by --plot
     matplotlib = Figure = Line2D = None
-try:  # optional: GPU timing with device events
-    import triton.testing
-except ImportError:  # pragma: no cover
-    triton = None
 
 COLUMNS = ("model", "family", "params_m", "gmacs", "img_size", "batch", "infer_img_s", "infer_ms", "train_img_s",
            "train_ms", "peak_mem_mb", "top1", "top1_source", "device")
@@ -168,22 +164,6 @@ class _RssSampler:
     @property
     def delta_mb(self):
         return max(self.peak - self.base, 0) / 2 ** 20
-
-
-def measure_ms(fn: Callable[[], object], device: torch.device, warmup: int = 1, min_run_time: float = 1.0) -> float:
-    """Median milliseconds per call of ``fn`` after ``warmup`` untimed calls.
-
-    CUDA: ``triton.testing.do_bench`` (device events, ``min_run_time`` seconds of repetitions); elsewhere
-    ``torch.utils.benchmark.Timer.blocked_autorange(min_run_time)`` (at the current ``torch.get_num_threads()``).
-    """
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        if triton is None:
-            raise RuntimeError("GPU timing needs triton (pip install 'metaformer-zoo[triton]')")
-        return float(triton.testing.do_bench(fn, rep=min_run_time * 1e3, return_mode="median"))
-    timer = torch.utils.benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
 def bench_model(name: str, device: torch.device, batch_size: int, img_size: Optional[int] = None, warmup: int = 1,

@@ -18,8 +18,8 @@ least (see each op's ``bench.py``).
 Cases come from each op package's optional ``bench.py``: ``metaformer_zoo.kernels.<op>.bench.benchmark_cases()``
 returning a list of ``(name, reference_fn, triton_fn, bytes_moved)`` tuples or of dicts with the keys ``name``,
 ``reference``, ``triton``, ``bytes`` and optionally ``bytes_fwd_bwd``, ``exps``, ``exps_fwd_bwd``, ``inputs`` (leaves
-whose grads are reset between repetitions), ``compile`` (bool). ``benchmark_cases`` may accept any of the keyword
-arguments ``device``, ``dtype``, ``batch``, ``smoke``; the harness passes those it accepts. The functions take no
+whose grads are reset between repetitions), ``compile`` (bool). Every ``benchmark_cases`` takes the keyword arguments
+``device``, ``dtype``, ``batch`` and ``smoke`` (tiny shapes for a CPU / interpreter run of the harness). The functions take no
 argument and return the op output; the forward+backward time backpropagates a fixed random gradient through it.
 
 Targets (checked in the ``target`` column):
@@ -47,12 +47,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import os
 import pkgutil
-import statistics
 import sys
-import time
 
 TARGETS = {  # op -> (min fwd+bwd speed-up over eager reference, min fraction of roofline or None)
     "selective_scan2d": (10.0, 0.5),
@@ -82,21 +79,12 @@ def parse_args(argv=None):
 # timing and device ceilings
 # ----------------------------------------------------------------------------------------------------------------------
 def bench_ms(fn, cuda: bool, warmup: float, rep: float, grad_to_none=None) -> float:
-    """Median time of fn in ms (device events via triton's do_bench on CUDA; host clock in CPU smoke mode)."""
-    if cuda:
-        import triton.testing
-        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none,
-                                             return_mode="median"))
-    fn()
-    times = []
-    for _ in range(3):
-        if grad_to_none:
-            for t in grad_to_none:
-                t.grad = None
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median time of fn in ms: ``metaformer_zoo.kernels.measure_ms`` (triton's do_bench over ``rep`` ms on CUDA;
+    torch.utils.benchmark in CPU smoke mode, over a short run). ``warmup``: untimed calls on CUDA (ms of do_bench's
+    own warm-up is its default)."""
+    from metaformer_zoo.kernels import measure_ms
+    return measure_ms(fn, "cuda" if cuda else "cpu", warmup=max(1, int(warmup > 0)),
+                      min_run_time=rep / 1e3 if cuda else 0.05, grad_to_none=grad_to_none)
 
 
 def measure_copy_bandwidth(torch, device, cuda: bool, warmup, rep) -> float:
@@ -168,14 +156,8 @@ def collect_cases(op, **kw):
         if e.name and e.name.endswith(f"{op}.bench"):
             return None
         raise
-    fn = mod.benchmark_cases
-    params = inspect.signature(fn).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        use = kw
-    else:
-        use = {k: v for k, v in kw.items() if k in params}
     cases = []
-    for c in fn(**use):
+    for c in mod.benchmark_cases(**kw):  # the protocol: benchmark_cases(device, dtype, batch, smoke)
         if not isinstance(c, dict):
             name, ref, tri, nbytes = c
             c = dict(name=name, reference=ref, triton=tri, bytes=nbytes)
@@ -370,19 +352,10 @@ def run_e2e(torch, args, cuda, device):
                     loss.backward()
                     opt.step()
                     opt.zero_grad(set_to_none=True)
-                n_warm, n_steps = (3, args.steps) if cuda else (1, 1)
-                for _ in range(n_warm):
-                    step()
-                if cuda:
-                    torch.cuda.synchronize()
-                times = []
-                for _ in range(n_steps):
-                    t0 = time.perf_counter()
-                    step()
-                    if cuda:
-                        torch.cuda.synchronize()
-                    times.append(time.perf_counter() - t0)
-                t = statistics.median(times)
+                # CUDA: do_bench over about args.steps steps (device events); CPU smoke: a short blocked_autorange
+                step()
+                step_ms = bench_ms(step, cuda, 3, 0)
+                t = bench_ms(step, cuda, 3, step_ms * args.steps) / 1e3 if cuda else step_ms / 1e3
                 row[mode] = (t * 1e3, batch / t)
                 row["shape"] = f"{batch}x3x{size[0]}x{size[1]}"
             except Exception as e:

@@ -18,8 +18,7 @@
 Shapes (ViM2-T = vanilla VMamba-T token mixer, d_inner = 2C, N = 16; channel mixer g = 16, bidirectional, so the 1D op
 sees dim = 32 in 2 groups and L = 2C / 16 steps, batch = images * H * W tokens).
 
-Merged from the ViM2 helper's first version (same shapes; ``backward`` is accepted for compatibility and ignored: the
-harness times forward and forward+backward separately). Standalone quick look without the shared harness::
+The harness times forward and forward+backward separately. Standalone quick look without the shared harness::
 
     python -m metaformer_zoo.kernels.selective_scan2d.bench [--batch 32] [--dtype bfloat16]
 """
@@ -112,7 +111,7 @@ def _ss1d_case(stage, C, HW, N, batch, device, dtype, group_size=16):
     )
 
 
-def benchmark_cases(device="cuda", dtype=torch.bfloat16, batch=64, smoke=False, backward=None):
+def benchmark_cases(device="cuda", dtype=torch.bfloat16, batch=64, smoke=False):
     if smoke:  # tiny shapes for a CPU / interpreter run of the harness itself
         return [_ss2d_case(1, 4, 4, 4, 1, device, dtype), _ss1d_case(1, 16, 2, 4, 1, device, dtype)]
     cases = [_ss2d_case(st, ch, hw, D_STATE, batch, device, dtype) for st, ch, hw in VIM2_T_STAGES]

@@ -18,10 +18,9 @@ the numbers quoted in model_cards/raftmlp.md and model_cards/stripmlp.md.
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
+
+from .. import measure_ms
 
 RAFT_S_STAGES = ((1, 64, 56), (2, 128, 28), (3, 256, 14), (4, 512, 7))
 STRIP_T_STAGES = ((1, 80, 56), (2, 160, 28), (3, 320, 14), (4, 640, 7))
@@ -72,18 +71,9 @@ def benchmark_cases(device="cuda", dtype=torch.bfloat16, batch=64, smoke=False):
     return cases
 
 
-def _time_ms(fn, reps: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def cpu_mixer_baseline(batch: int = 8, reps: int = 5, threads: int = None):
-    """CPU time (ms, median of ``reps``) of each RaftMLP / Strip-MLP mixer on the reference path, per stage shape."""
+def cpu_mixer_baseline(batch: int = 8, min_run_time: float = 0.5, threads: int = None):
+    """CPU time (ms, median per call over ``min_run_time`` s, ``measure_ms``) of each RaftMLP / Strip-MLP mixer on
+    the reference path, per stage shape."""
     import os
     os.environ.setdefault("METAFORMER_ZOO_KERNELS", "reference")
     import metaformer_zoo  # noqa: F401
@@ -96,14 +86,16 @@ def cpu_mixer_baseline(batch: int = 8, reps: int = 5, threads: int = None):
         for st, C, HW in RAFT_S_STAGES:
             m = RaftTokenMixing(C, (HW, HW), 2, 2).eval()
             x = torch.randn(batch, C, HW, HW)
-            rows.append(("raft (vertical+horizontal, RaftMLP-S)", st, (batch, C, HW, HW), _time_ms(lambda: m(x), reps)))
+            ms = measure_ms(lambda: m(x), min_run_time=min_run_time)
+            rows.append(("raft (vertical+horizontal, RaftMLP-S)", st, (batch, C, HW, HW), ms))
         for st, C, HW in STRIP_T_STAGES:
             x = torch.randn(batch, C, HW, HW)
             xh = torch.randn(batch, C // 2, HW, HW)
             for name, dim, inp in (("strip (full TokenMixing)", C, x), ("cgsmm", C // 2, xh), ("lsmm", C // 2, xh)):
                 kw = {"feat_size": (HW, HW)} if name != "lsmm" else {}
                 m = create_mixer(name.split()[0], dim, **kw).eval()
-                rows.append((f"{name} (Strip-MLP-T)", st, tuple(inp.shape), _time_ms(lambda: m(inp), reps)))
+                ms = measure_ms(lambda: m(inp), min_run_time=min_run_time)
+                rows.append((f"{name} (Strip-MLP-T)", st, tuple(inp.shape), ms))
     return rows
 
 
@@ -112,11 +104,11 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--cpu-baseline", action="store_true")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timed calls per shape")
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args()
     if a.cpu_baseline:
         print(f"torch threads: {a.threads or torch.get_num_threads()}")
         print("| mixer | stage | input (B, C, H, W) | CPU ms (median) |\n|---|---|---|---|")
-        for name, st, shape, ms in cpu_mixer_baseline(a.batch, a.reps, a.threads):
+        for name, st, shape, ms in cpu_mixer_baseline(a.batch, a.min_run_time, a.threads):
             print(f"| {name} | {st} | {shape} | {ms:.1f} |")
