@@ -55,7 +55,7 @@ def test_model_kwargs_use_timm_parser(bench, capsys):
     assert args.model_kwargs == {"dims": (8, 16), "act": "gelu", "x": 1.5}
     with pytest.raises(SystemExit):
         bench.build_parser().parse_args(["--models", "m", "--model-kwargs", "dims"])
-    assert "expected key=value" in capsys.readouterr().err
+    assert "is not key=value" in capsys.readouterr().err
 
 
 def test_measure_ms_cpu_uses_torch_benchmark(bench, monkeypatch):
@@ -135,3 +135,20 @@ def test_plot_without_matplotlib_says_how_to_install(bench, monkeypatch, tmp_pat
     assert not (tmp_path / "p.png").exists()
     bench.main(["--models", "identityformer_s12", *TINY, *FAST, "--no-train"])  # the table needs no matplotlib
 
+
+
+@pytest.mark.parametrize("tool,argv", [("train", []), ("validate", ["--checkpoint", "x"]),
+                                       ("convert", ["--model", "m", "--checkpoint", "c", "--out", "o"]),
+                                       ("benchmark", ["--models", "m"]), ("benchmark_mixers", ["m"])])
+def test_every_tool_parses_model_kwargs_one_way(tool, argv, capsys):
+    """--model-kwargs is metaformer_zoo.cli.model_kwarg items into timm's ParseKwargs in every tool."""
+    from metaformer_zoo.cli import model_kwarg
+    mod = load_script(f"tools/{tool}.py", f"tool_{tool}")
+    parser = mod.build_parser()
+    action = next(a for a in parser._actions if a.dest == "model_kwargs")
+    assert isinstance(action, timm.utils.ParseKwargs) and action.type is model_kwarg
+    args = parser.parse_args(argv + ["--model-kwargs", "dims=(8, 16)", "act=gelu", "drop_path_rate=0.1"])
+    assert args.model_kwargs == {"dims": (8, 16), "act": "gelu", "drop_path_rate": 0.1}
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv + ["--model-kwargs", "=3"])
+    assert "'=3' is not key=value" in capsys.readouterr().err

@@ -54,7 +54,7 @@ def test_timing_and_kwargs_are_the_benchmark_tools(bench, monkeypatch, capsys):
     assert isinstance(actions["mixer_kwargs"], timm.utils.ParseKwargs)
     with pytest.raises(SystemExit):
         bench.main(["zoo_metaformer", "--model-kwargs", "depths"] + FAST)
-    assert "expected key=value" in capsys.readouterr().err
+    assert "is not key=value" in capsys.readouterr().err
     seen = []
     monkeypatch.setattr(bench, "measure_ms", lambda fn, device, warmup, min_run_time: seen.append(
         (fn(), device.type, warmup, min_run_time)) or 2.5)

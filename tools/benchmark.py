@@ -39,6 +39,7 @@ import torch  # noqa: E402
 from timm.utils import ParseKwargs  # noqa: E402
 
 from metaformer_zoo import zoo  # noqa: E402
+from metaformer_zoo.cli import model_kwarg  # noqa: E402
 from metaformer_zoo.hub import official_results  # noqa: E402
 from metaformer_zoo.kernels import measure_ms  # noqa: E402  (the zoo's one timer)
 
@@ -56,14 +57,6 @@ TABLE_COLUMNS = tuple(c for c in COLUMNS if c not in ("top1_source", "device"))
 PLOT_X = ("auto", "throughput", "gmacs")
 MATPLOTLIB_MISSING = ("--plot needs matplotlib, which is not installed: pip install 'metaformer-zoo[plot]' "
                       "(or pip install matplotlib)")
-
-
-def key_value(text: str) -> str:
-    """argparse ``type`` of one ``--model-kwargs`` item: it must be ``key=value`` (then parsed by ParseKwargs)."""
-    if "=" not in text or not text.split("=", 1)[0]:
-        raise argparse.ArgumentTypeError(f"expected key=value (e.g. drop_path_rate=0.1 or dims=(8,16,24,32)), "
-                                         f"got {text!r}")
-    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (torch.set_num_threads)")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--model-kwargs", nargs="*", type=key_value, action=ParseKwargs, default={}, metavar="K=V",
+    p.add_argument("--model-kwargs", nargs="*", type=model_kwarg, action=ParseKwargs, default={}, metavar="K=V",
                    help="extra create_model kwargs, values as Python literals (timm ParseKwargs)")
     p.add_argument("--results", default=None,
                    help="CSV of top-1 numbers (model,top1,source) to use instead of the published ones the family "

@@ -16,8 +16,8 @@ Two modes:
   comes from ``--stage-idx`` or, by default, from the shape's stride relative to a 224 input (56 -> 0, 28 -> 1,
   14 -> 2, 7 -> 3).
 
-Timing (``measure_ms`` of ``tools/benchmark.py``): ``--warmup`` untimed calls, then the median time per call over
-``--min-run-time`` seconds of timed calls (``torch.utils.benchmark.Timer.blocked_autorange`` on CPU,
+Timing (``metaformer_zoo.kernels.measure_ms``, the zoo's one timer): ``--warmup`` untimed calls, then the median
+time per call over ``--min-run-time`` seconds of timed calls (``torch.utils.benchmark.Timer.blocked_autorange`` on CPU,
 ``triton.testing.do_bench`` on GPU) of the forward (under ``torch.no_grad``) and, with ``--backward``, of forward +
 backward (gradient w.r.t. the input and every parameter). Device: CUDA if available unless ``--device cpu``. On a
 shared CPU host use ``--threads 1``: multi-threaded parallel regions stall behind other processes and the times
@@ -32,7 +32,6 @@ Examples::
 """
 import argparse
 import copy
-import importlib.util
 import math
 import os
 import re
@@ -46,18 +45,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from timm.utils import ParseKwargs  # noqa: E402
 
-
-def _load_benchmark_tool():
-    """``tools/benchmark.py`` (the one implementation of the timer and the kwargs check), loaded by path."""
-    path = os.path.join(_TOOLS, "benchmark.py")
-    spec = importlib.util.spec_from_file_location("metaformer_zoo_tools_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_benchmark = _load_benchmark_tool()
-measure_ms, key_value = _benchmark.measure_ms, _benchmark.key_value
+from metaformer_zoo.cli import model_kwarg  # noqa: E402
+from metaformer_zoo.kernels import measure_ms  # noqa: E402  (the zoo's one timer)
 
 __all__ = ["main", "find_mixers", "time_module", "default_models"]
 
@@ -256,10 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixers", nargs="+", help="registry mode: registered mixer names (see --list-mixers)")
     p.add_argument("--shapes", nargs="+", type=_parse_shape, default=None,
                    help="registry mode: input shapes CxHxW (default 64x56x56 128x28x28 320x14x14 512x7x7)")
-    p.add_argument("--mixer-kwargs", nargs="*", type=key_value, action=ParseKwargs, default={}, metavar="K=V",
+    p.add_argument("--mixer-kwargs", nargs="*", type=model_kwarg, action=ParseKwargs, default={}, metavar="K=V",
                    help="registry mode: kwargs for every mixer (key=value, Python literals)")
     p.add_argument("--stage-idx", type=int, default=None, help="registry mode: stage context (default: from H, W)")
-    p.add_argument("--model-kwargs", nargs="*", type=key_value, action=ParseKwargs, default={}, metavar="K=V",
+    p.add_argument("--model-kwargs", nargs="*", type=model_kwarg, action=ParseKwargs, default={}, metavar="K=V",
                    help="model mode: create_model kwargs (key=value, Python literals)")
     p.add_argument("--img-size", type=int, nargs="+", default=None, help="model mode: input H [W] (default: cfg)")
     p.add_argument("--batch", type=int, default=8, help="batch size of the timed runs (default 8)")

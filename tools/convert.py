@@ -19,7 +19,6 @@ family are refused with exit code 2 and nothing is written. After export the fol
     model = timm.create_model("local-dir:hub/identityformer_s12", pretrained=True)
 """
 import argparse
-import ast
 import json
 import os
 import sys
@@ -28,18 +27,9 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from timm.utils import ParseKwargs  # noqa: E402
 
-def _kv(items):
-    out = {}
-    for item in items or ():
-        if "=" not in item:
-            raise argparse.ArgumentTypeError(f"--model-kwargs expects key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        try:
-            out[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            out[k] = v
-    return out
+from metaformer_zoo.cli import model_kwarg  # noqa: E402
 
 
 def build_parser():
@@ -49,7 +39,8 @@ def build_parser():
     p.add_argument("--checkpoint", required=True, help="official checkpoint file (.pth / .pth.tar / .bin / .safetensors)")
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument("--num-classes", type=int, default=None, help="classifier size of the checkpoint (e.g. 21841)")
-    p.add_argument("--model-kwargs", nargs="*", default=None, metavar="K=V", help="extra create_model kwargs")
+    p.add_argument("--model-kwargs", nargs="*", type=model_kwarg, action=ParseKwargs, default={}, metavar="K=V",
+                   help="extra create_model kwargs (Python literals, timm's ParseKwargs)")
     p.add_argument("--push", default=None, metavar="REPO_ID", help="push the folder to the Hugging Face Hub")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
     p.add_argument("--atol", type=float, default=1e-5, help="max abs logit difference accepted by the check")
@@ -63,7 +54,7 @@ def main(argv=None) -> int:
     from metaformer_zoo import hub
     from metaformer_zoo.checkpoint import CheckpointError
 
-    kwargs = _kv(args.model_kwargs)
+    kwargs = dict(args.model_kwargs)
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
     try:

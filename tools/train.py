@@ -41,7 +41,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -73,6 +72,7 @@ from tqdm import tqdm  # noqa: E402
 
 import metaformer_zoo  # noqa: E402,F401  (registers the zoo models)
 from metaformer_zoo.checkpoint import CheckpointError, load_checkpoint_file, unwrap_state_dict  # noqa: E402
+from metaformer_zoo.cli import model_kwarg  # noqa: E402,F401  (validate.py imports it from here too)
 from metaformer_zoo.data import EVAL_SPLITS, find_split, prepare_digits  # noqa: E402
 from metaformer_zoo.transfer import TransferError, transfer_mixers  # noqa: E402
 
@@ -82,17 +82,6 @@ RECIPE_DIR = os.path.join(_REPO, "configs", "train")
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Keeps the module docstring's layout and shows every option's default."""
-
-
-def model_kwarg(item: str) -> str:
-    """argparse ``type`` of one ``--model-kwargs`` item: insists on ``key=value`` (timm's ParseKwargs then parses)."""
-    key, eq, _ = item.partition("=")
-    if not eq or not key:
-        raise argparse.ArgumentTypeError(
-            f"{item!r} is not key=value; give create_model kwargs as key=value items with Python literals, e.g. "
-            f"--model-kwargs \"dims=[32, 64, 128, 192]\" \"token_mixers=['pooling', 'sepconv', 'attention', "
-            f"'attention']\"")
-    return item
 
 
 def build_parser() -> argparse.ArgumentParser:
