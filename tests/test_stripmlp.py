@@ -257,3 +257,28 @@ def test_skeleton_hooks_cross_stage_shortcuts():
 def test_dims_must_nest():
     with pytest.raises(ValueError, match="multiple of dims"):
         timm.create_model("stripmlp_light_t", dims=(16, 32, 48, 96), depths=(1, 1, 1, 1))
+
+
+def test_cpu_strip_projection_skips_the_op_and_matches_it(monkeypatch):
+    """On the reference dispatch (CPU) ``strip_mix_op`` runs the reference formula under autograd (the grouped
+    convolution with its own backward, as the official code), not the ``strip_mix`` custom op; values and every
+    gradient equal the op's."""
+    from metaformer_zoo.mixers import strip as strip_mod
+    torch.manual_seed(0)
+    mix = CGSMM(8, feat_size=(6, 6), groups=2)
+    perturb(mix, seed=1)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    calls = []
+    real_op = strip_mod.strip_mix
+    monkeypatch.setattr(strip_mod, "strip_mix", lambda *a, **k: calls.append(a[3]) or real_op(*a, **k))
+    got = mix.eval()(x)
+    got_g = torch.autograd.grad(got.square().sum(), [x] + list(mix.parameters()))
+    assert calls == []  # the custom op was not called on CPU
+    mix.backend = "reference"  # the op computes its reference ...
+    monkeypatch.setattr(strip_mod, "resolve_backend", lambda *a, **k: "triton")  # ... but the mixer takes the op path
+    want = mix(x)
+    want_g = torch.autograd.grad(want.square().sum(), [x] + list(mix.parameters()))
+    assert calls == ["w", "h"]
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_g, want_g):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models import register_notrace_function
 
-from ..kernels.strip_mix import strip_mix
+from ..kernels import autocast_dtype, resolve_backend
+from ..kernels.strip_mix import strip_mix, strip_mix_reference
 from . import register_mixer
 
 __all__ = ["CGSMM", "LSMM", "StripMLPBlock", "StripTokenMixing", "RelativePosition", "strip_groups",
@@ -40,8 +41,10 @@ def strip_mix_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
                  backend: str = "auto") -> torch.Tensor:
     """``metaformer_zoo.kernels.strip_mix`` as the mixers call it: eager, FX (a leaf) and TorchScript.
 
-    Eager (and FX leaf) calls go through the kernel package's wrapper (argument checks, autocast, backend dispatch
-    including ``METAFORMER_ZOO_KERNELS``). Under TorchScript the registered op ``torch.ops.metaformer_zoo.strip_mix``
+    Eager (and FX leaf) calls: where the dispatch (``resolve_backend``, including ``METAFORMER_ZOO_KERNELS``) picks
+    the reference (CPU; CUDA until the kernel is GPU-verified) the reference formula runs directly under autograd (a
+    grouped convolution, or a batched matmul for K = 1, with their own backward, as the official code runs them);
+    otherwise the kernel package's op (argument checks, autocast, Triton with its fallback). Under TorchScript the registered op ``torch.ops.metaformer_zoo.strip_mix``
     is called directly: weights in x's dtype, ``backend="auto"`` -> the reference (a scripted call has no kernel
     fallback, and no strip-mix kernel is GPU-verified yet: see kernels/README.md; TorchScript reads no environment
     variables, so pass ``backend="triton"`` to opt in).
@@ -53,6 +56,10 @@ def strip_mix_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         if bias is not None:
             b = bias.to(x.dtype)
         return torch.ops.metaformer_zoo.strip_mix(x, weight.to(x.dtype), b, axis, raft_size, backend)
+    if resolve_backend(backend, x, weight, bias, op="strip_mix") == "reference":
+        if autocast_dtype(x.device.type) is None:  # under autocast the convolution / matmul cast themselves
+            weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+        return strip_mix_reference(x, weight, bias, axis, raft_size)
     return strip_mix(x, weight, bias, axis, raft_size, backend)
 
 
