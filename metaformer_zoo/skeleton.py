@@ -450,6 +450,7 @@ class MetaFormer(MetaFormerBase):
             a list with one mixer per block (e.g. an exported ``zoo_supernet`` placement).
         mixer_kwargs: dict (all stages) or per-stage list of dicts (or None) passed to the mixers; keys must be
             parameters of the mixer's constructor (a misspelt key raises a ``TypeError`` listing the accepted ones).
+            A stage's entry may be a list with one dict (or None) per block, for per-block ``token_mixers``.
         mlp_ratios, mlp_act, mlp_bias: channel MLP (ratio 0 = no MLP branch).
         norm_layers: per-stage block norm (names in ``metaformer_zoo.layers.NORM_LAYERS``).
         downsample_norm: norm of the stem (post-conv) and of the downsampling layers (pre-conv).
@@ -491,15 +492,25 @@ class MetaFormer(MetaFormerBase):
         shared = ", one mixer_kwargs dict for every stage" if isinstance(mixer_kwargs, dict) else ""
         mixer_kwargs = to_stage_list(mixer_kwargs, num_stages, "mixer_kwargs")
         for i, kw in enumerate(mixer_kwargs):
-            if kw is not None and not isinstance(kw, dict):
-                raise TypeError(f"mixer_kwargs[{i}] must be a dict of keyword arguments for stage {i}'s token mixer "
-                                f"(or None), got {type(kw).__name__}: {kw!r}")
+            per_block = isinstance(kw, (list, tuple))
+            if per_block and len(kw) != depths[i]:
+                raise ValueError(f"mixer_kwargs[{i}] lists {len(kw)} per-block dicts but stage {i} has {depths[i]} "
+                                 f"blocks; give one dict (or None) per block, or one dict for the stage")
+            for b in (kw if per_block else [kw]):
+                if b is not None and not isinstance(b, dict):
+                    raise TypeError(f"mixer_kwargs[{i}] must be a dict of keyword arguments for stage {i}'s token "
+                                    f"mixer (or None, or one such per block), got {type(b).__name__}: {b!r}")
             block_mixers = token_mixers[i] if isinstance(token_mixers[i], (list, tuple)) else [token_mixers[i]]
             if isinstance(token_mixers[i], (list, tuple)) and len(block_mixers) != depths[i]:
                 raise ValueError(f"token_mixers[{i}] lists {len(block_mixers)} per-block mixers but stage {i} has "
                                  f"{depths[i]} blocks; give one name per block or a single name for the stage")
-            for m in dict.fromkeys(block_mixers):
-                check_mixer_kwargs(m, kw or {}, where=f"stage {i}{shared}")
+            if per_block:
+                names = block_mixers if len(block_mixers) == depths[i] else block_mixers * depths[i]
+                for j, (m, b) in enumerate(zip(names, kw)):
+                    check_mixer_kwargs(m, b or {}, where=f"stage {i} block {j}")
+            else:
+                for m in dict.fromkeys(block_mixers):
+                    check_mixer_kwargs(m, kw or {}, where=f"stage {i}{shared}")
         mlp_ratios = to_stage_list(mlp_ratios, num_stages, "mlp_ratios")
         norm_layers = to_stage_list(norm_layers, num_stages, "norm_layers")
         ls_values = to_stage_list(layer_scale_init_values, num_stages, "layer_scale_init_values")
@@ -521,7 +532,8 @@ class MetaFormer(MetaFormerBase):
             for j in range(depths[i]):
                 context = dict(feat_size=feat, stage_idx=i, block_idx=j, proj_drop=proj_drop_rate)
                 name = token_mixers[i][j] if isinstance(token_mixers[i], (list, tuple)) else token_mixers[i]
-                mixer = create_mixer(name, dims[i], context=context, **dict(mixer_kwargs[i] or {}))
+                kw = mixer_kwargs[i][j] if isinstance(mixer_kwargs[i], (list, tuple)) else mixer_kwargs[i]
+                mixer = create_mixer(name, dims[i], context=context, **dict(kw or {}))
                 mlp = make_mlp(dims[i], mlp_ratios[i], mlp_act, mlp_bias, proj_drop_rate) if mlp_ratios[i] else None
                 blocks.append(MetaFormerBlock(
                     dims[i], mixer, mlp, norm_layer=norm_layers[i], drop_path=dpr[i][j],

@@ -124,3 +124,18 @@ def test_head_variants():
     assert first(x).shape == (2, 4)
     first.reset_classifier(0, "")
     assert first(x).shape == (2, 32, 2, 2)
+
+
+def test_per_block_mixer_kwargs():
+    """A stage's mixer_kwargs entry may list one dict per block (beside per-block token_mixers); lengths and keys are
+    checked per block."""
+    kw = dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64), img_size=64, num_classes=3)
+    m = MetaFormer(token_mixers=["pooling", "pooling", ["pooling", "sepconv"], "pooling"],
+                   mixer_kwargs=[None, None, [dict(pool_size=5), dict(kernel_size=3)], None], **kw)
+    assert m.stages[2].blocks[0].token_mixer.pool.kernel_size == 5
+    assert m.stages[2].blocks[1].token_mixer.dwconv.kernel_size == (3, 3)
+    with pytest.raises(ValueError, match="lists 1 per-block dicts but stage 2 has 2 blocks"):
+        MetaFormer(mixer_kwargs=[None, None, [dict(pool_size=5)], None], **kw)
+    with pytest.raises(TypeError, match="stage 2 block 1"):
+        MetaFormer(token_mixers=["pooling", "pooling", ["pooling", "sepconv"], "pooling"],
+                   mixer_kwargs=[None, None, [dict(pool_size=5), dict(pool_size=3)], None], **kw)

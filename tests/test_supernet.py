@@ -285,3 +285,25 @@ def test_dense_backbone_for_two_placements(placement):
     with torch.no_grad():
         outs = b(torch.randn(1, 3, 64, 96))
     assert [tuple(o.shape[1:]) for o in outs] == [(16, 16, 24), (32, 8, 12), (48, 4, 6), (64, 2, 3)]
+
+
+def test_candidate_kwargs_reach_every_block_and_survive_export():
+    """candidate_kwargs configures one candidate in every block (Hydra at a small head size here); export passes them
+    on as the plain model's per-block mixer_kwargs, with the same outputs; bad names and keys raise clearly."""
+    kw = dict(TINY, mixers=("pooling", "hydra"), candidate_kwargs={"hydra": dict(headdim=8, d_state=8)})
+    model = _tiny(**{k: v for k, v in kw.items() if k not in TINY or k == "mixers"})
+    for _, _, choice in model._blocks():
+        hydra = choice.candidates["hydra"]
+        assert hydra.headdim == 8 and hydra.d_state == 8
+    x = torch.randn(2, 3, 32, 32)
+    placement = [["pooling"], ["hydra"], ["hydra", "pooling"], ["pooling"]]
+    model.set_placement(placement)
+    plain = model.export(placement).eval()
+    assert plain.stages[2].blocks[0].token_mixer.headdim == 8
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x))
+    assert model.export_kwargs(placement)["mixer_kwargs"][2] == [dict(headdim=8, d_state=8), None]
+    with pytest.raises(ValueError, match="no stage has as a candidate"):
+        _tiny(candidate_kwargs={"ss2d": {}})
+    with pytest.raises(TypeError, match="headdimm"):
+        _tiny(mixers=("pooling", "hydra"), candidate_kwargs={"hydra": dict(headdimm=8)})

@@ -50,12 +50,14 @@ class MixerChoice(nn.Module):
     """
 
     def __init__(self, dim: int, names: Sequence[str], feat_size: Tuple[int, int] = (14, 14), stage_idx: int = 0,
-                 block_idx: int = 0, proj_drop: float = 0.):
+                 block_idx: int = 0, proj_drop: float = 0., candidate_kwargs: Optional[Dict[str, Dict]] = None):
         super().__init__()
         if not names:
             raise ValueError("a MixerChoice needs at least one candidate mixer name")
         context = dict(feat_size=feat_size, stage_idx=stage_idx, block_idx=block_idx, proj_drop=proj_drop)
-        self.candidates = nn.ModuleDict({n: create_mixer(n, dim, context=dict(context)) for n in names})
+        kw = candidate_kwargs or {}
+        self.candidates = nn.ModuleDict({n: create_mixer(n, dim, context=dict(context), **dict(kw.get(n) or {}))
+                                         for n in names})
         self.active = str(names[-1])
 
     def set_active(self, name: str):
@@ -70,13 +72,13 @@ class MixerChoice(nn.Module):
         return f"active={self.active!r}"
 
 
-def _choice_factory(names: Tuple[str, ...]):
+def _choice_factory(names: Tuple[str, ...], candidate_kwargs: Optional[Dict[str, Dict]] = None):
     """A mixer factory (named parameters, as ``create_mixer`` requires) building a ``MixerChoice`` of ``names``."""
 
     def mixer_choice(dim: int, feat_size: Tuple[int, int] = (14, 14), stage_idx: int = 0, block_idx: int = 0,
                      proj_drop: float = 0.) -> MixerChoice:
         return MixerChoice(dim, names, feat_size=feat_size, stage_idx=stage_idx, block_idx=block_idx,
-                           proj_drop=proj_drop)
+                           proj_drop=proj_drop, candidate_kwargs=candidate_kwargs)
 
     mixer_choice.__qualname__ = f"MixerChoice{list(names)}"
     return mixer_choice
@@ -94,8 +96,11 @@ class MetaFormerSupernet(MetaFormer):
         mixers: candidate mixer names (registry names, cheapest first) for every block, or one list per stage.
         presets: name -> placement; None: ``fast`` / ``balanced`` / ``accurate`` derived from the candidates.
         placement: the active placement at construction (a preset name or a placement); None: ``accurate``.
+        candidate_kwargs: mixer name -> constructor kwargs of that candidate in every block (e.g.
+            ``{"hydra": dict(headdim=16)}``); candidates not named are built with their defaults. ``export``
+            passes them on as the plain model's per-block ``mixer_kwargs``.
         **kwargs: every other ``MetaFormer`` argument (depths, dims, norms, scales, head ...) except
-            ``token_mixers`` / ``mixer_kwargs`` (the candidates are built with their defaults).
+            ``token_mixers`` / ``mixer_kwargs``.
     """
 
     def __init__(
@@ -103,6 +108,7 @@ class MetaFormerSupernet(MetaFormer):
             mixers: Sequence[Union[str, Sequence[str]]] = DEFAULT_MIXERS,
             presets: Optional[Dict[str, PlacementLike]] = None,
             placement: Optional[PlacementLike] = None,
+            candidate_kwargs: Optional[Dict[str, Dict[str, Any]]] = None,
             **kwargs,
     ):
         for bad in ("token_mixers", "mixer_kwargs"):
@@ -113,7 +119,8 @@ class MetaFormerSupernet(MetaFormer):
         unknown = [k for k in kwargs if k not in args]
         if unknown:
             raise TypeError(f"zoo_supernet got unknown kwarg(s) {unknown}; it accepts mixers, presets, placement and "
-                            f"the MetaFormer arguments: {', '.join(k for k in args if k not in ('token_mixers', 'mixer_kwargs'))}")
+                            f"candidate_kwargs and the MetaFormer arguments: "
+                            f"{', '.join(k for k in args if k not in ('token_mixers', 'mixer_kwargs'))}")
         args.update(kwargs)
         depths = list(args["depths"])
         num_stages = len(depths)
@@ -134,10 +141,16 @@ class MetaFormerSupernet(MetaFormer):
                 get_mixer(n)  # unknown names raise, listing the registered mixers
             if len(set(names)) != len(names):
                 raise ValueError(f"candidate list {list(names)} names a mixer twice")
-        args["token_mixers"] = [_choice_factory(names) for names in stage_mixers]
+        candidate_kwargs = {str(k): dict(v or {}) for k, v in (candidate_kwargs or {}).items()}
+        stray = sorted(set(candidate_kwargs) - {n for names in stage_mixers for n in names})
+        if stray:
+            raise ValueError(f"candidate_kwargs names {stray}, which no stage has as a candidate; candidates: "
+                             f"{sorted({n for names in stage_mixers for n in names})}")
+        args["token_mixers"] = [_choice_factory(names, candidate_kwargs) for names in stage_mixers]
         args["mixer_kwargs"] = None
         super().__init__(**args)
         self.stage_mixers: Tuple[Tuple[str, ...], ...] = tuple(stage_mixers)
+        self.candidate_kwargs: Dict[str, Dict[str, Any]] = candidate_kwargs
         self.depths = tuple(depths)
         self._metaformer_args = {k: v for k, v in args.items() if k not in ("token_mixers", "mixer_kwargs")}
         self.register_buffer("preset_table", torch.zeros(0, dtype=torch.uint8), persistent=True)
@@ -261,6 +274,9 @@ class MetaFormerSupernet(MetaFormer):
         kwargs = dict(self._metaformer_args)
         kwargs["num_classes"] = self.num_classes
         kwargs["token_mixers"] = [s[0] if len(set(s)) == 1 else list(s) for s in p]
+        if self.candidate_kwargs:
+            per_block = [[self.candidate_kwargs.get(n) or None for n in s] for s in p]
+            kwargs["mixer_kwargs"] = [b[0] if all(x == b[0] for x in b) else b for b in per_block]
         for k in ("depths", "dims"):
             kwargs[k] = list(kwargs[k])
         return kwargs
