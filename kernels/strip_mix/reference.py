@@ -120,8 +120,8 @@ def strip_mix_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, weight
     if K == 1:  # sum over batch, q, p of go (g, f) x xa (g, j, l): a batched matmul per group
         xi = _as_conv_input(x, axis, raft_size, G)  # (B, G * r * L, Q, P)
         B, Q, P = x.shape[0], xi.shape[2], xi.shape[3]
-        gm = go.view(B, G, r_out * L, Q * P).permute(1, 2, 0, 3).reshape(G, r_out * L, B * Q * P)
-        xm = xi.view(B, G, raft_size * L, Q * P).permute(1, 0, 3, 2).reshape(G, B * Q * P, raft_size * L)
+        gm = go.reshape(B, G, r_out * L, Q * P).permute(1, 2, 0, 3).reshape(G, r_out * L, B * Q * P)
+        xm = xi.reshape(B, G, raft_size * L, Q * P).permute(1, 0, 3, 2).reshape(G, B * Q * P, raft_size * L)
         dw = torch.bmm(gm, xm).view(weight.shape)
     else:
         dw = torch.nn.grad.conv2d_weight(_as_conv_input(x, axis, raft_size, G), (G * r_out * L, raft_size * L, 1, K),
