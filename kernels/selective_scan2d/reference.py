@@ -137,7 +137,7 @@ def _chunk_terms(u, delta, A, B, T0: int, T1: int):
     a = _outer(dl.unsqueeze(-1), A).exp_()
     du = dl * u[..., T0:T1].permute(2, 0, 1)
     Bt = B[..., T0:T1].permute(3, 0, 1, 2)
-    bu = _outer(du.view(T, b, G, d // G, 1), Bt.unsqueeze(3)).view(T, b, d, N)
+    bu = _outer(du.reshape(T, b, G, d // G, 1), Bt.unsqueeze(3)).view(T, b, d, N)
     return dl, a, du, Bt, bu
 
 
@@ -172,13 +172,13 @@ def _group_contract(X: torch.Tensor, V: torch.Tensor, G: int) -> torch.Tensor:
     """sum over N: X (T, b, d, N), V (T, b, G, N) -> (T, b, d) (a batched vector-matrix product over X^T; measured
     several times faster on CPU than X @ V, with no copy of X)."""
     T, b, d, N = X.shape
-    return torch.matmul(V.reshape(T * b * G, 1, N), X.view(T * b * G, d // G, N).transpose(1, 2)).view(T, b, d)
+    return torch.matmul(V.reshape(T * b * G, 1, N), X.reshape(T * b * G, d // G, N).transpose(1, 2)).view(T, b, d)
 
 
 def _group_reduce(W: torch.Tensor, X: torch.Tensor, G: int) -> torch.Tensor:
     """sum over a group's channels: W (T, b, d), X (T, b, d, N) -> (T, b, G, N) (batched vector-matrix product)."""
     T, b, d, N = X.shape
-    return torch.matmul(W.reshape(T * b * G, 1, d // G), X.view(T * b * G, d // G, N)).view(T, b, G, N)
+    return torch.matmul(W.reshape(T * b * G, 1, d // G), X.reshape(T * b * G, d // G, N)).view(T, b, G, N)
 
 
 def _scan_forward(u, delta, A, B, C, T: int, save_states: bool):
