@@ -213,18 +213,6 @@ def layer_id_map(trunk: nn.Module) -> Tuple[Dict[str, int], int]:
 
 
 # --- the adapter -------------------------------------------------------------------------------------------------
-def _stage_indices(model_name: str, n: int, out_indices: Sequence[int], frozen_stages: int) -> Tuple[int, ...]:
-    """``out_indices`` as increasing stage indices (negative ones count from the end), checked together with
-    ``frozen_stages`` against the ``n`` stages of the model."""
-    out_indices = tuple(int(i) + n if int(i) < 0 else int(i) for i in out_indices)
-    if not out_indices or any(i < 0 or i >= n for i in out_indices) or list(out_indices) != sorted(set(out_indices)):
-        raise ValueError(f"out_indices {out_indices} must be increasing stage indices in [0, {n - 1}] "
-                         f"({model_name} has {n} stages)")
-    if frozen_stages >= n:
-        raise ValueError(f"frozen_stages={frozen_stages} but {model_name} has only {n} stages (max {n - 1})")
-    return out_indices
-
-
 class DenseBackboneMixin:
     """Shared implementation; the host class is an ``nn.Module`` and calls ``_setup_backbone`` in ``__init__``."""
 
@@ -241,9 +229,6 @@ class DenseBackboneMixin:
             with_cp: bool = False,
             model_kwargs: Optional[Dict[str, Any]] = None,
     ):
-        """The adapter's options, in the one place they are declared: the host classes (``DenseBackbone``,
-        ``MetaFormerZooBackbone``, whose docstring describes each) pass their positional and keyword arguments
-        through, keeping only their own (``checkpoint`` / ``pretrained``, ``init_cfg``)."""
         if not timm.is_model(model_name.split(".")[0]):
             raise ValueError(f"unknown model {model_name!r}: not registered with timm (is its family installed? "
                              f"`python -m metaformer_zoo list` shows the zoo)")
@@ -254,7 +239,13 @@ class DenseBackboneMixin:
         self.model_kwargs.pop("pretrained", None)
         model = timm.create_model(model_name, pretrained=False, **self.model_kwargs)
         n = len(model.feature_info)
-        self.out_indices = out_indices = _stage_indices(model_name, n, out_indices, frozen_stages)
+        out_indices = tuple(int(i) + n if int(i) < 0 else int(i) for i in out_indices)
+        if not out_indices or any(i < 0 or i >= n for i in out_indices) or list(out_indices) != sorted(set(out_indices)):
+            raise ValueError(f"out_indices {out_indices} must be increasing stage indices in [0, {n - 1}] "
+                             f"({model_name} has {n} stages)")
+        if frozen_stages >= n:
+            raise ValueError(f"frozen_stages={frozen_stages} but {model_name} has only {n} stages (max {n - 1})")
+        self.out_indices = out_indices
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.pad_input = pad_input
@@ -392,12 +383,17 @@ def _read_checkpoint(path: str, map_location: str = "cpu"):
 
 
 class DenseBackbone(DenseBackboneMixin, nn.Module):
-    """Framework-free backbone (same arguments as ``MetaFormerZooBackbone`` minus ``pretrained`` / ``init_cfg``,
-    declared by ``DenseBackboneMixin._setup_backbone``; ``checkpoint=`` loads weights strictly at construction)."""
+    """Framework-free backbone (same arguments as ``MetaFormerZooBackbone`` minus ``init_cfg``; ``checkpoint=``
+    loads weights strictly at construction)."""
 
-    def __init__(self, *args, checkpoint: Optional[Union[str, Mapping[str, torch.Tensor]]] = None, **kwargs):
+    def __init__(self, model_name: str, out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1,
+                 norm_eval: bool = False, drop_path_rate: Optional[float] = None,
+                 out_norms: Union[bool, str, Sequence[Any]] = "official", out_norm_skip: Sequence[int] = (),
+                 pad_input: bool = True, with_cp: bool = False, model_kwargs: Optional[Dict[str, Any]] = None,
+                 checkpoint: Optional[str] = None):
         nn.Module.__init__(self)
-        self._setup_backbone(*args, **kwargs)
+        self._setup_backbone(model_name, out_indices, frozen_stages, norm_eval, drop_path_rate, out_norms,
+                             out_norm_skip, pad_input, with_cp, model_kwargs)
         if checkpoint is not None:
             self.load_checkpoint(checkpoint)
 

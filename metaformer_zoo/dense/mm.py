@@ -1,6 +1,6 @@
 """mmengine-registered backbone adapter, layer-wise lr decay constructor and the task bases' backbone entry (see
 ``metaformer_zoo.dense``)."""
-from typing import Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch.nn as nn
 from mmengine.model import BaseModule
@@ -55,15 +55,28 @@ class MetaFormerZooBackbone(DenseBackboneMixin, BaseModule):
         pretrained: deprecated alias of ``init_cfg=dict(type='Pretrained', checkpoint=pretrained)``.
     """
 
-    def __init__(self, *args, pretrained: Optional[str] = None, init_cfg: Optional[Union[dict, List[dict]]] = None,
-                 **kwargs):
-        # args / kwargs: model_name ... model_kwargs, declared once by DenseBackboneMixin._setup_backbone
+    def __init__(
+            self,
+            model_name: str,
+            out_indices: Sequence[int] = (0, 1, 2, 3),
+            frozen_stages: int = -1,
+            norm_eval: bool = False,
+            drop_path_rate: Optional[float] = None,
+            out_norms: Union[bool, str, Sequence[Any]] = "official",
+            out_norm_skip: Sequence[int] = (),
+            pad_input: bool = True,
+            with_cp: bool = False,
+            model_kwargs: Optional[Dict[str, Any]] = None,
+            pretrained: Optional[str] = None,
+            init_cfg: Optional[Union[dict, List[dict]]] = None,
+    ):
         if pretrained is not None:
             if init_cfg is not None:
                 raise ValueError("give either pretrained= or init_cfg=, not both")
             init_cfg = dict(type="Pretrained", checkpoint=pretrained)
         BaseModule.__init__(self, init_cfg=init_cfg)
-        self._setup_backbone(*args, **kwargs)
+        self._setup_backbone(model_name, out_indices, frozen_stages, norm_eval, drop_path_rate, out_norms,
+                             out_norm_skip, pad_input, with_cp, model_kwargs)
 
     def init_weights(self):
         """Load ``Pretrained`` init_cfgs strictly ourselves (mmengine's PretrainedInit loads with strict=False and
