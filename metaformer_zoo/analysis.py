@@ -347,7 +347,17 @@ def mixing_analysis(
     return MixingResult(same, cross, grid, chans, path, type(target).__name__, layout)
 
 
-def mixing_matrix(model_or_mixer: nn.Module, input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def mixing_matrix(
+        model_or_mixer: nn.Module,
+        input: torch.Tensor,
+        stage: Optional[int] = None,
+        block: Optional[int] = None,
+        path: Optional[str] = None,
+        channels: Union[None, int, Sequence[int]] = None,
+        layout: str = "auto",
+        grid: Optional[Tuple[int, int]] = None,
+        chunk_size: Optional[int] = None,
+) -> torch.Tensor:
     """The (L, L) token-mixing matrix ``M[i, j] = mean_c d y[c, i] / d x[c, j]`` of a token mixer (module docstring).
 
     Args:
@@ -362,11 +372,9 @@ def mixing_matrix(model_or_mixer: nn.Module, input: torch.Tensor, *args, **kwarg
         grid: (H, W) of token-sequence inputs (default: the stage's grid, else square).
         chunk_size: probes per batched backward (default: about 4M elements per batch).
 
-    The remaining arguments (``stage, block, path, channels, layout, grid, chunk_size``, in this order) are declared
-    by ``mixing_analysis``, which this returns the ``.matrix`` of. Tokens are row-major (``h * W + w``). The mixer
-    runs in eval mode; the model is unchanged.
+    Tokens are row-major (``h * W + w``). The mixer runs in eval mode; the model is unchanged.
     """
-    return mixing_analysis(model_or_mixer, input, *args, **kwargs).matrix
+    return mixing_analysis(model_or_mixer, input, stage, block, path, channels, layout, grid, chunk_size).matrix
 
 
 def receptive_field(matrix: torch.Tensor, grid: Tuple[int, int], query: Tuple[int, int]) -> torch.Tensor:
