@@ -5,7 +5,7 @@ A family module declares its modules, then one spec, and registers it::
     SPEC = FamilySpec(
         name="identityformer", model_cls=MetaFormer,
         citation=CITATION, arxiv="2210.13452", code="https://github.com/sail-sg/metaformer",  # paper: from the BibTeX
-        cfg=dict(input_size=(3, 224, 224), crop_pct=1.0, first_conv="stem.conv", classifier="head.fc"),
+        cfg=dict(crop_pct=1.0),  # only what differs from DEFAULT_CFG
         official=OfficialFormat(filter=checkpoint_filter_fn, to_official=official_state_dict),
         dense_out_norms=("layernorm2d",) * 4, recipe="identityformer", card="identityformer",
         models=(Variant("identityformer_s12", dict(depths=(2, 2, 6, 2), dims=(64, 128, 320, 512)),
@@ -70,7 +70,8 @@ def paper_of(bibtex: str) -> Tuple[str, str, str]:
     journal = bibtex_field(bibtex, "journal")
     m = re.search(r"\(([^()]+)\)\s*$", bibtex_field(bibtex, "booktitle"))
     arxiv = bibtex_field(bibtex, "eprint") if bibtex_field(bibtex, "archivePrefix").lower() == "arxiv" else ""
-    arxiv = arxiv or (_ARXIV_ID.search(journal).group(1) if _ARXIV_ID.search(journal) else "")
+    in_journal = _ARXIV_ID.search(journal)
+    arxiv = arxiv or (in_journal.group(1) if in_journal else "")
     venue = m.group(1) if m else _JOURNALS.get(journal) or ("arXiv" if arxiv else journal)
     return title, f"{title} ({venue} {year})" if venue else title, arxiv
 
@@ -138,7 +139,8 @@ class FamilySpec:
     license: str = "apache-2.0"
     citation: str = ""  # BibTeX
     title: str = field(default="", init=False)  # the paper's title (from the BibTeX), timm's ``paper_name``
-    cfg: Mapping[str, Any] = field(default_factory=dict)  # pretrained-cfg fields shared by every variant (over DEFAULT_CFG)
+    # pretrained-cfg fields shared by every variant, over DEFAULT_CFG
+    cfg: Mapping[str, Any] = field(default_factory=dict)
     official: Optional[OfficialFormat] = None
     dense_out_norms: Optional[Tuple[NormSpec, ...]] = None  # per stage; None = not declared (adapter default)
     feature_cfg: Mapping[str, Any] = field(default_factory=dict)  # extra timm feature_cfg (e.g. feature_cls)

@@ -44,10 +44,10 @@ def strip_mix_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     Eager (and FX leaf) calls: where the dispatch (``resolve_backend``, including ``METAFORMER_ZOO_KERNELS``) picks
     the reference (CPU; CUDA until the kernel is GPU-verified) the reference formula runs directly under autograd (a
     grouped convolution, or a batched matmul for K = 1, with their own backward, as the official code runs them);
-    otherwise the kernel package's op (argument checks, autocast, Triton with its fallback). Under TorchScript the registered op ``torch.ops.metaformer_zoo.strip_mix``
-    is called directly: weights in x's dtype, ``backend="auto"`` -> the reference (a scripted call has no kernel
-    fallback, and no strip-mix kernel is GPU-verified yet: see kernels/README.md; TorchScript reads no environment
-    variables, so pass ``backend="triton"`` to opt in).
+    otherwise the kernel package's op (argument checks, autocast, Triton with its fallback). Under TorchScript the
+    registered op ``torch.ops.metaformer_zoo.strip_mix`` is called directly: weights in x's dtype, ``backend="auto"``
+    -> the reference (a scripted call has no kernel fallback, and no strip-mix kernel is GPU-verified yet: see
+    kernels/README.md; TorchScript reads no environment variables, so pass ``backend="triton"`` to opt in).
     """
     if torch.jit.is_scripting():
         if backend == "auto":
