@@ -8,4 +8,6 @@ from setuptools import find_packages, setup
 packages = find_packages(include=["metaformer_zoo", "metaformer_zoo.*"])
 packages += ["metaformer_zoo.kernels"] + [f"metaformer_zoo.kernels.{p}" for p in find_packages("kernels")]
 
-setup(packages=packages, package_dir={"metaformer_zoo.kernels": "kernels"})
+# the C source of the CPU selective scan is compiled on first use (kernels/selective_scan2d/cpu.py)
+setup(packages=packages, package_dir={"metaformer_zoo.kernels": "kernels"},
+      package_data={"metaformer_zoo.kernels.selective_scan2d": ["*.c"]})

@@ -39,15 +39,16 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from metaformer_zoo.kernels import no_autocast, resolve_backend, run_kernel, shape_key
+from metaformer_zoo.kernels import CPU_KERNELS, no_autocast, resolve_backend, run_kernel, shape_key
 
-from . import reference
+from . import cpu, reference
 from .reference import selective_scan_ref_naive
 
 __all__ = ["selective_scan", "cross_scan", "cross_merge", "selective_scan2d", "selective_scan_ref_naive",
            "mamba_ssm_available"]
 
 OP = "selective_scan2d"  # the op name of both public functions in the dispatch (GPU_VERIFIED, fallback warnings)
+CPU_KERNELS[OP] = cpu
 
 
 def _tk():
@@ -267,6 +268,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         if be == "reference" or _empty_input(u, A):
             return reference.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
         reference._check_scan_args(u, delta, A, B, C, D, z, delta_bias)
+        if be == "cpu":
+            return run_kernel(OP, _key(u, delta, B), lambda: cpu.scan(u, delta, A, B, C, D, z, delta_bias,
+                                                                     delta_softplus, return_last_state, False),
+                              lambda: reference.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                               return_last_state), kind="CPU")
         if be == "mamba_ssm":
             return _mamba_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
         B4 = B.unsqueeze(1) if B.dim() == 3 else B
@@ -319,6 +325,11 @@ def selective_scan2d(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=
         if be == "reference" or _empty_input(x, A):
             return reference.selective_scan2d(x, delta, A, B, C, D, delta_bias, delta_softplus)
         _check_2d(x, delta, A, B, C, D, delta_bias)
+        if be == "cpu":
+            return run_kernel(OP, _key(x, delta, B), lambda: cpu.scan(x, delta, A, B, C, D, None, delta_bias,
+                                                                     delta_softplus, False, True),
+                              lambda: reference.selective_scan2d(x, delta, A, B, C, D, delta_bias, delta_softplus),
+                              kind="CPU")
         if be == "mamba_ssm":  # cross_scan -> mamba-ssm over the 4C route channels (B / C grouped per route) -> merge
             Bsz, Ch, H, W = x.shape
             xs = reference.cross_scan(x).reshape(Bsz, 4 * Ch, H * W)

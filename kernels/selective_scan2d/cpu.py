@@ -1,0 +1,285 @@
+"""The CPU kernel of the selective scan: ``scan_cpu.c``, compiled on first use, called through ctypes.
+
+Why a C loop: on CPU the scan is latency-bound work over a (batch, channel, L, N) recurrence. Any tensor-op form
+(the chunked reference) has to write and re-read the (T, batch, dim, N) terms of every chunk; the C loop keeps the
+state of one channel (N values) in registers and reads each input once. ViM2-T inference on 2 cores: the scan goes
+from ~0.4 s to a few tens of ms (numbers in ``kernels/README.md``).
+
+* Build: ``$CC`` (else ``gcc``, else ``cc``) with ``-O3 -march=native`` (retried without ``-march=native`` if the
+  compiler refuses it), ``-pthread -fopenmp-simd`` (SIMD pragmas only: no OpenMP runtime, so no clash with torch's).
+  The shared object is cached in ``$METAFORMER_ZOO_CACHE`` (default ``~/.cache/metaformer_zoo``) under a name that
+  hashes the source, the flags, the compiler version and the CPU model / flags, so a cache shared between machines
+  never hands one CPU another's binary. Written atomically (parallel test workers may build at once).
+* Ops: ``metaformer_zoo::selective_scan_cpu_fwd`` / ``_bwd`` (``torch.library`` custom ops with fake
+  implementations and ``register_autograd``: one node for torch.compile / make_fx). They take the scan in the
+  layout of the C file (u (Bsz, Ch, L); delta (Bsz, R*Ch, L); B / C step-major (Bsz, R*G, L, N)); ``scan`` below
+  prepares it, so casts, transposes and the group refinement stay ordinary autograd ops.
+* Threads: ``torch.get_num_threads()`` pthreads. Work units never write the same memory (the C file's header), so
+  results are reproducible run to run at a given thread count.
+
+If no compiler is found or the build fails, ``available()`` is False and ``build_error()`` says why; the dispatch
+(``resolve_backend``) then uses the PyTorch reference with one warning.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "build_error", "library_path", "scan"]
+
+SOURCE = Path(__file__).with_name("scan_cpu.c")
+ABI = 1
+_BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-pthread", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+_lib_path: Optional[Path] = None
+_error: Optional[str] = None
+
+
+class _Args(ctypes.Structure):
+    _fields_ = ([(n, ctypes.c_int64) for n in ("Bsz", "R", "Ch", "G", "L", "N", "H", "W", "nblk", "softplus",
+                                               "nthreads")]
+                + [(n, ctypes.c_void_p) for n in ("u", "delta", "A", "Bm", "Cm", "D", "bias", "y", "hlast", "gy",
+                                                  "gh", "du", "ddelta", "dA", "dD", "dbias", "dB", "dC")])
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("METAFORMER_ZOO_CACHE")
+    if not base:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        base = os.path.join(xdg, "metaformer_zoo")
+    path = Path(base) / "cpu_kernels"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    path = Path(tempfile.gettempdir()) / f"metaformer_zoo-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _cpu_id() -> str:
+    """CPU model and feature flags (so that an ``-march=native`` binary is only reused on the same kind of CPU)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        keep = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part")]
+        return "\n".join(dict.fromkeys(keep))
+    except OSError:
+        return platform.processor()
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not cc:
+        raise RuntimeError("no C compiler found (gcc or cc on PATH, or set CC)")
+    return cc
+
+
+def _build() -> Path:
+    cc = _compiler()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout.split("\n")[0]
+    src = SOURCE.read_bytes()
+    errors = []
+    for arch in (["-march=native"], []):
+        flags = _BASE_FLAGS + arch
+        key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), version.encode(), platform.machine().encode(),
+                                         _cpu_id().encode()])).hexdigest()[:20]
+        out = _cache_dir() / f"scan_cpu-{key}.so"
+        if out.exists():
+            return out
+        tmp = out.with_name(f"{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True,
+                              timeout=300)
+        if proc.returncode == 0:
+            os.replace(tmp, out)
+            return out
+        tmp.unlink(missing_ok=True)
+        errors.append(f"{cc} {' '.join(flags)}: {proc.stderr.strip()[-400:]}")
+    raise RuntimeError("building the CPU scan kernel failed: " + " | ".join(errors))
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    global _lib, _lib_path, _error
+    if _lib is not None or _error is not None:
+        return _lib
+    with _lock:
+        if _lib is None and _error is None:
+            try:
+                path = _build()
+                lib = ctypes.CDLL(str(path))
+                if lib.mfz_abi() != ABI:
+                    raise RuntimeError(f"{path} has ABI {lib.mfz_abi()}, expected {ABI}")
+                for fn in (lib.mfz_scan_fwd, lib.mfz_scan_bwd):
+                    fn.argtypes = [ctypes.POINTER(_Args), ctypes.c_int]
+                    fn.restype = ctypes.c_int
+                _lib, _lib_path = lib, path
+            except Exception as e:  # noqa: BLE001 - no compiler, a failed build or load: the reference is used
+                _error = f"{type(e).__name__}: {e}"
+    return _lib
+
+
+def available() -> bool:
+    """Whether the CPU kernel is built (building it on the first call) and loads."""
+    return _load() is not None
+
+
+def build_error() -> Optional[str]:
+    """Why the CPU kernel is unavailable (None when it is available or not tried yet)."""
+    return _error
+
+
+def library_path() -> Optional[Path]:
+    """The loaded shared object (None before the first successful build)."""
+    _load()
+    return _lib_path
+
+
+def _ptr(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None or t.numel() == 0 else t.data_ptr()
+
+
+def _call(name: str, args: _Args, dtype: torch.dtype) -> None:
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"the CPU scan kernel is unavailable ({_error})")
+    rc = getattr(lib, name)(ctypes.byref(args), int(dtype == torch.float64))
+    if rc != 0:
+        raise MemoryError(f"selective_scan CPU kernel: could not allocate its per-thread buffers ({name})")
+
+
+def _dims(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, R: int, G: int, H: int, W: int) -> dict:
+    Bsz, Ch, L = u.shape
+    return dict(Bsz=Bsz, R=R, Ch=Ch, G=G, L=L, N=A.shape[1], H=H, W=W, nthreads=max(1, torch.get_num_threads()))
+
+
+def _n_blocks(Bsz: int, Ch: int) -> int:
+    """Channel blocks per batch row in backward (each holds its own dB / dC partial): enough units for the threads."""
+    return max(1, min(Ch, math.ceil(max(1, torch.get_num_threads()) / max(1, Bsz))))
+
+
+@torch.library.custom_op("metaformer_zoo::selective_scan_cpu_fwd", mutates_args=())
+def _fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+            delta_bias: Optional[Tensor], delta_softplus: bool, R: int, G: int, H: int, W: int
+            ) -> Tuple[Tensor, Tensor]:
+    """The forward in the C layout: (y (Bsz, Ch, L), last state (Bsz, R*Ch, N)), in u's dtype."""
+    y = torch.empty_like(u)
+    hlast = u.new_empty(u.shape[0], delta.shape[1], A.shape[1])
+    args = _Args(**_dims(u, delta, A, B, R, G, H, W), nblk=1, softplus=int(delta_softplus), u=_ptr(u),
+                 delta=_ptr(delta), A=_ptr(A), Bm=_ptr(B), Cm=_ptr(C), D=_ptr(D), bias=_ptr(delta_bias), y=_ptr(y),
+                 hlast=_ptr(hlast))
+    _call("mfz_scan_fwd", args, u.dtype)
+    return y, hlast
+
+
+@_fwd_op.register_fake
+def _(u, delta, A, B, C, D, delta_bias, delta_softplus, R, G, H, W):
+    return torch.empty_like(u), u.new_empty(u.shape[0], delta.shape[1], A.shape[1])
+
+
+@torch.library.custom_op("metaformer_zoo::selective_scan_cpu_bwd", mutates_args=())
+def _bwd_op(g: Tensor, gh: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+            D: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, R: int, G: int, H: int,
+            W: int) -> List[Tensor]:
+    """[du, ddelta, dA, dB, dC, dD, ddelta_bias] in the C layout; dD / ddelta_bias are (0,) when absent."""
+    Bsz, Ch, L = u.shape
+    K, N = delta.shape[1], A.shape[1]
+    nblk = _n_blocks(Bsz, Ch)
+    du = torch.zeros_like(u)
+    ddelta = torch.empty_like(delta)
+    dA = u.new_empty(Bsz, K, N)
+    dD = u.new_empty(Bsz, K) if D is not None else None
+    dbias = u.new_empty(Bsz, K) if delta_bias is not None else None
+    dB = u.new_zeros((nblk,) + tuple(B.shape))
+    dC = u.new_zeros((nblk,) + tuple(C.shape))
+    args = _Args(**_dims(u, delta, A, B, R, G, H, W), nblk=nblk, softplus=int(delta_softplus), u=_ptr(u),
+                 delta=_ptr(delta), A=_ptr(A), Bm=_ptr(B), Cm=_ptr(C), D=_ptr(D), bias=_ptr(delta_bias),
+                 gy=_ptr(g), gh=_ptr(gh), du=_ptr(du), ddelta=_ptr(ddelta), dA=_ptr(dA), dD=_ptr(dD),
+                 dbias=_ptr(dbias), dB=_ptr(dB), dC=_ptr(dC))
+    _call("mfz_scan_bwd", args, u.dtype)
+    empty = u.new_empty((0,))
+    return [du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0), empty if dD is None else dD.sum(0),
+            empty if dbias is None else dbias.sum(0)]
+
+
+@_bwd_op.register_fake
+def _(g, gh, u, delta, A, B, C, D, delta_bias, delta_softplus, R, G, H, W):
+    empty = u.new_empty((0,))
+    return [torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
+            torch.empty_like(C), empty if D is None else torch.empty_like(D),
+            empty if delta_bias is None else torch.empty_like(delta_bias)]
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, delta_bias, delta_softplus, R, G, H, W = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
+    ctx.meta = (delta_softplus, R, G, H, W)
+
+
+def _backward(ctx, gy, gh):
+    u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
+    softplus, R, G, H, W = ctx.meta
+    gy = torch.zeros_like(u) if gy is None else gy.contiguous()
+    gh = None if gh is None else gh.contiguous()
+    du, ddelta, dA, dB, dC, dD, dbias = _bwd_op(gy, gh, u, delta, A, B, C, D, delta_bias, softplus, R, G, H, W)
+    return (du, ddelta, dA, dB, dC, dD if D is not None else None, dbias if delta_bias is not None else None,
+            None, None, None, None, None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _acc(t: Optional[Tensor], f: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(f).contiguous()
+
+
+def _step_major(t: Tensor, f: torch.dtype) -> Tensor:
+    """(b, G, N, L) -> (b, G, L, N) contiguous in the accumulation dtype."""
+    return t.to(f).transpose(-1, -2).contiguous()
+
+
+def scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+         delta_bias: Optional[Tensor], delta_softplus: bool, return_last_state: bool, mode2d: bool):
+    """The selective scan on the C kernel, same contract as ``reference.selective_scan`` (1D, ``mode2d=False``: u
+    (batch, dim, L), B / C (batch, N, L) or (batch, G, N, L)) or ``reference.selective_scan2d`` (``mode2d=True``: x
+    (B, C, H, W), delta (B, 4, C, H*W), B / C (B, 4, N, H*W)). Arguments are checked by the caller."""
+    f = torch.float64 if u.dtype == torch.float64 else torch.float32
+    if mode2d:
+        Bsz, Ch, H, W = u.shape
+        L, R = H * W, 4
+        u3 = u.reshape(Bsz, Ch, L)
+        Bs, Cs = B, C
+    else:
+        Bsz, Ch, L = u.shape
+        H, W, R = 1, L, 1
+        u3 = u
+        Bs = B.unsqueeze(1) if B.dim() == 3 else B
+        Cs = C.unsqueeze(1) if C.dim() == 3 else C
+        if Bs.shape[1] != Cs.shape[1]:  # different group counts: run at the common refinement
+            Gc = math.lcm(Bs.shape[1], Cs.shape[1])
+            Bs = Bs.repeat_interleave(Gc // Bs.shape[1], 1)
+            Cs = Cs.repeat_interleave(Gc // Cs.shape[1], 1)
+    G = Bs.shape[1] // R
+    y, hlast = torch.ops.metaformer_zoo.selective_scan_cpu_fwd(
+        u3.to(f).contiguous(), delta.reshape(Bsz, -1, L).to(f).contiguous(), A.to(f).contiguous(),
+        _step_major(Bs, f), _step_major(Cs, f), _acc(D, f), _acc(delta_bias, f), bool(delta_softplus), R, G, H, W)
+    if z is not None:
+        zf = z.to(f)
+        y = y * zf * torch.sigmoid(zf)
+    out = y.view(Bsz, Ch, H, W) if mode2d else y
+    out = out.to(u.dtype)
+    return (out, hlast) if return_last_state else out
