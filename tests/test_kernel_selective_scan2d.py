@@ -307,16 +307,22 @@ def test_dispatch_rules(monkeypatch):
         ss.selective_scan2d(**make2d(1, 1, 2, 2, 2), backend="cuda")
 
 
-def test_auto_uses_reference_on_cpu_without_interpreter(monkeypatch):
+def test_auto_uses_the_cpu_kernel_on_cpu_without_interpreter(monkeypatch):
+    """auto on CPU tensors: the C kernel where it builds (else the reference), never Triton."""
+    from metaformer_zoo.kernels.selective_scan2d import cpu
     monkeypatch.delenv("METAFORMER_ZOO_KERNELS", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     calls = []
-    real = reference.selective_scan2d
-    monkeypatch.setattr(reference, "selective_scan2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_ref, real_cpu = reference.selective_scan2d, cpu.scan
+    monkeypatch.setattr(reference, "selective_scan2d", lambda *a, **k: calls.append("reference") or real_ref(*a, **k))
+    monkeypatch.setattr(cpu, "scan", lambda *a, **k: calls.append("cpu") or real_cpu(*a, **k))
     a = make2d(1, 2, 2, 3, 2)
     out = ss.selective_scan2d(**a)
-    assert calls == [1]
+    assert calls == (["cpu"] if cpu.available() else ["reference"])
     assert rel(out, oracle2d(**{k: v.double() for k, v in a.items()})) < TOL
+    calls.clear()
+    ss.selective_scan2d(**a, backend="reference")
+    assert calls == ["reference"]
 
 
 def test_subprocess_without_interpreter_uses_reference():
