@@ -70,7 +70,8 @@ def test_selective_scan_cpu_matches_float64_recurrence(b, d, L, N, G, use_z, sof
     for k in got_g:
         assert got_g[k].dtype == dtype, k
         scale = want_g[k].double().abs().max().clamp_min(1.0)
-        torch.testing.assert_close(got_g[k].double() / scale, want_g[k].double() / scale, **tol, msg=lambda m: f"d{k}: {m}")
+        torch.testing.assert_close(got_g[k].double() / scale, want_g[k].double() / scale, **tol,
+                                   msg=lambda m, k=k: f"d{k}: {m}")
 
 
 @pytest.mark.parametrize("H,W,N", [(3, 4, 16), (5, 2, 1), (4, 4, 3)])
@@ -94,7 +95,8 @@ def test_selective_scan2d_cpu_matches_reference(H, W, N, dtype):
     torch.testing.assert_close(got[0].double(), want[0].double(), **tol)
     for k in inputs:
         scale = want_g[k].double().abs().max().clamp_min(1.0)
-        torch.testing.assert_close(got_g[k].double() / scale, want_g[k].double() / scale, **tol, msg=lambda m: f"d{k}: {m}")
+        torch.testing.assert_close(got_g[k].double() / scale, want_g[k].double() / scale, **tol,
+                                   msg=lambda m, k=k: f"d{k}: {m}")
 
 
 def test_cpu_kernel_results_do_not_depend_on_the_thread_count():

@@ -2,7 +2,8 @@
 
 ViM2 has no official code; this is the reconstruction documented in ``model_cards/vim2.md`` (decisions of
 ``reference/vim2_scan.md`` §1.4). Both mixers map (B, C, H, W) -> (B, C, H, W) and call the scan through
-``metaformer_zoo.kernels.selective_scan2d`` (reference on CPU, Triton where the kernel helper's dispatch picks it).
+``metaformer_zoo.kernels.selective_scan2d`` (the compiled C kernel on CPU, Triton where the dispatch picks it, the
+PyTorch reference otherwise).
 
 * ``SS2D`` (``register_mixer("ss2d")``): VMamba-v0 ``SS2D`` (MzeroMiko/VMamba ``classification/models/vmamba.py``,
   ``forward_corev0``): in_proj C -> 2*d_inner (x, z) -> depthwise 3x3 conv + SiLU -> 4-route cross scan -> per-route
@@ -36,9 +37,9 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
 
 
 # The kernel package is called through these three functions. TorchScript calls them back in Python
-# (``torch.jit.ignore``): the kernel package's dispatch (reference on CPU, Triton on CUDA, ``METAFORMER_ZOO_KERNELS``)
-# and autograd stay the same in a scripted model, which therefore runs (and trains) in-process but cannot be
-# ``torch.jit.save``d (the plain-PyTorch reference scan is not a registered op).
+# (``torch.jit.ignore``): the kernel package's dispatch (C kernel on CPU, reference or Triton on CUDA,
+# ``METAFORMER_ZOO_KERNELS``) and autograd stay the same in a scripted model, which therefore runs (and trains)
+# in-process but cannot be ``torch.jit.save``d (the calls go back into Python).
 @torch.jit.ignore
 def _cross_scan(x: torch.Tensor) -> torch.Tensor:
     return scan_ops.cross_scan(x)
