@@ -127,6 +127,13 @@ static int run_threads(const mfz_scan_args *a, const int64_t *idx, void *(*fn)(v
 /* ---------------------------------------------------------------------------------------------------------------
  * forward / backward, written once for float (suffix f) and double (suffix d)
  * ------------------------------------------------------------------------------------------------------------- */
+/* this thread's share [u0, u1) of the work units */
+static void unit_range(const mfz_job *j, int64_t units, int64_t *u0, int64_t *u1) {
+    const int64_t T = j->a->nthreads < 1 ? 1 : (j->a->nthreads > 256 ? 256 : j->a->nthreads);
+    *u0 = units * j->tid / T;
+    *u1 = units * (j->tid + 1) / T;
+}
+
 #define MFZ_DEFINE(S, SUF, EXPF, SOFTPLUS)                                                                                    \
 static inline __attribute__((always_inline)) void fwd_route_##SUF(                                                   \
         const mfz_scan_args *a, const int64_t *ix, const S *u, S *y, int64_t b, int64_t c, int64_t r, int64_t N,    \
@@ -188,8 +195,8 @@ static void fwd_unit_##SUF(const mfz_scan_args *a, const int64_t *idx, int64_t b
 static void *fwd_worker_##SUF(void *arg) {                                                                          \
     mfz_job *j = (mfz_job *)arg;                                                                       \
     const mfz_scan_args *a = j->a;                                                                                 \
-    const int64_t units = a->Bsz * a->Ch, T = a->nthreads < 1 ? 1 : (a->nthreads > 256 ? 256 : a->nthreads);       \
-    const int64_t u0 = units * j->tid / T, u1 = units * (j->tid + 1) / T;                                         \
+    int64_t u0, u1;                                                                                                \
+    unit_range(j, a->Bsz * a->Ch, &u0, &u1);                                                                \
     S *h = (S *)malloc((size_t)(a->N + a->L) * sizeof(S));                                                         \
     if (!h) { j->err = 1; return NULL; }                                                                           \
     for (int64_t w = u0; w < u1; w++) fwd_unit_##SUF(a, j->idx, w / a->Ch, w % a->Ch, h, h + a->N);               \
@@ -297,8 +304,8 @@ static void bwd_unit_##SUF(const mfz_scan_args *a, const int64_t *idx, int64_t b
 static void *bwd_worker_##SUF(void *arg) {                                                                          \
     mfz_job *j = (mfz_job *)arg;                                                                       \
     const mfz_scan_args *a = j->a;                                                                                 \
-    const int64_t units = a->Bsz * a->nblk, T = a->nthreads < 1 ? 1 : (a->nthreads > 256 ? 256 : a->nthreads);     \
-    const int64_t u0 = units * j->tid / T, u1 = units * (j->tid + 1) / T;                                         \
+    int64_t u0, u1;                                                                                                \
+    unit_range(j, a->Bsz * a->nblk, &u0, &u1);                                                              \
     if (u0 >= u1) return NULL;                                                                                     \
     const int64_t L = a->L, N = a->N;                                                                              \
     S *buf = (S *)malloc((size_t)(L * N + 2 * L + 2 * N) * sizeof(S));                                            \
@@ -313,25 +320,17 @@ static void *bwd_worker_##SUF(void *arg) {                                      
 MFZ_DEFINE(float, f, mfz_expf, mfz_softplusf)
 MFZ_DEFINE(double, d, mfz_exp, mfz_softplus)
 
-static int64_t *make_index(const mfz_scan_args *a) {
+/* the route index, then the workers; 0 on success, -1 if a buffer could not be allocated (cpu.py raises
+ * MemoryError) */
+static int run(const mfz_scan_args *a, void *(*worker)(void *)) {
     int64_t *idx = (int64_t *)malloc((size_t)(a->R * a->L) * sizeof(int64_t));
-    if (idx) route_index(idx, a->R, a->R == 1 ? 1 : a->H, a->R == 1 ? a->L : a->W);
-    return idx;
-}
-
-/* returns 0 on success, -1 if a buffer could not be allocated (the caller falls back to the PyTorch path) */
-int mfz_scan_fwd(const mfz_scan_args *a, int dbl) {
-    int64_t *idx = make_index(a);
     if (!idx) return -1;
-    int rc = run_threads(a, idx, dbl ? fwd_worker_d : fwd_worker_f);
+    route_index(idx, a->R, a->R == 1 ? 1 : a->H, a->R == 1 ? a->L : a->W);
+    int rc = run_threads(a, idx, worker);
     free(idx);
     return rc;
 }
 
-int mfz_scan_bwd(const mfz_scan_args *a, int dbl) {
-    int64_t *idx = make_index(a);
-    if (!idx) return -1;
-    int rc = run_threads(a, idx, dbl ? bwd_worker_d : bwd_worker_f);
-    free(idx);
-    return rc;
-}
+int mfz_scan_fwd(const mfz_scan_args *a, int dbl) { return run(a, dbl ? fwd_worker_d : fwd_worker_f); }
+
+int mfz_scan_bwd(const mfz_scan_args *a, int dbl) { return run(a, dbl ? bwd_worker_d : bwd_worker_f); }
