@@ -86,6 +86,31 @@ def _fwd_bwd(fn, args):
     return out.detach(), grads
 
 
+def test_ssd_triton_request_runs_the_selective_scan_kernel_in_the_interpreter():
+    """Hydra's SSD scan with backend="triton": the selective-scan Triton kernels (interpreter), forward and every
+    gradient against the float64 explicit matrix; auto stays the reference."""
+    from metaformer_zoo.kernels import ssd as ssd_ops
+    from metaformer_zoo.kernels.ssd import reference as ssd_ref
+    g = torch.Generator().manual_seed(0)
+    Bsz, L, H, P, G, N = 1, 5, 2, 2, 1, 3
+    args = dict(x=torch.randn(Bsz, L, H, P, generator=g), dt=torch.rand(Bsz, L, H, generator=g) + 0.1,
+                A=-torch.rand(H, generator=g) - 0.1, B=torch.randn(Bsz, L, G, N, generator=g),
+                C=torch.randn(Bsz, L, G, N, generator=g))
+    calls = []
+    real = ss.selective_scan
+    try:
+        ss.selective_scan = lambda *a, **k: calls.append(k.get("backend")) or real(*a, **k)
+        got, got_g = _fwd_bwd(lambda **a: ssd_ops.ssd(**a, backend="triton"), args)
+        ssd_ops.ssd(**args)
+    finally:
+        ss.selective_scan = real
+    assert calls == ["triton"]  # the auto call did not go through the scan
+    want, want_g = _fwd_bwd(lambda **a: ssd_ref.ssd_explicit(**{k: v.double() for k, v in a.items()}), args)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    for name, a, b in zip(args, got_g, want_g):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"d{n}: {m}")
+
+
 def _fallback_warnings(record):
     return [w for w in record if issubclass(w.category, RuntimeWarning) and "metaformer_zoo.kernels" in str(w.message)]
 

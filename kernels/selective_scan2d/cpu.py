@@ -211,17 +211,15 @@ def _bwd_op(g: Tensor, gh: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor
                  gy=_ptr(g), gh=_ptr(gh), du=_ptr(du), ddelta=_ptr(ddelta), dA=_ptr(dA), dD=_ptr(dD),
                  dbias=_ptr(dbias), dB=_ptr(dB), dC=_ptr(dC))
     _call("mfz_scan_bwd", args, u.dtype)
-    empty = u.new_empty((0,))
-    return [du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0), empty if dD is None else dD.sum(0),
-            empty if dbias is None else dbias.sum(0)]
+    return [du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0), u.new_empty((0,)) if dD is None else dD.sum(0),
+            u.new_empty((0,)) if dbias is None else dbias.sum(0)]  # two distinct empties: returns may not alias
 
 
 @_bwd_op.register_fake
 def _(g, gh, u, delta, A, B, C, D, delta_bias, delta_softplus, R, G, H, W):
-    empty = u.new_empty((0,))
     return [torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
-            torch.empty_like(C), empty if D is None else torch.empty_like(D),
-            empty if delta_bias is None else torch.empty_like(delta_bias)]
+            torch.empty_like(C), u.new_empty((0,)) if D is None else torch.empty_like(D),
+            u.new_empty((0,)) if delta_bias is None else torch.empty_like(delta_bias)]
 
 
 def _setup_context(ctx, inputs, output):

@@ -13,32 +13,46 @@ Exact formula and the float64 oracles (the explicit L x L semiseparable matrix, 
 :mod:`.reference`. Users: the ``hydra`` token mixer (``metaformer_zoo.mixers.hydra``), which runs its forward and its
 backward (flipped) directions as one batched call.
 
-Dispatch: ``backend`` ("auto" | "reference" | "triton", or env ``METAFORMER_ZOO_KERNELS``) is resolved by
-``metaformer_zoo.kernels.resolve_backend``. The op has only its PyTorch reference so far (the chunked algorithm:
-matmuls within chunks, states passed between chunks; linear in L, differentiable by autograd): every backend computes
-it, and an explicit ``triton`` request warns once that no kernel exists yet.
+Dispatch: ``backend`` ("auto" | "reference" | "triton" | "cpu", or env ``METAFORMER_ZOO_KERNELS``). ``auto`` and
+``reference`` compute the PyTorch reference (the chunked algorithm: matmuls within chunks, states passed between
+chunks; linear in L, differentiable by autograd). SSD is the selective scan with one decay per head: ``triton`` and
+``cpu`` run it as ``selective_scan`` (``metaformer_zoo.kernels.selective_scan2d``) with ``u`` = x as (B, H*P, L),
+``delta`` = dt repeated over each head's P channels, ``A`` broadcast over the N states, B / C as (B, G, N, L) groups,
+so Hydra gets that op's Triton kernel (with its warn-once fallback) and its CPU kernel through the same dispatch.
+Neither is the ``auto`` default: the reference's matmul form suits SSD's scalar decay, and the Triton scan is not
+GPU-verified (``kernels/README.md``).
 """
-import warnings
+import os
 
 import torch
 
 from .. import resolve_backend
-from .reference import DEFAULT_CHUNK_SIZE, hydra_explicit, hydra_matrix, ssd_chunked, ssd_explicit, ssd_matrix
+from .reference import DEFAULT_CHUNK_SIZE, check_args, hydra_explicit, hydra_matrix, ssd_chunked, ssd_explicit, ssd_matrix
 
 __all__ = ["OP", "DEFAULT_CHUNK_SIZE", "ssd", "ssd_chunked", "ssd_explicit", "ssd_matrix", "hydra_matrix",
            "hydra_explicit"]
 
 OP = "ssd"
-_warned_no_kernel = False
+
+
+def _as_selective_scan(x, dt, A, B, C, backend: str) -> torch.Tensor:
+    """The SSD scan through ``selective_scan`` (see the module docstring): (B, L, H, P) in x's dtype."""
+    from ..selective_scan2d import selective_scan  # the scan package registers custom ops: imported on first use
+    Bsz, L, H, P = x.shape
+    N = B.shape[-1]
+    u = x.permute(0, 2, 3, 1).reshape(Bsz, H * P, L)
+    delta = dt.permute(0, 2, 1).unsqueeze(2).expand(Bsz, H, P, L).reshape(Bsz, H * P, L)
+    A_full = A.view(H, 1, 1).expand(H, P, N).reshape(H * P, N)
+    y = selective_scan(u, delta, A_full, B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1), backend=backend)
+    return y.view(Bsz, H, P, L).permute(0, 3, 1, 2)
 
 
 def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
         chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto") -> torch.Tensor:
     """The SSD scan ``y = M x`` (see the module docstring), in ``x``'s dtype; differentiable in every input."""
-    global _warned_no_kernel
-    resolved = resolve_backend(backend, x, dt, A, B, C, op=OP)
-    if resolved != "reference" and not _warned_no_kernel:
-        _warned_no_kernel = True
-        warnings.warn(f"metaformer_zoo.kernels.ssd has no {resolved} kernel yet; computing it with the PyTorch "
-                      f"reference (chunked scan) instead.", RuntimeWarning, stacklevel=2)
+    resolve_backend(backend, x, dt, A, B, C, op=OP)  # validates the backend name
+    requested = backend if backend != "auto" else (os.environ.get("METAFORMER_ZOO_KERNELS") or "auto")
+    if requested in ("triton", "cpu"):
+        check_args(x, dt, A, B, C)
+        return _as_selective_scan(x, dt, A, B, C, requested)
     return ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size)[0]
