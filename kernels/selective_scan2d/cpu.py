@@ -162,7 +162,7 @@ def _call(name: str, args: _Args, dtype: torch.dtype) -> None:
         raise MemoryError(f"selective_scan CPU kernel: could not allocate its per-thread buffers ({name})")
 
 
-def _dims(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, R: int, G: int, H: int, W: int) -> dict:
+def _dims(u: Tensor, A: Tensor, R: int, G: int, H: int, W: int) -> dict:
     Bsz, Ch, L = u.shape
     return dict(Bsz=Bsz, R=R, Ch=Ch, G=G, L=L, N=A.shape[1], H=H, W=W, nthreads=max(1, torch.get_num_threads()))
 
@@ -179,7 +179,7 @@ def _fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Option
     """The forward in the C layout: (y (Bsz, Ch, L), last state (Bsz, R*Ch, N)), in u's dtype."""
     y = torch.empty_like(u)
     hlast = u.new_empty(u.shape[0], delta.shape[1], A.shape[1])
-    args = _Args(**_dims(u, delta, A, B, R, G, H, W), nblk=1, softplus=int(delta_softplus), u=_ptr(u),
+    args = _Args(**_dims(u, A, R, G, H, W), nblk=1, softplus=int(delta_softplus), u=_ptr(u),
                  delta=_ptr(delta), A=_ptr(A), Bm=_ptr(B), Cm=_ptr(C), D=_ptr(D), bias=_ptr(delta_bias), y=_ptr(y),
                  hlast=_ptr(hlast))
     _call("mfz_scan_fwd", args, u.dtype)
@@ -206,7 +206,7 @@ def _bwd_op(g: Tensor, gh: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor
     dbias = u.new_empty(Bsz, K) if delta_bias is not None else None
     dB = u.new_zeros((nblk,) + tuple(B.shape))
     dC = u.new_zeros((nblk,) + tuple(C.shape))
-    args = _Args(**_dims(u, delta, A, B, R, G, H, W), nblk=nblk, softplus=int(delta_softplus), u=_ptr(u),
+    args = _Args(**_dims(u, A, R, G, H, W), nblk=nblk, softplus=int(delta_softplus), u=_ptr(u),
                  delta=_ptr(delta), A=_ptr(A), Bm=_ptr(B), Cm=_ptr(C), D=_ptr(D), bias=_ptr(delta_bias),
                  gy=_ptr(g), gh=_ptr(gh), du=_ptr(du), ddelta=_ptr(ddelta), dA=_ptr(dA), dD=_ptr(dD),
                  dbias=_ptr(dbias), dB=_ptr(dB), dC=_ptr(dC))
