@@ -1,6 +1,7 @@
 """The compiled CPU kernel of the selective scan (kernels/selective_scan2d/scan_cpu.c) against the float64 oracles:
 forward, last state and every gradient, 1D (grouped / shared B, C; odd L; N = 1 and 16) and the fused 2D op; the
 dispatch (``auto`` picks it on CPU, ``reference`` skips it) and the fallback when it cannot be built."""
+import math
 import warnings
 
 import pytest
@@ -43,6 +44,8 @@ CASES = [  # b, d, L, N, G (0: shared (batch, N, L) B / C), use_z, softplus, las
     (3, 8, 33, 4, 4, True, False, True),
     (2, 6, 1, 16, 0, False, True, True),
     (2, 4, 9, 5, 2, True, True, False),  # N without a compile-time specialisation
+    (2, 40, 150, 16, 2, True, True, True),  # 20-channel groups: a full and a 4-wide block; L over 2 checkpoints
+    (1, 17, 70, 8, 0, False, True, True),  # one 17-channel group: a 1-wide tail block
 ]
 
 
@@ -74,11 +77,11 @@ def test_selective_scan_cpu_matches_float64_recurrence(b, d, L, N, G, use_z, sof
                                    msg=lambda m, k=k: f"d{k}: {m}")
 
 
-@pytest.mark.parametrize("H,W,N", [(3, 4, 16), (5, 2, 1), (4, 4, 3)])
+@pytest.mark.parametrize("H,W,N,Ch", [(3, 4, 16, 5), (5, 2, 1, 5), (4, 4, 3, 5), (9, 13, 16, 21)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_selective_scan2d_cpu_matches_reference(H, W, N, dtype):
+def test_selective_scan2d_cpu_matches_reference(H, W, N, Ch, dtype):
     g = _gen(3)
-    Bsz, Ch, L = 2, 5, H * W
+    Bsz, L = 2, H * W
     r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
     inputs = dict(x=r(Bsz, Ch, H, W), delta=r(Bsz, 4, Ch, L) * 0.5,
                   A=-(torch.rand(4 * Ch, N, generator=g, dtype=dtype) + 0.1), B=r(Bsz, 4, N, L),
@@ -97,6 +100,52 @@ def test_selective_scan2d_cpu_matches_reference(H, W, N, dtype):
         scale = want_g[k].double().abs().max().clamp_min(1.0)
         torch.testing.assert_close(got_g[k].double() / scale, want_g[k].double() / scale, **tol,
                                    msg=lambda m, k=k: f"d{k}: {m}")
+
+
+def test_backward_without_forward_checkpoints_matches():
+    """The backward op takes its own checkpoints when the forward saved none (ck=None): same gradients."""
+    g = _gen(5)
+    Bsz, L, Ch, R, N, H, W = 2, 9 * 15, 20, 4, 16, 9, 15
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    u, delta = r(Bsz, L, Ch), r(Bsz, R, L, Ch) * 0.5
+    A, B, C = -(torch.rand(R, N, Ch, generator=g) + 0.1), r(Bsz, R, L, N), r(Bsz, R, L, N)
+    D, bias = r(R, Ch), r(R, Ch) * 0.3
+    ops = torch.ops.metaformer_zoo
+    y, _, ck = ops.selective_scan_cpu_fwd(u, delta, A, B, C, D, bias, True, R, 1, H, W, True)
+    y2, _, none = ops.selective_scan_cpu_fwd(u, delta, A, B, C, D, bias, True, R, 1, H, W, False)
+    assert torch.equal(y, y2) and none.numel() == 0 and ck.shape[:3] == (Bsz, R, math.ceil(L / cpu._TCH))
+    gy = r(Bsz, L, Ch)
+    with_ck = ops.selective_scan_cpu_bwd(gy, None, u, delta, A, B, C, D, bias, ck, True, R, 1, H, W)
+    without = ops.selective_scan_cpu_bwd(gy, None, u, delta, A, B, C, D, bias, None, True, R, 1, H, W)
+    for a, b in zip(with_ck, without):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_token_layout_entry_matches_the_channels_first_op():
+    """``selective_scan2d_tokens`` (channels-last u, map-order delta / B / C: what SS2D feeds it) equals
+    ``selective_scan2d`` on the same values in its layout, values and every gradient, on the C kernel and on the
+    reference path."""
+    g = _gen(6)
+    Bsz, Ch, H, W, N = 2, 18, 5, 7, 4
+    L = H * W
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    inputs = dict(u=r(Bsz, H, W, Ch), delta=r(Bsz, 4, L, Ch) * 0.5,
+                  A=-(torch.rand(4 * Ch, N, generator=g, dtype=torch.float64) + 0.1), B=r(Bsz, 4, L, N),
+                  C=r(Bsz, 4, L, N), D=r(4 * Ch), delta_bias=r(4 * Ch) * 0.3)
+
+    def channels_first(u, delta, A, B, C, D, delta_bias):
+        routes = lambda t: reference.map_to_routes(t.transpose(-1, -2), H, W)  # noqa: E731
+        y = ss.selective_scan2d(u.permute(0, 3, 1, 2), routes(delta), A, routes(B), routes(C), D, delta_bias,
+                                backend="reference")
+        return y.permute(0, 2, 3, 1)
+
+    want, want_g = _run(channels_first, inputs)
+    for backend in ("cpu", "reference"):
+        got, got_g = _run(lambda **a: ss.selective_scan2d_tokens(**a, backend=backend), inputs)
+        assert got[0].shape == (Bsz, H, W, Ch)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+        for k in inputs:
+            torch.testing.assert_close(got_g[k], want_g[k], rtol=1e-10, atol=1e-10, msg=lambda m, k=k: f"d{k}: {m}")
 
 
 def test_cpu_kernel_results_do_not_depend_on_the_thread_count():

@@ -44,8 +44,8 @@ from metaformer_zoo.kernels import CPU_KERNELS, no_autocast, resolve_backend, ru
 from . import cpu, reference
 from .reference import selective_scan_ref_naive
 
-__all__ = ["selective_scan", "cross_scan", "cross_merge", "selective_scan2d", "selective_scan_ref_naive",
-           "mamba_ssm_available"]
+__all__ = ["selective_scan", "cross_scan", "cross_merge", "selective_scan2d", "selective_scan2d_tokens",
+           "selective_scan_ref_naive", "mamba_ssm_available"]
 
 OP = "selective_scan2d"  # the op name of both public functions in the dispatch (GPU_VERIFIED, fallback warnings)
 CPU_KERNELS[OP] = cpu
@@ -339,3 +339,52 @@ def selective_scan2d(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=
         out, _ = torch.ops.metaformer_zoo.selective_scan_fwd(x, delta, A, B, C, D, None, delta_bias,
                                                              bool(delta_softplus), True)
         return out
+
+
+def _check_tokens(u, delta, A, B, C, D, delta_bias):
+    if u.dim() != 4:
+        raise ValueError(f"selective_scan2d_tokens: u must be channels-last (B, H, W, C), got shape {list(u.shape)}")
+    Bsz, H, W, Ch = u.shape
+    L = H * W
+    if tuple(delta.shape) != (Bsz, 4, L, Ch):
+        raise ValueError(f"selective_scan2d_tokens: delta must be (B, 4, H*W, C)={(Bsz, 4, L, Ch)} in map order, "
+                         f"got {list(delta.shape)}")
+    if A.dim() != 2 or A.shape[0] != 4 * Ch or A.is_complex():
+        raise ValueError(f"selective_scan2d_tokens: A must be real (4*C, N)=({4 * Ch}, N), got {list(A.shape)} "
+                         f"{A.dtype}")
+    N = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if tuple(t.shape) != (Bsz, 4, L, N):
+            raise ValueError(f"selective_scan2d_tokens: {name} must be (B, 4, H*W, N)={(Bsz, 4, L, N)} in map order, "
+                             f"got {list(t.shape)}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and tuple(t.shape) != (4 * Ch,):
+            raise ValueError(f"selective_scan2d_tokens: {name} must be (4*C,)=({4 * Ch},), got {list(t.shape)}")
+
+
+def selective_scan2d_tokens(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, backend="auto"):
+    """``selective_scan2d`` in the layout a token mixer has at hand: u channels-last (B, H, W, C); delta (B, 4, H*W,
+    C), B and C (B, 4, H*W, N) in MAP order (route r's value at each row-major position, i.e. a per-token projection
+    of u, never cross-scanned); A (4*C, N); D, delta_bias (4*C,). Returns y (B, H, W, C) in u's dtype, equal to
+    ``selective_scan2d`` on the channels-first, route-order view of the same values. The C kernel reads this layout
+    directly (strided: slices of one projection need no copy); other backends get the route-order tensors."""
+    be = resolve_backend(backend, u, delta, A, B, C, D, delta_bias, op=OP)
+    _check_tokens(u, delta, A, B, C, D, delta_bias)
+    Bsz, H, W, Ch = u.shape
+
+    def routed():
+        routes = lambda t: reference.map_to_routes(t.transpose(-1, -2), H, W)  # noqa: E731
+        y = selective_scan2d(u.permute(0, 3, 1, 2), routes(delta), A, routes(B), routes(C), D, delta_bias,
+                             delta_softplus, backend="reference" if be == "cpu" else be)
+        return y.permute(0, 2, 3, 1)
+
+    if be != "cpu" or _empty_input(u, A):
+        return routed()
+
+    def kernel():
+        with no_autocast(u.device.type):
+            y, _ = cpu.scan_tokens(u.reshape(Bsz, H * W, Ch), delta, A, B, C, D, delta_bias, delta_softplus, 4, 1,
+                                   H, W)
+        return y.view(Bsz, H, W, Ch).to(u.dtype)
+
+    return run_kernel(OP, _key(u, delta, B), kernel, routed, kind="CPU")

@@ -37,23 +37,27 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import reference
+
 __all__ = ["available", "build_error", "library_path", "scan"]
 
 SOURCE = Path(__file__).with_name("scan_cpu.c")
-ABI = 1
+ABI = 2
 _BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-pthread", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
 _lib_path: Optional[Path] = None
 _error: Optional[str] = None
+_BLK, _TCH = 16, 64  # channels per block, checkpoint interval of the C kernel (read from it at load)
 
 
 class _Args(ctypes.Structure):
     _fields_ = ([(n, ctypes.c_int64) for n in ("Bsz", "R", "Ch", "G", "L", "N", "H", "W", "nblk", "softplus",
-                                               "nthreads")]
+                                               "nthreads", "su0", "su1", "sd0", "sd1", "sd2", "sb0", "sb1", "sb2",
+                                               "sc0", "sc1", "sc2", "sg0", "sg1")]
                 + [(n, ctypes.c_void_p) for n in ("u", "delta", "A", "Bm", "Cm", "D", "bias", "y", "hlast", "gy",
-                                                  "gh", "du", "ddelta", "dA", "dD", "dbias", "dB", "dC")])
+                                                  "gh", "du", "ddelta", "dA", "dD", "dbias", "dB", "dC", "ck")])
 
 
 def _cache_dir() -> Path:
@@ -95,7 +99,7 @@ def _build() -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout.split("\n")[0]
     src = SOURCE.read_bytes()
     errors = []
-    for arch in (["-march=native"], []):
+    for arch in (["-march=native", "-mprefer-vector-width=512"], ["-march=native"], []):
         flags = _BASE_FLAGS + arch
         key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), version.encode(), platform.machine().encode(),
                                          _cpu_id().encode()])).hexdigest()[:20]
@@ -127,6 +131,8 @@ def _load() -> Optional[ctypes.CDLL]:
                 for fn in (lib.mfz_scan_fwd, lib.mfz_scan_bwd):
                     fn.argtypes = [ctypes.POINTER(_Args), ctypes.c_int]
                     fn.restype = ctypes.c_int
+                global _BLK, _TCH
+                _BLK, _TCH = int(lib.mfz_blk()), int(lib.mfz_tch())
                 _lib, _lib_path = lib, path
             except Exception as e:  # noqa: BLE001 - no compiler, a failed build or load: the reference is used
                 _error = f"{type(e).__name__}: {e}"
@@ -162,122 +168,171 @@ def _call(name: str, args: _Args, dtype: torch.dtype) -> None:
         raise MemoryError(f"selective_scan CPU kernel: could not allocate its per-thread buffers ({name})")
 
 
-def _dims(u: Tensor, A: Tensor, R: int, G: int, H: int, W: int) -> dict:
-    Bsz, Ch, L = u.shape
-    return dict(Bsz=Bsz, R=R, Ch=Ch, G=G, L=L, N=A.shape[1], H=H, W=W, nthreads=max(1, torch.get_num_threads()))
+def _lanes(t: Tensor) -> Tensor:
+    """t with a unit stride in its last dimension (the C kernel's lanes); a view when it already has one."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-def _n_blocks(Bsz: int, Ch: int) -> int:
-    """Channel blocks per batch row in backward (each holds its own dB / dC partial): enough units for the threads."""
-    return max(1, min(Ch, math.ceil(max(1, torch.get_num_threads()) / max(1, Bsz))))
+def _args(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], bias: Optional[Tensor],
+          softplus: bool, R: int, G: int, H: int, W: int, **extra) -> _Args:
+    """u (Bsz, L, Ch), delta (Bsz, R, L, Ch), A (R, N, Ch), B / C (Bsz, R*G, L, N), D / bias (R, Ch): strides of
+    the (already lane-contiguous) inputs into the C struct."""
+    Bsz, L, Ch = u.shape
+    su, sd, sb, sc = u.stride(), delta.stride(), B.stride(), C.stride()
+    return _Args(Bsz=Bsz, R=R, Ch=Ch, G=G, L=L, N=A.shape[1], H=H, W=W, softplus=int(softplus),
+                 nthreads=max(1, torch.get_num_threads()), su0=su[0], su1=su[1], sd0=sd[0], sd1=sd[1], sd2=sd[2],
+                 sb0=sb[0], sb1=sb[1], sb2=sb[2], sc0=sc[0], sc1=sc[1], sc2=sc[2], u=_ptr(u), delta=_ptr(delta),
+                 A=_ptr(A), Bm=_ptr(B), Cm=_ptr(C), D=_ptr(D), bias=_ptr(bias), **extra)
+
+
+def _n_runs(Bsz: int, Ch: int, G: int) -> int:
+    """Runs of channel blocks per batch row in backward (each holds its own dB / dC partial): enough units for the
+    threads, at most the number of blocks."""
+    blocks = G * math.ceil(Ch // G / _BLK)
+    return max(1, min(blocks, math.ceil(max(1, torch.get_num_threads()) / max(1, Bsz))))
+
+
+def _inputs(u, delta, A, B, C, D, delta_bias):
+    return (_lanes(u), _lanes(delta), A.contiguous(), _lanes(B), _lanes(C), None if D is None else D.contiguous(),
+            None if delta_bias is None else delta_bias.contiguous())
+
+
+def _ck_shape(u: Tensor, A: Tensor, R: int) -> Tuple[int, ...]:
+    Bsz, L, Ch = u.shape
+    return (Bsz, R, -(-L // _TCH), A.shape[1], Ch)
 
 
 @torch.library.custom_op("metaformer_zoo::selective_scan_cpu_fwd", mutates_args=())
 def _fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-            delta_bias: Optional[Tensor], delta_softplus: bool, R: int, G: int, H: int, W: int
-            ) -> Tuple[Tensor, Tensor]:
-    """The forward in the C layout: (y (Bsz, Ch, L), last state (Bsz, R*Ch, N)), in u's dtype."""
-    y = torch.empty_like(u)
-    hlast = u.new_empty(u.shape[0], delta.shape[1], A.shape[1])
-    args = _Args(**_dims(u, A, R, G, H, W), nblk=1, softplus=int(delta_softplus), u=_ptr(u),
-                 delta=_ptr(delta), A=_ptr(A), Bm=_ptr(B), Cm=_ptr(C), D=_ptr(D), bias=_ptr(delta_bias), y=_ptr(y),
-                 hlast=_ptr(hlast))
+            delta_bias: Optional[Tensor], delta_softplus: bool, R: int, G: int, H: int, W: int, save_ck: bool
+            ) -> Tuple[Tensor, Tensor, Tensor]:
+    """The forward in the C layout (channels last, map order): u (Bsz, L, Ch), delta (Bsz, R, L, Ch), A (R, N, Ch),
+    B / C (Bsz, R*G, L, N), D / delta_bias (R, Ch). Returns (y (Bsz, L, Ch), last states (Bsz, R, N, Ch), the
+    backward's checkpoints (Bsz, R, ceil(L / TCH), N, Ch) when ``save_ck``, else an empty tensor)."""
+    u, delta, A, B, C, D, delta_bias = _inputs(u, delta, A, B, C, D, delta_bias)
+    Bsz, L, Ch = u.shape
+    y = u.new_empty(Bsz, L, Ch)
+    hlast = u.new_empty(Bsz, R, A.shape[1], Ch)
+    ck = u.new_empty(_ck_shape(u, A, R)) if save_ck else u.new_empty((0,))
+    args = _args(u, delta, A, B, C, D, delta_bias, delta_softplus, R, G, H, W, nblk=1, y=_ptr(y), hlast=_ptr(hlast),
+                 ck=_ptr(ck))
     _call("mfz_scan_fwd", args, u.dtype)
-    return y, hlast
+    return y, hlast, ck
 
 
 @_fwd_op.register_fake
-def _(u, delta, A, B, C, D, delta_bias, delta_softplus, R, G, H, W):
-    return torch.empty_like(u), u.new_empty(u.shape[0], delta.shape[1], A.shape[1])
+def _(u, delta, A, B, C, D, delta_bias, delta_softplus, R, G, H, W, save_ck):
+    Bsz, L, Ch = u.shape
+    return (u.new_empty(Bsz, L, Ch), u.new_empty(Bsz, R, A.shape[1], Ch),
+            u.new_empty(_ck_shape(u, A, R)) if save_ck else u.new_empty((0,)))
 
 
 @torch.library.custom_op("metaformer_zoo::selective_scan_cpu_bwd", mutates_args=())
 def _bwd_op(g: Tensor, gh: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-            D: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, R: int, G: int, H: int,
-            W: int) -> List[Tensor]:
-    """[du, ddelta, dA, dB, dC, dD, ddelta_bias] in the C layout; dD / ddelta_bias are (0,) when absent."""
-    Bsz, Ch, L = u.shape
-    K, N = delta.shape[1], A.shape[1]
-    nblk = _n_blocks(Bsz, Ch)
-    du = torch.zeros_like(u)
-    ddelta = torch.empty_like(delta)
-    dA = u.new_empty(Bsz, K, N)
-    dD = u.new_empty(Bsz, K) if D is not None else None
-    dbias = u.new_empty(Bsz, K) if delta_bias is not None else None
-    dB = u.new_zeros((nblk,) + tuple(B.shape))
-    dC = u.new_zeros((nblk,) + tuple(C.shape))
-    args = _Args(**_dims(u, A, R, G, H, W), nblk=nblk, softplus=int(delta_softplus), u=_ptr(u),
-                 delta=_ptr(delta), A=_ptr(A), Bm=_ptr(B), Cm=_ptr(C), D=_ptr(D), bias=_ptr(delta_bias),
+            D: Optional[Tensor], delta_bias: Optional[Tensor], ck: Optional[Tensor], delta_softplus: bool, R: int,
+            G: int, H: int, W: int) -> List[Tensor]:
+    """[du, ddelta, dA, dB, dC, dD, ddelta_bias] in the C layout; dD / ddelta_bias are (0,) when absent. ``ck``: the
+    forward's checkpoints (or None: the kernel takes them itself)."""
+    u, delta, A, B, C, D, delta_bias = _inputs(u, delta, A, B, C, D, delta_bias)
+    g = _lanes(g)
+    gh = None if gh is None else gh.contiguous()
+    ck = None if ck is None or ck.numel() == 0 else ck.contiguous()
+    Bsz, L, Ch = u.shape
+    N = A.shape[1]
+    nblk = _n_runs(Bsz, Ch, G)
+    du = u.new_empty(Bsz, L, Ch)
+    ddelta = u.new_empty(Bsz, R, L, Ch)
+    dA = u.new_empty(Bsz, R, N, Ch)
+    dD = u.new_empty(Bsz, R, Ch) if D is not None else None
+    dbias = u.new_empty(Bsz, R, Ch) if delta_bias is not None else None
+    dB = u.new_empty(nblk, Bsz, R * G, L, N)  # partials, zero-filled by the kernel
+    dC = u.new_empty(nblk, Bsz, R * G, L, N)
+    sg = g.stride()
+    args = _args(u, delta, A, B, C, D, delta_bias, delta_softplus, R, G, H, W, nblk=nblk, sg0=sg[0], sg1=sg[1],
                  gy=_ptr(g), gh=_ptr(gh), du=_ptr(du), ddelta=_ptr(ddelta), dA=_ptr(dA), dD=_ptr(dD),
-                 dbias=_ptr(dbias), dB=_ptr(dB), dC=_ptr(dC))
+                 dbias=_ptr(dbias), dB=_ptr(dB), dC=_ptr(dC), ck=_ptr(ck))
     _call("mfz_scan_bwd", args, u.dtype)
-    return [du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0), u.new_empty((0,)) if dD is None else dD.sum(0),
+    return [du, ddelta, dA.sum(0), dB.sum(0) if nblk > 1 else dB[0], dC.sum(0) if nblk > 1 else dC[0],
+            u.new_empty((0,)) if dD is None else dD.sum(0),
             u.new_empty((0,)) if dbias is None else dbias.sum(0)]  # two distinct empties: returns may not alias
 
 
 @_bwd_op.register_fake
-def _(g, gh, u, delta, A, B, C, D, delta_bias, delta_softplus, R, G, H, W):
-    return [torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
-            torch.empty_like(C), u.new_empty((0,)) if D is None else torch.empty_like(D),
-            u.new_empty((0,)) if delta_bias is None else torch.empty_like(delta_bias)]
+def _(g, gh, u, delta, A, B, C, D, delta_bias, ck, delta_softplus, R, G, H, W):
+    Bsz, L, Ch = u.shape
+    N = A.shape[1]
+    return [u.new_empty(Bsz, L, Ch), u.new_empty(Bsz, R, L, Ch), u.new_empty(R, N, Ch), u.new_empty(Bsz, R * G, L, N),
+            u.new_empty(Bsz, R * G, L, N), u.new_empty((0,)) if D is None else u.new_empty(R, Ch),
+            u.new_empty((0,)) if delta_bias is None else u.new_empty(R, Ch)]
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, delta_bias, delta_softplus, R, G, H, W = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
+    u, delta, A, B, C, D, delta_bias, delta_softplus, R, G, H, W, save_ck = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, output[2])
     ctx.meta = (delta_softplus, R, G, H, W)
+    ctx.mark_non_differentiable(output[2])
 
 
-def _backward(ctx, gy, gh):
-    u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
+def _backward(ctx, gy, gh, gck):
+    u, delta, A, B, C, D, delta_bias, ck = ctx.saved_tensors
     softplus, R, G, H, W = ctx.meta
-    gy = torch.zeros_like(u) if gy is None else gy.contiguous()
-    gh = None if gh is None else gh.contiguous()
-    du, ddelta, dA, dB, dC, dD, dbias = _bwd_op(gy, gh, u, delta, A, B, C, D, delta_bias, softplus, R, G, H, W)
+    gy = torch.zeros_like(u) if gy is None else gy
+    du, ddelta, dA, dB, dC, dD, dbias = _bwd_op(gy, gh, u, delta, A, B, C, D, delta_bias, ck, softplus, R, G, H, W)
     return (du, ddelta, dA, dB, dC, dD if D is not None else None, dbias if delta_bias is not None else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _acc(t: Optional[Tensor], f: torch.dtype) -> Optional[Tensor]:
-    return None if t is None else t.to(f).contiguous()
-
-
-def _step_major(t: Tensor, f: torch.dtype) -> Tensor:
-    """(b, G, N, L) -> (b, G, L, N) contiguous in the accumulation dtype."""
-    return t.to(f).transpose(-1, -2).contiguous()
+def scan_tokens(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                delta_bias: Optional[Tensor], delta_softplus: bool, R: int, G: int, H: int, W: int
+                ) -> Tuple[Tensor, Tensor]:
+    """The kernel in its own layout, any input dtypes: u (Bsz, L, Ch), delta (Bsz, R, L, Ch) in map order, A
+    (R*Ch, N), B / C (Bsz, R*G, L, N) in map order, D / delta_bias (R*Ch,). Returns (y (Bsz, L, Ch) in the
+    accumulation dtype, last states (Bsz, R, N, Ch)). Casts and the small A / D transposes are autograd ops."""
+    f = torch.float64 if u.dtype == torch.float64 else torch.float32
+    Ch = u.shape[-1]
+    At = A.to(f).view(R, Ch, A.shape[-1]).transpose(1, 2)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (u, delta, A, B, C, D, delta_bias))
+    y, hlast, _ = torch.ops.metaformer_zoo.selective_scan_cpu_fwd(
+        u.to(f), delta.to(f), At, B.to(f), C.to(f), None if D is None else D.to(f).view(R, Ch),
+        None if delta_bias is None else delta_bias.to(f).view(R, Ch), bool(delta_softplus), R, G, H, W, grad)
+    return y, hlast
 
 
 def scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
          delta_bias: Optional[Tensor], delta_softplus: bool, return_last_state: bool, mode2d: bool):
     """The selective scan on the C kernel, same contract as ``reference.selective_scan`` (1D, ``mode2d=False``: u
     (batch, dim, L), B / C (batch, N, L) or (batch, G, N, L)) or ``reference.selective_scan2d`` (``mode2d=True``: x
-    (B, C, H, W), delta (B, 4, C, H*W), B / C (B, 4, N, H*W)). Arguments are checked by the caller."""
-    f = torch.float64 if u.dtype == torch.float64 else torch.float32
+    (B, C, H, W), delta (B, 4, C, H*W), B / C (B, 4, N, H*W) in route order). Arguments are checked by the caller.
+    The channels-first, route-order inputs are brought to the kernel's layout here (``scan_tokens`` takes it
+    directly)."""
     if mode2d:
         Bsz, Ch, H, W = u.shape
         L, R = H * W, 4
-        u3 = u.reshape(Bsz, Ch, L)
-        Bs, Cs = B, C
+        ut = u.permute(0, 2, 3, 1).reshape(Bsz, L, Ch)
+        dt = reference.routes_to_map(delta, H, W).transpose(-1, -2)
+        Bs = reference.routes_to_map(B, H, W).transpose(-1, -2)
+        Cs = reference.routes_to_map(C, H, W).transpose(-1, -2)
     else:
         Bsz, Ch, L = u.shape
         H, W, R = 1, L, 1
-        u3 = u
+        ut = u.transpose(1, 2)
+        dt = delta.transpose(1, 2).unsqueeze(1)
         Bs = B.unsqueeze(1) if B.dim() == 3 else B
         Cs = C.unsqueeze(1) if C.dim() == 3 else C
         if Bs.shape[1] != Cs.shape[1]:  # different group counts: run at the common refinement
             Gc = math.lcm(Bs.shape[1], Cs.shape[1])
             Bs = Bs.repeat_interleave(Gc // Bs.shape[1], 1)
             Cs = Cs.repeat_interleave(Gc // Cs.shape[1], 1)
+        Bs, Cs = Bs.transpose(-1, -2), Cs.transpose(-1, -2)
     G = Bs.shape[1] // R
-    y, hlast = torch.ops.metaformer_zoo.selective_scan_cpu_fwd(
-        u3.to(f).contiguous(), delta.reshape(Bsz, -1, L).to(f).contiguous(), A.to(f).contiguous(),
-        _step_major(Bs, f), _step_major(Cs, f), _acc(D, f), _acc(delta_bias, f), bool(delta_softplus), R, G, H, W)
+    y, hlast = scan_tokens(ut, dt, A, Bs, Cs, D, delta_bias, delta_softplus, R, G, H, W)
+    y = y.transpose(1, 2)  # (Bsz, Ch, L)
     if z is not None:
-        zf = z.to(f)
+        zf = z.to(y.dtype)
         y = y * zf * torch.sigmoid(zf)
-    out = y.view(Bsz, Ch, H, W) if mode2d else y
-    out = out.to(u.dtype)
-    return (out, hlast) if return_last_state else out
+    out = (y.view(Bsz, Ch, H, W) if mode2d else y).to(u.dtype)
+    return (out, hlast[:, 0].transpose(1, 2)) if return_last_state else out

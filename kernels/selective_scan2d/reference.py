@@ -383,6 +383,25 @@ def cross_scan(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([r01, r01.flip(-1)], dim=1)
 
 
+def map_to_routes(t: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """(b, 4, X, H*W) per-route tensors in map order (row-major positions) -> the same in route order: route r's
+    step t holds the value at route r's t-th position (``cross_scan`` applied to slice r for every r)."""
+    b, R, X, L = t.shape
+    r0 = t[:, 0::2]  # routes 0, 2 read row-major
+    r1 = t[:, 1::2].unflatten(-1, (H, W)).transpose(-1, -2).flatten(-2)  # routes 1, 3 read column-major
+    fwd = torch.stack([r0[:, 0], r1[:, 0]], dim=1)
+    rev = torch.stack([r0[:, 1], r1[:, 1]], dim=1).flip(-1)
+    return torch.cat([fwd, rev], dim=1)
+
+
+def routes_to_map(t: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """The inverse of ``map_to_routes``: (b, 4, X, H*W) in route order -> map order (per route, no sum)."""
+    fwd, rev = t[:, :2], t[:, 2:].flip(-1)
+    r0 = torch.stack([fwd[:, 0], rev[:, 0]], dim=1)
+    r1 = torch.stack([fwd[:, 1], rev[:, 1]], dim=1).unflatten(-1, (W, H)).transpose(-1, -2).flatten(-2)
+    return torch.stack([r0[:, 0], r1[:, 0], r0[:, 1], r1[:, 1]], dim=1)
+
+
 def _merge_hw(y: torch.Tensor, H: Optional[int], W: Optional[int]) -> Tuple[torch.Tensor, int, int]:
     if y.dim() == 5:
         if y.shape[1] != 4:

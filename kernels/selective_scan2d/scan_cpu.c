@@ -1,49 +1,67 @@
 /* CPU kernel of metaformer_zoo.kernels.selective_scan2d: the selective scan (mamba-ssm selective_scan_ref
  * semantics, real A) as a register recurrence, forward and backward, for the 1D op and the fused 4-route 2D op.
  *
- * Built and loaded by cpu.py (gcc/cc, ctypes, cached per machine); no Python or torch headers are needed. Every
- * tensor is contiguous and in the accumulation dtype (float32 or float64), laid out by cpu.py:
+ * Built and loaded by cpu.py (gcc/cc, ctypes, cached per machine); no Python or torch headers are needed. Tensors are
+ * in the accumulation dtype (float32 or float64) and CHANNELS-LAST: the lanes of the vector loops are BLK
+ * consecutive channels, so a state update of one step is BLK independent lanes (no horizontal sums in the forward)
+ * and one step reads each input row once. Element strides are passed in; the innermost index has stride 1:
  *
- *   u      (Bsz, Ch, L)        the map (2D: x flattened row-major) or the sequence (1D)
- *   delta  (Bsz, R*Ch, L)      route order (slot k = r*Ch + c), raw: bias and softplus are applied here
- *   A      (R*Ch, N); D, bias (R*Ch) or NULL
- *   Bm, Cm (Bsz, R*G, L, N)    step-major: group r*G + c / (Ch/G) serves channel c on route r
- *   y      (Bsz, Ch, L)        out: sum over the routes of <C_t, h_t> + D u, at each step's map position
+ *   u, gy  (Bsz, L, Ch)         (b, p, c) at b*s0 + p*s1 + c: the map flattened row-major (2D) or the sequence (1D)
+ *   delta  (Bsz, R, L, Ch)      MAP order (step t of route r reads position p = route r's t-th position), raw:
+ *                               bias and softplus are applied here
+ *   A      (R, N, Ch)           contiguous; D, bias (R, Ch) contiguous or NULL
+ *   Bm, Cm (Bsz, R*G, L, N)     map order; group r*G + c / (Ch/G) serves channel c on route r
+ *   y      (Bsz, L, Ch)         out, contiguous: sum over the routes of <C_t, h_t> + D u at each step's position
+ *   hlast  (Bsz, R, N, Ch)      out (or NULL): the last state of each route
  *
  * Routes (R = 4, VMamba CrossScan scans=0): 0 row-major, 1 column-major, 2 / 3 their reverses; R = 1: identity.
- * One work unit is one (batch, channel) pair (forward) or one (batch, channel block) (backward); units never write
- * the same memory: y / du rows belong to one channel (all its routes run in the same unit), dA / dD / dbias are per
- * (batch, slot) partials and dB / dC are per (channel block, batch) partials, summed by the caller. So the results
- * do not depend on the thread count or schedule.
+ * Work units: forward one (batch, channel block) with all its routes (y rows of a block belong to one unit);
+ * backward one (batch, run of channel blocks): du / ddelta / dA / dD / dbias of a block belong to its unit, dB / dC
+ * are per (unit's run, batch) partials, zero-filled here and summed by the caller. So results do not depend on the
+ * thread count or schedule. The backward recomputes the states in chunks of TCH steps from checkpoints taken every
+ * TCH steps (taken by the forward when asked, else by the backward itself), storing the chunk's states and decays,
+ * so a backward step costs no exp of the decay (memory O(TCH * N * BLK) per thread, no (L, N) state tensor).
  *
- * exp: float32 uses mfz_expf below (Cody-Waite reduction + the Cephes polynomial, ~1-2 ulp, saturates at e^88,
- * exactly 0 below e^-87.3) so that the state loops vectorize; float64 uses libm's exp.
+ * exp: the state decays exp(delta A) are 2^(delta A log2 e) in float32 (mfz_decay_f: AVX-512 intrinsics where the
+ * compiler targets it, else a loop that vectorizes; ~1.6 ulp), libm's exp in float64. softplus and its derivative use
+ * mfz_expf (Cody-Waite + the Cephes polynomial).
  */
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
-#define MFZ_ABI 1
+#define MFZ_ABI 2
+#define BLK 16 /* channels per block = lanes of the vector loops */
+#define PF 4   /* steps the forward prefetches ahead */
+#define TCH 64 /* backward recompute chunk (steps) = checkpoint interval */
 
 typedef struct {
     int64_t Bsz, R, Ch, G, L, N, H, W;
-    int64_t nblk;     /* backward: channel blocks per batch row (dB / dC partials) */
+    int64_t nblk;     /* backward: runs of channel blocks per batch row (dB / dC partials) */
     int64_t softplus; /* delta = softplus(delta + bias) when nonzero (threshold 20, as torch) */
     int64_t nthreads;
+    int64_t su0, su1, sd0, sd1, sd2, sb0, sb1, sb2, sc0, sc1, sc2, sg0, sg1; /* element strides, see above */
     const void *u, *delta, *A, *Bm, *Cm, *D, *bias;
-    void *y;     /* forward out (Bsz, Ch, L) */
-    void *hlast; /* forward out (Bsz, R*Ch, N) or NULL */
-    const void *gy, *gh; /* backward in: (Bsz, Ch, L), (Bsz, R*Ch, N) or NULL */
-    void *du;            /* (Bsz, Ch, L), zero-filled by the caller */
-    void *ddelta;        /* (Bsz, R*Ch, L): gradient of the raw delta */
-    void *dA;            /* (Bsz, R*Ch, N) */
-    void *dD, *dbias;    /* (Bsz, R*Ch) or NULL */
-    void *dB, *dC;       /* (nblk, Bsz, R*G, L, N), zero-filled by the caller */
+    void *y;     /* forward out (Bsz, L, Ch) */
+    void *hlast; /* forward out (Bsz, R, N, Ch) or NULL */
+    const void *gy, *gh; /* backward in: (Bsz, L, Ch) strided like u, (Bsz, R, N, Ch) contiguous or NULL */
+    void *du;            /* (Bsz, L, Ch) */
+    void *ddelta;        /* (Bsz, R, L, Ch): gradient of the raw delta */
+    void *dA;            /* (Bsz, R, N, Ch) */
+    void *dD, *dbias;    /* (Bsz, R, Ch) or NULL */
+    void *dB, *dC;       /* (nblk, Bsz, R*G, L, N) */
+    void *ck; /* (Bsz, R, ceil(L / TCH), N, Ch) or NULL: the state before every TCH-th step; forward out (when not
+               * NULL), backward in (when NULL the backward takes its own checkpoints first) */
 } mfz_scan_args;
 
 int mfz_abi(void) { return MFZ_ABI; }
+int mfz_blk(void) { return BLK; }
+int mfz_tch(void) { return TCH; }
 
 static inline float mfz_expf(float x) {
     const float lo = -87.3365447505531f, hi = 88.0f;
@@ -66,6 +84,118 @@ static inline float mfz_expf(float x) {
 }
 
 static inline double mfz_exp(double x) { return exp(x); }
+
+/* 2^x for the state decays exp(delta A) = 2^(delta * A log2 e) (log2 e folded into A once per block): range
+ * reduction x = n + f, |f| <= 1/2, a degree-6 near-minimax polynomial for 2^f (~1.6 ulp), exactly 0 below 2^-126 (no
+ * denormals), inf above 2^128. */
+#define MFZ_E2(f) (1.0f + (f) * (6.9314718246e-01f + (f) * (2.4022647738e-01f + (f) * (5.5503323674e-02f + (f) *      \
+                  (9.6184378490e-03f + (f) * (1.3398875017e-03f + (f) * 1.5353356139e-04f))))))
+static inline float mfz_exp2f(float x) {
+    const float xc = x < -126.0f ? -126.0f : (x > 127.0f ? 127.0f : x);
+    const float n = (xc + 12582912.0f) - 12582912.0f; /* round to nearest */
+    const float f = xc - n;
+    union { int32_t i; float f; } s;
+    s.i = ((int32_t)n + 127) << 23;
+    const float v = MFZ_E2(f) * s.f;
+    return x < -126.0f ? 0.0f : (x > 128.0f ? INFINITY : v);
+}
+
+/* out[v] = 2^(d[v] a2[v]) over the BLK lanes (AVX-512: roundscale / scalef, 11 instructions per 16 lanes) */
+static inline void mfz_decay_f(float *restrict out, const float *restrict d, const float *restrict a2) {
+#if defined(__AVX512F__)
+    for (int v = 0; v < BLK; v += 16) {
+        const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(d + v), _mm512_loadu_ps(a2 + v));
+        const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512 f = _mm512_sub_ps(x, n);
+        __m512 p = _mm512_set1_ps(1.5353356139e-04f);
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3398875017e-03f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6184378490e-03f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5503323674e-02f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022647738e-01f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718246e-01f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+        const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_GE_OQ) |
+                               _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q); /* NaN propagates */
+        _mm512_storeu_ps(out + v, _mm512_maskz_scalef_ps(keep, p, n));
+    }
+#else
+    _Pragma("omp simd")
+    for (int v = 0; v < BLK; v++) out[v] = mfz_exp2f(d[v] * a2[v]);
+#endif
+}
+
+/* Hand-vectorized float32 steps (AVX-512, BLK = 16 = one register): the same arithmetic as the generic loops of
+ * MFZ_DEFINE, with the per-step accumulators (y, lamB, dsum) in registers (the generic loops keep them in memory,
+ * which chains every state through a store and a load). They return 0 where they do not apply (then the generic
+ * loop runs). */
+#if defined(__AVX512F__) && BLK == 16
+static inline __m512 mfz_exp2_512(__m512 x) {
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(1.5353356139e-04f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3398875017e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6184378490e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5503323674e-02f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022647738e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718246e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_GE_OQ) |
+                           _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    return _mm512_maskz_scalef_ps(keep, p, n);
+}
+
+static inline int mfz_step_fast_f(int64_t N, const float *restrict A2, const float *restrict d,
+                                  const float *restrict x, const float *restrict Bt, const float *restrict Ct,
+                                  float *restrict h, float *restrict acc, float *restrict ea_out) {
+    const __m512 dv = _mm512_loadu_ps(d), dx = _mm512_mul_ps(dv, _mm512_loadu_ps(x));
+    __m512 a0 = acc ? _mm512_loadu_ps(acc) : _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (int64_t n = 0; n < N; n++) {
+        const __m512 ea = mfz_exp2_512(_mm512_mul_ps(dv, _mm512_loadu_ps(A2 + n * 16)));
+        if (ea_out) _mm512_storeu_ps(ea_out + n * 16, ea);
+        const __m512 hv = _mm512_fmadd_ps(ea, _mm512_loadu_ps(h + n * 16), _mm512_mul_ps(dx, _mm512_set1_ps(Bt[n])));
+        _mm512_storeu_ps(h + n * 16, hv);
+        if (acc) {
+            if (n & 1) a1 = _mm512_fmadd_ps(_mm512_set1_ps(Ct[n]), hv, a1);
+            else a0 = _mm512_fmadd_ps(_mm512_set1_ps(Ct[n]), hv, a0);
+        }
+    }
+    if (acc) _mm512_storeu_ps(acc, _mm512_add_ps(a0, a1));
+    return 1;
+}
+
+static inline int mfz_bwd_step_fast_f(int64_t N, const float *restrict Ab, const float *restrict ea,
+                                      const float *restrict d, const float *restrict x, const float *restrict g,
+                                      const float *restrict ht, const float *restrict hp, const float *restrict Bt,
+                                      const float *restrict Ct, float *restrict mu, float *restrict dAa,
+                                      float *restrict lamB, float *restrict dsum, float *restrict dBt,
+                                      float *restrict dCt) {
+    const __m512 gv = _mm512_loadu_ps(g), dv = _mm512_loadu_ps(d), dx = _mm512_mul_ps(dv, _mm512_loadu_ps(x));
+    __m512 lb = _mm512_setzero_ps(), ds = _mm512_setzero_ps();
+    for (int64_t n = 0; n < N; n++) {
+        const __m512 lam = _mm512_fmadd_ps(_mm512_set1_ps(Ct[n]), gv, _mm512_loadu_ps(mu + n * 16));
+        dCt[n] += _mm512_reduce_add_ps(_mm512_mul_ps(gv, _mm512_loadu_ps(ht + n * 16)));
+        dBt[n] += _mm512_reduce_add_ps(_mm512_mul_ps(lam, dx));
+        lb = _mm512_fmadd_ps(lam, _mm512_set1_ps(Bt[n]), lb);
+        const __m512 m = _mm512_mul_ps(_mm512_loadu_ps(ea + n * 16), lam);
+        const __m512 ah = _mm512_mul_ps(m, _mm512_loadu_ps(hp + n * 16));
+        ds = _mm512_fmadd_ps(ah, _mm512_loadu_ps(Ab + n * 16), ds);
+        _mm512_storeu_ps(dAa + n * 16, _mm512_fmadd_ps(ah, dv, _mm512_loadu_ps(dAa + n * 16)));
+        _mm512_storeu_ps(mu + n * 16, m);
+    }
+    _mm512_storeu_ps(lamB, lb);
+    _mm512_storeu_ps(dsum, ds);
+    return 1;
+}
+#else
+#define mfz_step_fast_f(...) 0
+#define mfz_bwd_step_fast_f(...) 0
+#endif
+#define mfz_step_fast_d(...) 0
+#define mfz_bwd_step_fast_d(...) 0
+
+static inline void mfz_decay_d(double *restrict out, const double *restrict d, const double *restrict a) {
+    for (int v = 0; v < BLK; v++) out[v] = exp(d[v] * a[v]);
+}
 
 /* softplus (threshold 20, as torch): max(x, 0) + log1p(exp(-|x|)), log1p(e) = 2 atanh(e / (2 + e)) as a series in
  * s = e / (2 + e) <= 1/3 (relative error ~1e-8; no 1 + e rounding, so tiny values stay accurate). Vectorizes. */
@@ -124,9 +254,6 @@ static int run_threads(const mfz_scan_args *a, const int64_t *idx, void *(*fn)(v
     return err ? -1 : 0;
 }
 
-/* ---------------------------------------------------------------------------------------------------------------
- * forward / backward, written once for float (suffix f) and double (suffix d)
- * ------------------------------------------------------------------------------------------------------------- */
 /* this thread's share [u0, u1) of the work units */
 static void unit_range(const mfz_job *j, int64_t units, int64_t *u0, int64_t *u1) {
     const int64_t T = j->a->nthreads < 1 ? 1 : (j->a->nthreads > 256 ? 256 : j->a->nthreads);
@@ -134,191 +261,313 @@ static void unit_range(const mfz_job *j, int64_t units, int64_t *u0, int64_t *u1
     *u1 = units * (j->tid + 1) / T;
 }
 
-#define MFZ_DEFINE(S, SUF, EXPF, SOFTPLUS)                                                                                    \
-static inline __attribute__((always_inline)) void fwd_route_##SUF(                                                   \
-        const mfz_scan_args *a, const int64_t *ix, const S *u, S *y, int64_t b, int64_t c, int64_t r, int64_t N,    \
-        S *restrict h, S *restrict dts) {                                                                          \
-    const int64_t R = a->R, Ch = a->Ch, G = a->G, L = a->L, cg = Ch / G;                                           \
-    const int64_t k = r * Ch + c, grp = r * G + c / cg;                                                            \
-    const S *dl = (const S *)a->delta + (b * R * Ch + k) * L;                                                      \
-    const S *Bg = (const S *)a->Bm + (b * R * G + grp) * L * N;                                                    \
-    const S *Cg = (const S *)a->Cm + (b * R * G + grp) * L * N;                                                    \
-    const S *Ak = (const S *)a->A + k * N;                                                                         \
-    const S Dk = a->D ? ((const S *)a->D)[k] : (S)0;                                                               \
-    const S bk = a->bias ? ((const S *)a->bias)[k] : (S)0;                                                         \
+/* channel blocks: each group's Ch / G channels split into runs of BLK (the last one may be narrower) */
+static int64_t blocks_per_group(const mfz_scan_args *a) { return (a->Ch / a->G + BLK - 1) / BLK; }
+
+static void block_of(const mfz_scan_args *a, int64_t q, int64_t *g, int64_t *c0, int64_t *w) {
+    const int64_t nbg = blocks_per_group(a), cg = a->Ch / a->G, j = q % nbg;
+    *g = q / nbg;
+    *c0 = *g * cg + j * BLK;
+    *w = cg - j * BLK < BLK ? cg - j * BLK : BLK;
+}
+
+static void *aligned_buf(size_t bytes) {
+    void *p = NULL;
+    return posix_memalign(&p, 64, bytes ? bytes : 64) == 0 ? p : NULL;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * forward / backward, written once for float (suffix f) and double (suffix d)
+ * ------------------------------------------------------------------------------------------------------------- */
+#define MFZ_DEFINE(S, SUF, EXPF, SOFTPLUS, DECAY, ASCALE)                                                                            \
+/* BLK lanes from src (w valid, the rest 0) */                                                                     \
+static inline void load_##SUF(S *restrict dst, const S *restrict src, int64_t w) {                                 \
+    if (w == BLK) {                                                                                                \
+        _Pragma("omp simd")                                                                                        \
+        for (int64_t v = 0; v < BLK; v++) dst[v] = src[v];                                                         \
+    } else {                                                                                                       \
+        for (int64_t v = 0; v < BLK; v++) dst[v] = v < w ? src[v] : (S)0;                                          \
+    }                                                                                                              \
+}                                                                                                                  \
+                                                                                                                   \
+/* per-route constants of a block: A (N x BLK lanes), then A * ASCALE (N x BLK, the decay's), D, bias */                                                   \
+static void route_consts_##SUF(const mfz_scan_args *a, int64_t r, int64_t c0, int64_t w, S *Ab, S *Dv, S *bv) {    \
+    const int64_t N = a->N, Ch = a->Ch;                                                                            \
+    for (int64_t n = 0; n < N; n++) load_##SUF(Ab + n * BLK, (const S *)a->A + (r * N + n) * Ch + c0, w);          \
+    _Pragma("omp simd")                                                                                            \
+    for (int64_t i = 0; i < N * BLK; i++) Ab[N * BLK + i] = Ab[i] * ASCALE;                                        \
+    if (a->D) load_##SUF(Dv, (const S *)a->D + r * Ch + c0, w); else memset(Dv, 0, BLK * sizeof(S));               \
+    if (a->bias) load_##SUF(bv, (const S *)a->bias + r * Ch + c0, w); else memset(bv, 0, BLK * sizeof(S));         \
+}                                                                                                                  \
+                                                                                                                   \
+/* x, delta (after bias / softplus), pre-activation delta + bias of step position p */                            \
+static inline void step_in_##SUF(const mfz_scan_args *a, int64_t b, int64_t r, int64_t p, int64_t c0, int64_t w,   \
+                                 const S *restrict bv, S *restrict x, S *restrict d, S *restrict pre) {            \
+    load_##SUF(x, (const S *)a->u + b * a->su0 + p * a->su1 + c0, w);                                              \
+    load_##SUF(pre, (const S *)a->delta + b * a->sd0 + r * a->sd1 + p * a->sd2 + c0, w);                           \
     if (a->softplus) {                                                                                             \
         _Pragma("omp simd")                                                                                        \
-        for (int64_t t = 0; t < L; t++) dts[t] = SOFTPLUS(dl[t] + bk);                                             \
+        for (int64_t v = 0; v < BLK; v++) { pre[v] += bv[v]; d[v] = SOFTPLUS(pre[v]); }                            \
     } else {                                                                                                       \
-        for (int64_t t = 0; t < L; t++) dts[t] = dl[t] + bk;                                                       \
+        _Pragma("omp simd")                                                                                        \
+        for (int64_t v = 0; v < BLK; v++) { pre[v] += bv[v]; d[v] = pre[v]; }                                      \
     }                                                                                                              \
-    for (int64_t n = 0; n < N; n++) h[n] = 0;                                                                      \
-    for (int64_t t = 0; t < L; t++) {                                                                              \
-        const int64_t p = ix[t];                                                                                   \
-        const S x = u[p];                                                                                          \
-        const S d = dts[t];                                                                                        \
-        const S dx = d * x;                                                                                        \
-        const S *restrict Bt = Bg + t * N;                                                                         \
-        const S *restrict Ct = Cg + t * N;                                                                         \
-        S acc = 0;                                                                                                 \
-        _Pragma("omp simd reduction(+:acc)")                                                                       \
-        for (int64_t n = 0; n < N; n++) {                                                                          \
-            const S hn = EXPF(d * Ak[n]) * h[n] + dx * Bt[n];                                                      \
-            h[n] = hn;                                                                                             \
-            acc += Ct[n] * hn;                                                                                     \
-        }                                                                                                          \
-        acc += Dk * x;                                                                                             \
-        if (r == 0) y[p] = acc; else y[p] += acc;                                                                  \
-    }                                                                                                              \
-    if (a->hlast) memcpy((S *)a->hlast + (b * R * Ch + k) * N, h, (size_t)N * sizeof(S));                         \
 }                                                                                                                  \
                                                                                                                    \
-static void fwd_unit_##SUF(const mfz_scan_args *a, const int64_t *idx, int64_t b, int64_t c, S *hbuf,      \
-                           S *dts) {             \
-    const int64_t R = a->R, Ch = a->Ch, L = a->L, N = a->N;                                                        \
-    const S *u = (const S *)a->u + (b * Ch + c) * L;                                                               \
-    S *y = (S *)a->y + (b * Ch + c) * L;                                                                           \
-    S h[16];                                                                                                       \
+/* h <- exp(d A) h + d x B_t, for every state n (A2 = A * ASCALE); acc (if not NULL) += <C_t, h> */               \
+static inline void step_state_##SUF(int64_t N, const S *restrict A2, const S *restrict d, const S *restrict x,     \
+                                    const S *restrict Bt, const S *restrict Ct, S *restrict h, S *restrict acc,    \
+                                    S *restrict ea_out) {                                                          \
+    if (mfz_step_fast_##SUF(N, A2, d, x, Bt, Ct, h, acc, ea_out)) return;                                         \
+    S dx[BLK];                                                                                                     \
+    _Pragma("omp simd")                                                                                            \
+    for (int64_t v = 0; v < BLK; v++) dx[v] = d[v] * x[v];                                                         \
+    for (int64_t n = 0; n < N; n++) {                                                                              \
+        const S bn = Bt[n];                                                                                        \
+        S eal[BLK];                                                                                                \
+        S *restrict ea = ea_out ? ea_out + n * BLK : eal; /* the decays, kept when ea_out is given */              \
+        DECAY(ea, d, A2 + n * BLK);                                                                                \
+        S *restrict hn = h + n * BLK;                                                                              \
+        if (acc) {                                                                                                 \
+            const S cn = Ct[n];                                                                                    \
+            _Pragma("omp simd")                                                                                    \
+            for (int64_t v = 0; v < BLK; v++) {                                                                    \
+                const S hv = ea[v] * hn[v] + dx[v] * bn;                                                      \
+                hn[v] = hv;                                                                                        \
+                acc[v] += cn * hv;                                                                                 \
+            }                                                                                                      \
+        } else {                                                                                                   \
+            _Pragma("omp simd")                                                                                    \
+            for (int64_t v = 0; v < BLK; v++) hn[v] = ea[v] * hn[v] + dx[v] * bn;                                      \
+        }                                                                                                          \
+    }                                                                                                              \
+}                                                                                                                  \
+                                                                                                                   \
+typedef struct { S *Ab, *h, *x, *d, *pre, *acc, *Dv, *bv; } fwd_buf_##SUF;                                         \
+                                                                                                                   \
+static void fwd_block_##SUF(const mfz_scan_args *a, const int64_t *idx, int64_t b, int64_t q, fwd_buf_##SUF *k) {  \
+    const int64_t R = a->R, Ch = a->Ch, G = a->G, L = a->L, N = a->N;                                              \
+    int64_t g, c0, w;                                                                                              \
+    block_of(a, q, &g, &c0, &w);                                                                                   \
+    S *y = (S *)a->y + b * L * Ch + c0;                                                                            \
     for (int64_t r = 0; r < R; r++) {                                                                              \
         const int64_t *ix = idx + (R == 1 ? 0 : r * L);                                                           \
-        /* the common state sizes get a compile-time N: the state then lives in registers */                       \
-        switch (N) {                                                                                               \
-            case 16: fwd_route_##SUF(a, ix, u, y, b, c, r, 16, h, dts); break;                                          \
-            case 8: fwd_route_##SUF(a, ix, u, y, b, c, r, 8, h, dts); break;                                            \
-            case 4: fwd_route_##SUF(a, ix, u, y, b, c, r, 4, h, dts); break;                                            \
-            case 1: fwd_route_##SUF(a, ix, u, y, b, c, r, 1, h, dts); break;                                            \
-            default: fwd_route_##SUF(a, ix, u, y, b, c, r, N, hbuf, dts); break;                                        \
+        const S *Bg = (const S *)a->Bm + b * a->sb0 + (r * G + g) * a->sb1;                                        \
+        const S *Cg = (const S *)a->Cm + b * a->sc0 + (r * G + g) * a->sc1;                                        \
+        route_consts_##SUF(a, r, c0, w, k->Ab, k->Dv, k->bv);                                                      \
+        memset(k->h, 0, (size_t)(N * BLK) * sizeof(S));                                                            \
+        S *ck = a->ck ? (S *)a->ck + (b * R + r) * ((L + TCH - 1) / TCH) * N * Ch + c0 : NULL;                     \
+        for (int64_t t = 0; t < L; t++) {                                                                          \
+            const int64_t p = ix[t];                                                                               \
+            if (t + PF < L) { /* column routes jump a map row per step: fetch a few steps ahead */                 \
+                const int64_t q = ix[t + PF];                                                                      \
+                __builtin_prefetch((const S *)a->u + b * a->su0 + q * a->su1 + c0);                                \
+                __builtin_prefetch((const S *)a->delta + b * a->sd0 + r * a->sd1 + q * a->sd2 + c0);               \
+                __builtin_prefetch(Bg + q * a->sb2);                                                               \
+                __builtin_prefetch(Cg + q * a->sc2);                                                               \
+                __builtin_prefetch(y + q * Ch, 1);                                                                 \
+            }                                                                                                      \
+            step_in_##SUF(a, b, r, p, c0, w, k->bv, k->x, k->d, k->pre);                                           \
+            _Pragma("omp simd")                                                                                    \
+            for (int64_t v = 0; v < BLK; v++) k->acc[v] = k->Dv[v] * k->x[v];                                      \
+            if (ck && t % TCH == 0) {                                                                              \
+                S *cj = ck + (t / TCH) * N * Ch;                                                                   \
+                for (int64_t n = 0; n < N; n++) memcpy(cj + n * Ch, k->h + n * BLK, (size_t)w * sizeof(S));        \
+            }                                                                                                      \
+            step_state_##SUF(N, k->Ab + N * BLK, k->d, k->x, Bg + p * a->sb2, Cg + p * a->sc2, k->h, k->acc, NULL);\
+            S *yp = y + p * Ch;                                                                                    \
+            if (r == 0) { for (int64_t v = 0; v < w; v++) yp[v] = k->acc[v]; }                                     \
+            else { for (int64_t v = 0; v < w; v++) yp[v] += k->acc[v]; }                                           \
+        }                                                                                                          \
+        if (a->hlast) {                                                                                            \
+            S *hl = (S *)a->hlast + (b * R + r) * N * Ch + c0;                                                     \
+            for (int64_t n = 0; n < N; n++) memcpy(hl + n * Ch, k->h + n * BLK, (size_t)w * sizeof(S));            \
         }                                                                                                          \
     }                                                                                                              \
 }                                                                                                                  \
                                                                                                                    \
-static void *fwd_worker_##SUF(void *arg) {                                                                          \
-    mfz_job *j = (mfz_job *)arg;                                                                       \
+static void *fwd_worker_##SUF(void *arg) {                                                                         \
+    mfz_job *j = (mfz_job *)arg;                                                                                   \
     const mfz_scan_args *a = j->a;                                                                                 \
+    const int64_t nbt = a->G * blocks_per_group(a);                                                               \
     int64_t u0, u1;                                                                                                \
-    unit_range(j, a->Bsz * a->Ch, &u0, &u1);                                                                \
-    S *h = (S *)malloc((size_t)(a->N + a->L) * sizeof(S));                                                         \
-    if (!h) { j->err = 1; return NULL; }                                                                           \
-    for (int64_t w = u0; w < u1; w++) fwd_unit_##SUF(a, j->idx, w / a->Ch, w % a->Ch, h, h + a->N);               \
-    free(h);                                                                                                       \
+    unit_range(j, a->Bsz * nbt, &u0, &u1);                                                                         \
+    if (u0 >= u1) return NULL;                                                                                     \
+    const int64_t NB = a->N * BLK;                                                                                 \
+    S *buf = (S *)aligned_buf((size_t)(3 * NB + 6 * BLK) * sizeof(S));                                             \
+    if (!buf) { j->err = 1; return NULL; }                                                                         \
+    S *o = buf + 3 * NB; /* Ab: A and A * ASCALE (2 NB), h (NB), then the BLK-lane rows */                         \
+    fwd_buf_##SUF k = {buf, buf + 2 * NB, o, o + BLK, o + 2 * BLK, o + 3 * BLK, o + 4 * BLK, o + 5 * BLK};        \
+    for (int64_t w = u0; w < u1; w++) fwd_block_##SUF(a, j->idx, w / nbt, w % nbt, &k);                            \
+    free(buf);                                                                                                     \
     return NULL;                                                                                                   \
 }                                                                                                                  \
                                                                                                                    \
-static void bwd_unit_##SUF(const mfz_scan_args *a, const int64_t *idx, int64_t b, int64_t blk, S *H, S *dts,       \
-                           S *xs, S *mu, S *dAk) {                                                                 \
-    const int64_t R = a->R, Ch = a->Ch, G = a->G, L = a->L, N = a->N, cg = Ch / G;                                  \
-    const int64_t c0 = Ch * blk / a->nblk, c1 = Ch * (blk + 1) / a->nblk;                                          \
-    S *dBp = (S *)a->dB + (blk * a->Bsz + b) * R * G * L * N;                                                      \
-    S *dCp = (S *)a->dC + (blk * a->Bsz + b) * R * G * L * N;                                                      \
-    for (int64_t c = c0; c < c1; c++) {                                                                            \
-        const S *u = (const S *)a->u + (b * Ch + c) * L;                                                           \
-        const S *gy = (const S *)a->gy + (b * Ch + c) * L;                                                         \
-        S *du = (S *)a->du + (b * Ch + c) * L;                                                                     \
-        for (int64_t r = 0; r < R; r++) {                                                                          \
-            const int64_t k = r * Ch + c, grp = r * G + c / cg;                                                    \
-            const S *dl = (const S *)a->delta + (b * R * Ch + k) * L;                                              \
-            const S *Bg = (const S *)a->Bm + (b * R * G + grp) * L * N;                                            \
-            const S *Cg = (const S *)a->Cm + (b * R * G + grp) * L * N;                                            \
-            S *dBg = dBp + grp * L * N;                                                                            \
-            S *dCg = dCp + grp * L * N;                                                                            \
-            const S *Ak = (const S *)a->A + k * N;                                                                 \
-            const S Dk = a->D ? ((const S *)a->D)[k] : (S)0;                                                       \
-            const S bk = a->bias ? ((const S *)a->bias)[k] : (S)0;                                                 \
-            const int64_t *ix = idx + (R == 1 ? 0 : r * L);                                                       \
-            S *ddl = (S *)a->ddelta + (b * R * Ch + k) * L;                                                        \
-            if (a->softplus) {                                                                                     \
-                _Pragma("omp simd")                                                                                \
-                for (int64_t t = 0; t < L; t++) dts[t] = SOFTPLUS(dl[t] + bk);                                     \
-            } else {                                                                                               \
-                for (int64_t t = 0; t < L; t++) dts[t] = dl[t] + bk;                                               \
+typedef struct {                                                                                                   \
+    S *Ab, *Dv, *bv, *h, *ck, *Hc, *xs, *ds, *pre, *mu, *dAa, *g, *lamB, *dsum, *dDa, *dba, *EAc;                  \
+} bwd_buf_##SUF;                                                                                                   \
+                                                                                                                   \
+static void bwd_block_##SUF(const mfz_scan_args *a, const int64_t *idx, int64_t b, int64_t q, S *dBp, S *dCp,      \
+                            bwd_buf_##SUF *k) {                                                                    \
+    const int64_t R = a->R, Ch = a->Ch, G = a->G, L = a->L, N = a->N, NB = N * BLK;                                \
+    int64_t g, c0, w;                                                                                              \
+    block_of(a, q, &g, &c0, &w);                                                                                   \
+    S *du = (S *)a->du + b * L * Ch + c0;                                                                          \
+    for (int64_t p = 0; p < L; p++) memset(du + p * Ch, 0, (size_t)w * sizeof(S));                                 \
+    for (int64_t r = 0; r < R; r++) {                                                                              \
+        const int64_t *ix = idx + (R == 1 ? 0 : r * L);                                                           \
+        const S *Bg = (const S *)a->Bm + b * a->sb0 + (r * G + g) * a->sb1;                                        \
+        const S *Cg = (const S *)a->Cm + b * a->sc0 + (r * G + g) * a->sc1;                                        \
+        S *dBg = dBp + (r * G + g) * L * N;                                                                        \
+        S *dCg = dCp + (r * G + g) * L * N;                                                                        \
+        S *ddl = (S *)a->ddelta + (b * R + r) * L * Ch + c0;                                                       \
+        route_consts_##SUF(a, r, c0, w, k->Ab, k->Dv, k->bv);                                                      \
+        /* checkpoints ck[j] = the state before step j * TCH: the forward's, else taken here */                    \
+        const S *cks = a->ck ? (const S *)a->ck + (b * R + r) * ((L + TCH - 1) / TCH) * N * Ch + c0 : NULL;        \
+        if (!cks) {                                                                                                \
+            memset(k->h, 0, (size_t)NB * sizeof(S));                                                               \
+            memset(k->ck, 0, (size_t)NB * sizeof(S));                                                              \
+            const int64_t tck = ((L - 1) / TCH) * TCH; /* steps before the last checkpoint */                      \
+            for (int64_t t = 0; t < tck; t++) {                                                                    \
+                step_in_##SUF(a, b, r, ix[t], c0, w, k->bv, k->xs, k->ds, k->pre);                                 \
+                step_state_##SUF(N, k->Ab + N * BLK, k->ds, k->xs, Bg + ix[t] * a->sb2, NULL, k->h, NULL, NULL);   \
+                if ((t + 1) % TCH == 0) memcpy(k->ck + ((t + 1) / TCH) * NB, k->h, (size_t)NB * sizeof(S));        \
             }                                                                                                      \
-            /* recompute the states h_t (t = 0..L-1) of this route */                                              \
-            for (int64_t t = 0; t < L; t++) {                                                                      \
-                const S x = u[ix[t]];                                                                              \
-                const S d = dts[t];                                                                                \
-                xs[t] = x;                                                                                         \
-                const S dx = d * x;                                                                                \
-                const S *restrict Bt = Bg + t * N;                                                                 \
-                const S *restrict hp = t ? H + (t - 1) * N : NULL;                                                 \
-                S *restrict ht = H + t * N;                                                                        \
-                if (hp) {                                                                                          \
-                    _Pragma("omp simd")                                                                            \
-                    for (int64_t n = 0; n < N; n++) ht[n] = EXPF(d * Ak[n]) * hp[n] + dx * Bt[n];                  \
-                } else {                                                                                           \
-                    for (int64_t n = 0; n < N; n++) ht[n] = dx * Bt[n];                                            \
-                }                                                                                                  \
-            }                                                                                                      \
-            if (a->gh) memcpy(mu, (const S *)a->gh + (b * R * Ch + k) * N, (size_t)N * sizeof(S));                \
-            else for (int64_t n = 0; n < N; n++) mu[n] = 0;                                                        \
-            for (int64_t n = 0; n < N; n++) dAk[n] = 0;                                                            \
-            S dDk = 0, dbk = 0;                                                                                    \
-            for (int64_t t = L - 1; t >= 0; t--) {                                                                 \
-                const int64_t p = ix[t];                                                                           \
-                const S g = gy[p], d = dts[t], x = xs[t], dx = d * x;                                              \
-                const S *restrict Bt = Bg + t * N;                                                                 \
-                const S *restrict Ct = Cg + t * N;                                                                 \
-                const S *restrict ht = H + t * N;                                                                  \
-                S *restrict dBt = dBg + t * N;                                                                     \
-                S *restrict dCt = dCg + t * N;                                                                     \
-                S lamB = 0, dsum = 0;                                                                              \
-                if (t) {                                                                                           \
-                    const S *restrict hp = H + (t - 1) * N;                                                        \
-                    _Pragma("omp simd reduction(+:lamB, dsum)")                                                    \
-                    for (int64_t n = 0; n < N; n++) {                                                              \
-                        const S lam = Ct[n] * g + mu[n];                                                           \
-                        const S m = EXPF(d * Ak[n]) * lam;                                                         \
-                        const S ah = m * hp[n];                                                                    \
-                        dCt[n] += g * ht[n];                                                                       \
-                        dBt[n] += lam * dx;                                                                        \
-                        lamB += lam * Bt[n];                                                                       \
-                        dsum += ah * Ak[n];                                                                        \
-                        dAk[n] += ah * d;                                                                          \
-                        mu[n] = m;                                                                                 \
-                    }                                                                                              \
-                } else {                                                                                           \
-                    _Pragma("omp simd reduction(+:lamB)")                                                          \
-                    for (int64_t n = 0; n < N; n++) {                                                              \
-                        const S lam = Ct[n] * g + mu[n];                                                           \
-                        dCt[n] += g * ht[n];                                                                       \
-                        dBt[n] += lam * dx;                                                                        \
-                        lamB += lam * Bt[n];                                                                       \
-                    }                                                                                              \
-                }                                                                                                  \
-                du[p] += d * lamB + Dk * g;                                                                        \
-                S dd = x * lamB + dsum;                                                                            \
-                if (a->softplus) {                                                                                 \
-                    const S pre = dl[t] + bk;                                                                      \
-                    if (pre <= (S)20) dd = dd / ((S)1 + EXPF(-pre));                                               \
-                }                                                                                                  \
-                ddl[t] = dd;                                                                                       \
-                dbk += dd;                                                                                         \
-                dDk += g * x;                                                                                      \
-            }                                                                                                      \
-            memcpy((S *)a->dA + (b * R * Ch + k) * N, dAk, (size_t)N * sizeof(S));                                \
-            if (a->dD) ((S *)a->dD)[b * R * Ch + k] = dDk;                                                         \
-            if (a->dbias) ((S *)a->dbias)[b * R * Ch + k] = dbk;                                                   \
         }                                                                                                          \
+        if (a->gh) {                                                                                               \
+            const S *ghr = (const S *)a->gh + (b * R + r) * N * Ch + c0;                                           \
+            for (int64_t n = 0; n < N; n++) load_##SUF(k->mu + n * BLK, ghr + n * Ch, w);                          \
+        } else {                                                                                                   \
+            memset(k->mu, 0, (size_t)NB * sizeof(S));                                                              \
+        }                                                                                                          \
+        memset(k->dAa, 0, (size_t)NB * sizeof(S));                                                                 \
+        memset(k->dDa, 0, BLK * sizeof(S));                                                                        \
+        memset(k->dba, 0, BLK * sizeof(S));                                                                        \
+        for (int64_t jc = (L - 1) / TCH; jc >= 0; jc--) {                                                          \
+            const int64_t t0 = jc * TCH, t1 = t0 + TCH < L ? t0 + TCH : L;                                         \
+            /* recompute this chunk's states into Hc (its inputs into xs / ds / pre) */                            \
+            S *ckj = cks ? k->ck : k->ck + jc * NB;                                                                \
+            if (cks) for (int64_t n = 0; n < N; n++) load_##SUF(ckj + n * BLK, cks + (jc * N + n) * Ch, w);       \
+            memcpy(k->h, ckj, (size_t)NB * sizeof(S));                                                             \
+            for (int64_t t = t0; t < t1; t++) {                                                                    \
+                const int64_t i = t - t0, p = ix[t];                                                               \
+                if (t + PF < L) {                                                                                  \
+                    const int64_t q = ix[t + PF];                                                                  \
+                    __builtin_prefetch((const S *)a->u + b * a->su0 + q * a->su1 + c0);                            \
+                    __builtin_prefetch((const S *)a->delta + b * a->sd0 + r * a->sd1 + q * a->sd2 + c0);           \
+                    __builtin_prefetch(Bg + q * a->sb2);                                                           \
+                }                                                                                                  \
+                step_in_##SUF(a, b, r, p, c0, w, k->bv, k->xs + i * BLK, k->ds + i * BLK, k->pre + i * BLK);       \
+                step_state_##SUF(N, k->Ab + N * BLK, k->ds + i * BLK, k->xs + i * BLK, Bg + p * a->sb2, NULL, k->h,\
+                                 NULL, k->EAc + i * NB);                                                           \
+                memcpy(k->Hc + i * NB, k->h, (size_t)NB * sizeof(S));                                              \
+            }                                                                                                      \
+            for (int64_t t = t1 - 1; t >= t0; t--) {                                                               \
+                const int64_t i = t - t0, p = ix[t];                                                               \
+                if (t >= PF) {                                                                                     \
+                    const int64_t q = ix[t - PF];                                                                  \
+                    __builtin_prefetch((const S *)a->gy + b * a->sg0 + q * a->sg1 + c0);                           \
+                    __builtin_prefetch(Cg + q * a->sc2);                                                           \
+                    __builtin_prefetch(dBg + q * N, 1);                                                            \
+                    __builtin_prefetch(dCg + q * N, 1);                                                            \
+                    __builtin_prefetch(du + q * Ch, 1);                                                            \
+                    __builtin_prefetch(ddl + q * Ch, 1);                                                           \
+                }                                                                                                  \
+                const S *restrict xv = k->xs + i * BLK, *restrict dv = k->ds + i * BLK;                            \
+                const S *restrict ht = k->Hc + i * NB;                                                             \
+                const S *restrict hp = i ? k->Hc + (i - 1) * NB : ckj;                                               \
+                const S *restrict Bt = Bg + p * a->sb2, *restrict Ct = Cg + p * a->sc2;                            \
+                S *restrict dBt = dBg + p * N, *restrict dCt = dCg + p * N;                                        \
+                S *restrict gv = k->g, *restrict lamB = k->lamB, *restrict dsum = k->dsum;                         \
+                load_##SUF(gv, (const S *)a->gy + b * a->sg0 + p * a->sg1 + c0, w);                                \
+                if (!mfz_bwd_step_fast_##SUF(N, k->Ab, k->EAc + i * NB, dv, xv, gv, ht, hp, Bt, Ct, k->mu, k->dAa,  \
+                                             lamB, dsum, dBt, dCt)) {                                              \
+                S dx[BLK];                                                                                         \
+                _Pragma("omp simd")                                                                                \
+                for (int64_t v = 0; v < BLK; v++) { lamB[v] = 0; dsum[v] = 0; dx[v] = dv[v] * xv[v]; }             \
+                for (int64_t n = 0; n < N; n++) {                                                                  \
+                    const S cn = Ct[n], bn = Bt[n];                                                                \
+                    const S *restrict An = k->Ab + n * BLK, *restrict hn = ht + n * BLK;                           \
+                    const S *restrict hpn = hp + n * BLK;                                                          \
+                    S *restrict mun = k->mu + n * BLK, *restrict dAn = k->dAa + n * BLK;                           \
+                    const S *restrict ea = k->EAc + i * NB + n * BLK;                                              \
+                    S sB = 0, sC = 0;                                                                              \
+                    _Pragma("omp simd reduction(+:sB, sC)")                                                        \
+                    for (int64_t v = 0; v < BLK; v++) {                                                            \
+                        const S lam = cn * gv[v] + mun[v];                                                         \
+                        sC += gv[v] * hn[v];                                                                       \
+                        sB += lam * dx[v];                                                                         \
+                        lamB[v] += lam * bn;                                                                       \
+                        const S m = ea[v] * lam;                                                                     \
+                        const S ah = m * hpn[v];                                                                   \
+                        dsum[v] += ah * An[v];                                                                     \
+                        dAn[v] += ah * dv[v];                                                                      \
+                        mun[v] = m;                                                                                \
+                    }                                                                                              \
+                    dBt[n] += sB;                                                                                  \
+                    dCt[n] += sC;                                                                                  \
+                }                                                                                                  \
+                }                                                                                                  \
+                S *dup = du + p * Ch, *ddp = ddl + p * Ch;                                                         \
+                const S *prev = k->pre + i * BLK;                                                                  \
+                S dd[BLK];                                                                                         \
+                _Pragma("omp simd")                                                                                \
+                for (int64_t v = 0; v < BLK; v++) {                                                                \
+                    S e = xv[v] * lamB[v] + dsum[v];                                                               \
+                    if (a->softplus) e = prev[v] <= (S)20 ? e / ((S)1 + EXPF(-prev[v])) : e;                       \
+                    dd[v] = e;                                                                                     \
+                    k->dba[v] += e;                                                                                \
+                    k->dDa[v] += gv[v] * xv[v];                                                                    \
+                }                                                                                                  \
+                for (int64_t v = 0; v < w; v++) {                                                                  \
+                    dup[v] += dv[v] * lamB[v] + k->Dv[v] * gv[v];                                                  \
+                    ddp[v] = dd[v];                                                                                \
+                }                                                                                                  \
+            }                                                                                                      \
+        }                                                                                                          \
+        S *dAr = (S *)a->dA + (b * R + r) * N * Ch + c0;                                                           \
+        for (int64_t n = 0; n < N; n++) memcpy(dAr + n * Ch, k->dAa + n * BLK, (size_t)w * sizeof(S));             \
+        if (a->dD) memcpy((S *)a->dD + (b * R + r) * Ch + c0, k->dDa, (size_t)w * sizeof(S));                      \
+        if (a->dbias) memcpy((S *)a->dbias + (b * R + r) * Ch + c0, k->dba, (size_t)w * sizeof(S));                \
     }                                                                                                              \
 }                                                                                                                  \
                                                                                                                    \
-static void *bwd_worker_##SUF(void *arg) {                                                                          \
-    mfz_job *j = (mfz_job *)arg;                                                                       \
+static void *bwd_worker_##SUF(void *arg) {                                                                         \
+    mfz_job *j = (mfz_job *)arg;                                                                                   \
     const mfz_scan_args *a = j->a;                                                                                 \
+    const int64_t nbt = a->G * blocks_per_group(a), N = a->N, NB = a->N * BLK;                                     \
     int64_t u0, u1;                                                                                                \
-    unit_range(j, a->Bsz * a->nblk, &u0, &u1);                                                              \
+    unit_range(j, a->Bsz * a->nblk, &u0, &u1);                                                                     \
     if (u0 >= u1) return NULL;                                                                                     \
-    const int64_t L = a->L, N = a->N;                                                                              \
-    S *buf = (S *)malloc((size_t)(L * N + 2 * L + 2 * N) * sizeof(S));                                            \
-    if (!buf) { j->err = 1; return NULL; }                                                                                         \
-    for (int64_t w = u0; w < u1; w++)                                                                              \
-        bwd_unit_##SUF(a, j->idx, w / a->nblk, w % a->nblk, buf, buf + L * N, buf + L * N + L,                     \
-                       buf + L * N + 2 * L, buf + L * N + 2 * L + N);                                              \
+    const int64_t nck = (a->L + TCH - 1) / TCH;                                                                    \
+    const size_t sizes[17] = {2 * NB, BLK, BLK, NB, (a->ck ? 1 : nck) * NB, TCH * NB, TCH * BLK, TCH * BLK,        \
+                              TCH * BLK, NB, NB, BLK, BLK, BLK, BLK, BLK, TCH * NB};                               \
+    size_t total = 0;                                                                                              \
+    for (int i = 0; i < 17; i++) total += sizes[i];                                                                \
+    S *buf = (S *)aligned_buf(total * sizeof(S));                                                                  \
+    if (!buf) { j->err = 1; return NULL; }                                                                         \
+    S *ptrs[17];                                                                                                   \
+    size_t off = 0;                                                                                                \
+    for (int i = 0; i < 17; i++) { ptrs[i] = buf + off; off += sizes[i]; }                                         \
+    bwd_buf_##SUF k = {ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], ptrs[5], ptrs[6], ptrs[7], ptrs[8], ptrs[9],   \
+                       ptrs[10], ptrs[11], ptrs[12], ptrs[13], ptrs[14], ptrs[15], ptrs[16]};                      \
+    (void)N;                                                                                                       \
+    const size_t slab = (size_t)(a->R * a->G * a->L * a->N);                                                       \
+    for (int64_t w = u0; w < u1; w++) {                                                                            \
+        const int64_t b = w / a->nblk, run = w % a->nblk;                                                          \
+        S *dBp = (S *)a->dB + (run * a->Bsz + b) * slab;                                                           \
+        S *dCp = (S *)a->dC + (run * a->Bsz + b) * slab;                                                           \
+        memset(dBp, 0, slab * sizeof(S));                                                                          \
+        memset(dCp, 0, slab * sizeof(S));                                                                          \
+        for (int64_t q = nbt * run / a->nblk; q < nbt * (run + 1) / a->nblk; q++)                                  \
+            bwd_block_##SUF(a, j->idx, b, q, dBp, dCp, &k);                                                        \
+    }                                                                                                              \
     free(buf);                                                                                                     \
     return NULL;                                                                                                   \
 }
 
-MFZ_DEFINE(float, f, mfz_expf, mfz_softplusf)
-MFZ_DEFINE(double, d, mfz_exp, mfz_softplus)
+MFZ_DEFINE(float, f, mfz_expf, mfz_softplusf, mfz_decay_f, 1.44269504088896341f)
+MFZ_DEFINE(double, d, mfz_exp, mfz_softplus, mfz_decay_d, 1.0)
 
 /* the route index, then the workers; 0 on success, -1 if a buffer could not be allocated (cpu.py raises
  * MemoryError) */
