@@ -5,17 +5,24 @@ Why a C loop: on CPU the scan is latency-bound work over a (batch, channel, L, N
 state of one channel (N values) in registers and reads each input once. ViM2-T inference on 2 cores: the scan goes
 from ~0.4 s to a few tens of ms (numbers in ``kernels/README.md``).
 
-* Build: ``$CC`` (else ``gcc``, else ``cc``) with ``-O3 -march=native`` (retried without ``-march=native`` if the
-  compiler refuses it), ``-pthread -fopenmp-simd`` (SIMD pragmas only: no OpenMP runtime, so no clash with torch's).
+* Build: ``$CC`` (else ``gcc``, else ``cc``) with ``-O3 -march=native -mprefer-vector-width=512`` (retried with
+  less if the compiler refuses it), ``-fopenmp-simd``, and ``-fopenmp`` when torch's threads are GNU OpenMP's (see
+  Threads), else ``-pthread``.
   The shared object is cached in ``$METAFORMER_ZOO_CACHE`` (default ``~/.cache/metaformer_zoo``) under a name that
   hashes the source, the flags, the compiler version and the CPU model / flags, so a cache shared between machines
   never hands one CPU another's binary. Written atomically (parallel test workers may build at once).
 * Ops: ``metaformer_zoo::selective_scan_cpu_fwd`` / ``_bwd`` (``torch.library`` custom ops with fake
   implementations and ``register_autograd``: one node for torch.compile / make_fx). They take the scan in the
-  layout of the C file (u (Bsz, Ch, L); delta (Bsz, R*Ch, L); B / C step-major (Bsz, R*G, L, N)); ``scan`` below
-  prepares it, so casts, transposes and the group refinement stay ordinary autograd ops.
-* Threads: ``torch.get_num_threads()`` pthreads. Work units never write the same memory (the C file's header), so
-  results are reproducible run to run at a given thread count.
+  layout of the C file (channels last, map order: u (Bsz, L, Ch), delta (Bsz, R, L, Ch), B / C (Bsz, R*G, L, N),
+  any strides with a unit innermost one); ``scan_tokens`` calls them in that layout (``selective_scan2d_tokens``,
+  ViM2's SS2D), ``scan`` brings the channels-first, route-order layout of the public ops to it, so casts,
+  transposes and the group refinement stay ordinary autograd ops. The forward also writes the backward's state
+  checkpoints when a gradient will be needed.
+* Threads: ``torch.get_num_threads()`` of them. With torch's OpenMP runtime (the pip wheels: libgomp) the kernel is
+  an OpenMP region on torch's own pool; with pthreads beside it, torch's worker threads would spin-wait next to
+  the kernel's after every parallel aten op (measured: the stage-3 ViM2-T scan took 4.2 ms instead of 2.2 ms on 2
+  cores). Work units never write the same memory (the C file's header), so results are reproducible run to run at
+  a given thread count.
 
 If no compiler is found or the build fails, ``available()`` is False and ``build_error()`` says why; the dispatch
 (``resolve_backend``) then uses the PyTorch reference with one warning.
@@ -94,48 +101,76 @@ def _compiler() -> str:
     return cc
 
 
-def _build() -> Path:
+def _torch_uses_libgomp() -> bool:
+    """Whether torch's intra-op threads are GNU OpenMP's (libgomp mapped in this process, ATen's OpenMP backend): then
+    the kernel is built with ``-fopenmp`` and, its libgomp being the one already loaded (same soname), runs on
+    torch's own thread pool."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    return "libgomp" in maps and "OpenMP" in torch.__config__.parallel_info()
+
+
+def _candidates() -> List[List[str]]:
+    """Flag sets to try, best first: OpenMP on torch's runtime (else pthreads), then the widest -march=native."""
+    threads = [["-fopenmp"], []] if _torch_uses_libgomp() else [[]]
+    arches = [["-march=native", "-mprefer-vector-width=512"], ["-march=native"], []]
+    return [_BASE_FLAGS + t + a for t in threads for a in arches]
+
+
+def _build(flags: List[str]) -> Path:
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout.split("\n")[0]
-    src = SOURCE.read_bytes()
-    errors = []
-    for arch in (["-march=native", "-mprefer-vector-width=512"], ["-march=native"], []):
-        flags = _BASE_FLAGS + arch
-        key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), version.encode(), platform.machine().encode(),
-                                         _cpu_id().encode()])).hexdigest()[:20]
-        out = _cache_dir() / f"scan_cpu-{key}.so"
-        if out.exists():
-            return out
-        tmp = out.with_name(f"{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True,
-                              timeout=300)
-        if proc.returncode == 0:
-            os.replace(tmp, out)
-            return out
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(flags).encode(), version.encode(),
+                                     platform.machine().encode(), _cpu_id().encode()])).hexdigest()[:20]
+    out = _cache_dir() / f"scan_cpu-{key}.so"
+    if out.exists():
+        return out
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    proc = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
-        errors.append(f"{cc} {' '.join(flags)}: {proc.stderr.strip()[-400:]}")
-    raise RuntimeError("building the CPU scan kernel failed: " + " | ".join(errors))
+        raise RuntimeError(f"{cc} {' '.join(flags)}: {proc.stderr.strip()[-400:]}")
+    os.replace(tmp, out)
+    return out
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    if lib.mfz_abi() != ABI:
+        raise RuntimeError(f"{path} has ABI {lib.mfz_abi()}, expected {ABI}")
+    for fn in (lib.mfz_scan_fwd, lib.mfz_scan_bwd):
+        fn.argtypes = [ctypes.POINTER(_Args), ctypes.c_int]
+        fn.restype = ctypes.c_int
+    return lib
 
 
 def _load() -> Optional[ctypes.CDLL]:
-    global _lib, _lib_path, _error
+    global _lib, _lib_path, _error, _BLK, _TCH
     if _lib is not None or _error is not None:
         return _lib
     with _lock:
         if _lib is None and _error is None:
+            errors = []
             try:
-                path = _build()
-                lib = ctypes.CDLL(str(path))
-                if lib.mfz_abi() != ABI:
-                    raise RuntimeError(f"{path} has ABI {lib.mfz_abi()}, expected {ABI}")
-                for fn in (lib.mfz_scan_fwd, lib.mfz_scan_bwd):
-                    fn.argtypes = [ctypes.POINTER(_Args), ctypes.c_int]
-                    fn.restype = ctypes.c_int
-                global _BLK, _TCH
+                cands = _candidates()
+                _compiler()
+            except Exception as e:  # noqa: BLE001 - no compiler: the reference is used
+                cands, errors = [], [f"{type(e).__name__}: {e}"]
+            for flags in cands:
+                try:
+                    path = _build(flags)
+                    lib = _open(path)
+                except Exception as e:  # noqa: BLE001 - a failed build or load: try the next flag set
+                    errors.append(str(e))
+                    continue
                 _BLK, _TCH = int(lib.mfz_blk()), int(lib.mfz_tch())
                 _lib, _lib_path = lib, path
-            except Exception as e:  # noqa: BLE001 - no compiler, a failed build or load: the reference is used
-                _error = f"{type(e).__name__}: {e}"
+                break
+            if _lib is None:
+                _error = "RuntimeError: building the CPU scan kernel failed: " + " | ".join(errors)
     return _lib
 
 

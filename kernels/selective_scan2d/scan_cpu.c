@@ -28,6 +28,9 @@
  */
 #include <math.h>
 #include <pthread.h>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -235,11 +238,19 @@ typedef struct {
 static int run_threads(const mfz_scan_args *a, const int64_t *idx, void *(*fn)(void *)) {
     int64_t T = a->nthreads < 1 ? 1 : a->nthreads;
     mfz_job jobs[256];
-    pthread_t th[256];
     if (T > 256) T = 256;
     for (int64_t i = 0; i < T; i++) {
         jobs[i].a = a; jobs[i].idx = idx; jobs[i].tid = i; jobs[i].err = 0;
     }
+#if defined(_OPENMP)
+    /* built against the OpenMP runtime torch already loaded (cpu.py): torch's own worker threads run the jobs, so
+     * none of them spins beside ours; a smaller team runs several jobs per thread */
+#pragma omp parallel num_threads(T)
+    {
+        for (int64_t i = omp_get_thread_num(); i < T; i += omp_get_num_threads()) fn(&jobs[i]);
+    }
+#else
+    pthread_t th[256];
     int64_t started = 0;
     for (int64_t i = 1; i < T; i++) {
         if (pthread_create(&th[i], NULL, fn, &jobs[i]) != 0) break;
@@ -249,6 +260,7 @@ static int run_threads(const mfz_scan_args *a, const int64_t *idx, void *(*fn)(v
     for (int64_t i = started + 1; i < T; i++) fn(&jobs[i]);
     fn(&jobs[0]);
     for (int64_t i = 1; i <= started; i++) pthread_join(th[i], NULL);
+#endif
     int err = 0;
     for (int64_t i = 0; i < T; i++) err |= jobs[i].err;
     return err ? -1 : 0;

@@ -9,7 +9,9 @@ PyTorch reference otherwise).
   ``forward_corev0``): in_proj C -> 2*d_inner (x, z) -> depthwise 3x3 conv + SiLU -> 4-route cross scan -> per-route
   x_proj d_inner -> (R + 2N) and dt_proj R -> d_inner -> selective scan (B/C grouped per route, softplus(dt + bias))
   -> cross merge (sum) -> LayerNorm(d_inner) -> * SiLU(z) -> out_proj d_inner -> C. d_inner = 2C, R = ceil(C/16),
-  N = 16. Mamba initialisation of A_logs, Ds, dt_projs (S4D-real A, D = 1, inverse-softplus dt bias).
+  N = 16. Mamba initialisation of A_logs, Ds, dt_projs (S4D-real A, D = 1, inverse-softplus dt bias). Same weights
+  and function as VMamba's; the per-token projections are taken once per map position instead of on the
+  cross-scanned copy (``selective_scan2d_tokens``: the copy is never made).
 * ``SelectiveChannelMixer`` (``register_mixer("selective_channel")``): the "grouped channel sequence" reading of the
   paper's channel-wise S6 (decision 7): per token, CW-Linear C -> 2C, the 2C vector viewed as S = 2C/g steps of
   g-dim vectors; causal depthwise conv (k=3) + SiLU along the steps, a Mamba S6 along the steps forward and (separate
@@ -36,19 +38,14 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-# The kernel package is called through these three functions. TorchScript calls them back in Python
+# The kernel package is called through these two functions. TorchScript calls them back in Python
 # (``torch.jit.ignore``): the kernel package's dispatch (C kernel on CPU, reference or Triton on CUDA,
 # ``METAFORMER_ZOO_KERNELS``) and autograd stay the same in a scripted model, which therefore runs (and trains)
 # in-process but cannot be ``torch.jit.save``d (the calls go back into Python).
 @torch.jit.ignore
-def _cross_scan(x: torch.Tensor) -> torch.Tensor:
-    return scan_ops.cross_scan(x)
-
-
-@torch.jit.ignore
-def _selective_scan2d(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                      D: torch.Tensor, delta_bias: torch.Tensor, backend: str) -> torch.Tensor:
-    return scan_ops.selective_scan2d(u, delta, A, B, C, D, delta_bias, delta_softplus=True, backend=backend)
+def _selective_scan2d_tokens(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                             D: torch.Tensor, delta_bias: torch.Tensor, backend: str) -> torch.Tensor:
+    return scan_ops.selective_scan2d_tokens(u, delta, A, B, C, D, delta_bias, delta_softplus=True, backend=backend)
 
 
 @torch.jit.ignore
@@ -158,13 +155,18 @@ class SS2D(_SSMParams):
         Bsz, _, H, W = x.shape
         xz = self.in_proj(x.permute(0, 2, 3, 1))  # (B, H, W, 2 d_inner)
         u, z = xz.chunk(2, dim=-1)
-        u = self.act(self.conv2d(u.permute(0, 3, 1, 2).contiguous()))  # (B, d_inner, H, W)
-        xs = _cross_scan(u)  # (B, 4, d_inner, L)
-        dts, Bs, Cs = self._project(xs)
+        u = self.conv2d(u.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last))
+        u = self.act(u).permute(0, 2, 3, 1)  # (B, H, W, d_inner), channels-last
+        # VMamba projects each route's cross-scanned sequence; the projections act per token, so they are taken once
+        # per position here (map order, (B, L, 4, R + 2N)) and the scan reads route r's steps through its index
+        R, N, K = self.dt_rank, self.d_state, self.K
+        x_dbl = F.linear(u, self.x_proj_weight.reshape(K * (R + 2 * N), self.d_inner)).view(Bsz, H * W, K, R + 2 * N)
+        dt_in, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=-1)
+        dts = torch.einsum("blkr,kdr->bkld", dt_in, self.dt_projs_weight)  # (B, 4, L, d_inner)
         As = -torch.exp(_acc(self.A_logs))
-        y = _selective_scan2d(u, dts, As, Bs, Cs, _acc(self.Ds), _acc(self.dt_projs_bias).view(-1),
-                              self.backend)  # (B, d_inner, H, W)
-        y = self.out_norm(y.permute(0, 2, 3, 1).to(z.dtype))
+        y = _selective_scan2d_tokens(u, dts, As, Bs.permute(0, 2, 1, 3), Cs.permute(0, 2, 1, 3), _acc(self.Ds),
+                                     _acc(self.dt_projs_bias).view(-1), self.backend)  # (B, H, W, d_inner)
+        y = self.out_norm(y.to(z.dtype))
         y = y * F.silu(z)
         y = self.dropout(self.out_proj(y))
         return y.permute(0, 3, 1, 2)
