@@ -148,6 +148,38 @@ def test_token_layout_entry_matches_the_channels_first_op():
             torch.testing.assert_close(got_g[k], want_g[k], rtol=1e-10, atol=1e-10, msg=lambda m, k=k: f"d{k}: {m}")
 
 
+def test_token_major_1d_entry_matches_selective_scan():
+    """``selective_scan_tokens`` (u, delta (batch, L, dim), grouped B / C (batch, G, L, N): ViM2's channel mixer)
+    equals ``selective_scan`` on the transposed values, values and every gradient, on the C kernel and the
+    reference path; strided B / C views (slices of one projection) are read in place."""
+    g = _gen(7)
+    b, L, d, G, N = 3, 11, 32, 2, 16
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    proj = r(b, L, G, 2 * N + 3)
+    inputs = dict(u=r(b, L, d), delta=r(b, L, d) * 0.5, A=-(torch.rand(d, N, generator=g, dtype=torch.float64) + 0.1),
+                  proj=proj, D=r(d), delta_bias=r(d) * 0.3)
+
+    def split(proj):
+        return proj[..., 3:3 + N].permute(0, 2, 1, 3), proj[..., 3 + N:].permute(0, 2, 1, 3)  # (b, G, L, N) views
+
+    def channels_first(u, delta, A, proj, D, delta_bias):
+        B, C = split(proj)
+        return ss.selective_scan(u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(-1, -2),
+                                 C.transpose(-1, -2), D, None, delta_bias, True, backend="reference").transpose(1, 2)
+
+    want, want_g = _run(channels_first, inputs)
+    for backend in ("cpu", "reference"):
+        def tokens(u, delta, A, proj, D, delta_bias):
+            B, C = split(proj)
+            return ss.selective_scan_tokens(u, delta, A, B, C, D, delta_bias, True, backend=backend)
+        got, got_g = _run(tokens, inputs)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+        for k in inputs:
+            torch.testing.assert_close(got_g[k], want_g[k], rtol=1e-10, atol=1e-10, msg=lambda m, k=k: f"d{k}: {m}")
+    with pytest.raises(ValueError, match="divisible by G"):
+        ss.selective_scan_tokens(inputs["u"], inputs["delta"], inputs["A"], r(b, 3, L, N), r(b, 3, L, N))
+
+
 def test_cpu_kernel_results_do_not_depend_on_the_thread_count():
     inputs = _scan_inputs(1, 16, 40, 16, 2, torch.float32)
     threads = torch.get_num_threads()

@@ -44,7 +44,8 @@ from metaformer_zoo.kernels import CPU_KERNELS, no_autocast, resolve_backend, ru
 from . import cpu, reference
 from .reference import selective_scan_ref_naive
 
-__all__ = ["selective_scan", "cross_scan", "cross_merge", "selective_scan2d", "selective_scan2d_tokens",
+__all__ = ["selective_scan", "selective_scan_tokens", "cross_scan", "cross_merge", "selective_scan2d",
+           "selective_scan2d_tokens",
            "selective_scan_ref_naive", "mamba_ssm_available"]
 
 OP = "selective_scan2d"  # the op name of both public functions in the dispatch (GPU_VERIFIED, fallback warnings)
@@ -388,3 +389,36 @@ def selective_scan2d_tokens(u, delta, A, B, C, D=None, delta_bias=None, delta_so
         return y.view(Bsz, H, W, Ch).to(u.dtype)
 
     return run_kernel(OP, _key(u, delta, B), kernel, routed, kind="CPU")
+
+
+def selective_scan_tokens(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, backend="auto"):
+    """``selective_scan`` in the token-major layout: u and delta (batch, L, dim) (channels innermost), A (dim, N),
+    B / C (batch, G, L, N) grouped (dim % G == 0; channel c uses group c // (dim / G)); D, delta_bias (dim,).
+    Returns y (batch, L, dim) in u's dtype, equal to ``selective_scan`` on the transposed (batch, dim, L) values.
+    The C kernel reads this layout directly (strided views need no copy); other backends get the transposes."""
+    be = resolve_backend(backend, u, delta, A, B, C, D, delta_bias, op=OP)
+    if u.dim() != 3 or tuple(delta.shape) != tuple(u.shape):
+        raise ValueError(f"selective_scan_tokens: u and delta must both be (batch, L, dim), got {list(u.shape)} and "
+                         f"{list(delta.shape)}")
+    Bsz, L, Dm = u.shape
+    if B.dim() != 4 or tuple(B.shape) != tuple(C.shape) or B.shape[0] != Bsz or B.shape[2] != L \
+            or Dm % B.shape[1] != 0 or B.shape[3] != A.shape[-1]:
+        raise ValueError(f"selective_scan_tokens: B and C must be (batch, G, L, N)=({Bsz}, G, {L}, {A.shape[-1]}) with "
+                         f"dim={Dm} divisible by G, got {list(B.shape)} and {list(C.shape)}")
+
+    def transposed():
+        y = selective_scan(u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(-1, -2), C.transpose(-1, -2), D,
+                           None, delta_bias, delta_softplus, backend="reference" if be == "cpu" else be)
+        return y.transpose(1, 2)
+
+    if be != "cpu" or _empty_input(u, A):
+        return transposed()
+    reference._check_scan_args(u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(-1, -2), C.transpose(-1, -2),
+                               D, None, delta_bias)
+
+    def kernel():
+        with no_autocast(u.device.type):
+            y, _ = cpu.scan_tokens(u, delta.unsqueeze(1), A, B, C, D, delta_bias, delta_softplus, 1, B.shape[1], 1, L)
+        return y.to(u.dtype)
+
+    return run_kernel(OP, _key(u, delta, B), kernel, transposed, kind="CPU")

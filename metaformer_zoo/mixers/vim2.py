@@ -49,9 +49,9 @@ def _selective_scan2d_tokens(u: torch.Tensor, delta: torch.Tensor, A: torch.Tens
 
 
 @torch.jit.ignore
-def _selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                    D: torch.Tensor, delta_bias: torch.Tensor, backend: str) -> torch.Tensor:
-    return scan_ops.selective_scan(u, delta, A, B, C, D, None, delta_bias, True, backend=backend)
+def _selective_scan_tokens(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                           D: torch.Tensor, delta_bias: torch.Tensor, backend: str) -> torch.Tensor:
+    return scan_ops.selective_scan_tokens(u, delta, A, B, C, D, delta_bias, True, backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -216,16 +216,23 @@ class SelectiveChannelMixer(_SSMParams):
         M = t.shape[0]
         s = self.in_proj(t).view(M, S, g)  # the 2C vector as S steps of g-dim vectors
         z = F.silu(self.gate_proj(s))  # (M, S, g)
-        u = s.transpose(1, 2)  # (M, g, S)
-        if K == 2:
-            u = torch.cat([u, u.flip(-1)], dim=1)  # (M, 2g, S): forward, flipped
-        u = self.act(self.conv1d(u)[..., :S])  # causal conv along the steps
-        dts, Bs, Cs = self._project(u.view(M, K, g, S))
+        u = torch.cat([s, s.flip(1)], dim=-1) if K == 2 else s  # (M, S, K*g): forward, flipped; step-major
+        # causal depthwise conv along the steps (the Conv1d's weights, applied step-major: no transposed copy)
+        k = self.d_conv
+        up = F.pad(u, (0, 0, k - 1, 0))
+        w = self.conv1d.weight.view(K * g, k)
+        acc = self.conv1d.bias + up[:, :S] * w[:, 0]
+        for j in range(1, k):
+            acc = acc + up[:, j:j + S] * w[:, j]
+        u = self.act(acc)  # (M, S, K*g)
+        R, N = self.dt_rank, self.A_logs.shape[-1]
+        x_dbl = torch.einsum("mskd,kcd->mskc", u.view(M, S, K, g), self.x_proj_weight)  # (M, S, K, R + 2N)
+        dt_in, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=-1)
+        dts = torch.einsum("mskr,kdr->mskd", dt_in, self.dt_projs_weight).reshape(M, S, K * g)
         As = -torch.exp(_acc(self.A_logs))
-        y = _selective_scan(u, dts.reshape(M, K * g, S), As, Bs, Cs, _acc(self.Ds), _acc(self.dt_projs_bias).view(-1),
-                            self.backend)
-        y = y.view(M, K, g, S)
-        y = y[:, 0] + y[:, 1].flip(-1) if K == 2 else y[:, 0]
-        y = y.transpose(1, 2).to(z.dtype) * z  # (M, S, g)
+        y = _selective_scan_tokens(u, dts, As, Bs.permute(0, 2, 1, 3), Cs.permute(0, 2, 1, 3), _acc(self.Ds),
+                                   _acc(self.dt_projs_bias).view(-1), self.backend)  # (M, S, K*g)
+        y = y[..., :g] + y[..., g:].flip(1) if K == 2 else y
+        y = y.to(z.dtype) * z  # (M, S, g)
         y = self.dropout(self.out_proj(y.reshape(M, self.d_inner)))
         return y.view(Bsz, H, W, C).permute(0, 3, 1, 2)
