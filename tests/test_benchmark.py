@@ -152,3 +152,44 @@ def test_every_tool_parses_model_kwargs_one_way(tool, argv, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(argv + ["--model-kwargs", "=3"])
     assert "'=3' is not key=value" in capsys.readouterr().err
+
+
+def test_time_pair_alternates_and_measures_both(bench, monkeypatch):
+    def fast():
+        time.sleep(0.005)
+
+    def slow():
+        time.sleep(0.015)
+
+    a, b = bench.time_pair(fast, slow, torch.device("cpu"), warmup=1, min_run_time=0.12, rounds=4)
+    assert 4.5 <= a < 60 and 14 <= b < 100 and b / a > 1.5
+    timed = []  # which function each measure_ms call timed: the one timed first alternates round by round
+    monkeypatch.setattr(bench, "measure_ms", lambda fn, *a, **k: timed.append(fn) or (1.0 if fn is fast else 3.0))
+    assert bench.time_pair(fast, slow, "cpu", warmup=0, rounds=4) == (1.0, 3.0)
+    assert timed == [fast, slow, slow, fast, fast, slow, slow, fast]
+
+
+def test_compare_and_official_side_by_side(bench, tmp_path, capsys):
+    rows = bench.main(["--models", "identityformer_s12", *TINY, *FAST, "--compare", "poolformerv2_s12", "--rounds", "2"])
+    row = rows[0]
+    assert row["ref"] == "poolformerv2_s12" and row["ref_infer_ms"] > 0 and row["ref_train_ms"] > 0
+    assert row["infer_speedup"] == pytest.approx(row["ref_infer_ms"] / row["infer_ms"])
+    out = capsys.readouterr().out
+    assert "infer_speedup" in out and "poolformerv2_s12 time / model time" in out
+    # --official: the user's builder gets (name, zoo model); here it returns a copy with the same weights
+    factory = tmp_path / "official_glue.py"
+    factory.write_text("import copy\nSEEN = []\n"
+                       "def build(name, model):\n    SEEN.append(name)\n    return copy.deepcopy(model)\n")
+    rows = bench.main(["--models", "identityformer_s12", *TINY, *FAST, "--official", f"{factory}:build",
+                       "--rounds", "2", "--no-train"])
+    row = rows[0]
+    assert row["ref"] == "official" and row["train_speedup"] is None
+    assert 0.2 < row["infer_speedup"] < 5  # the same network both sides
+    assert "official time / model time" in capsys.readouterr().out
+    for spec, msg in ((f"{tmp_path}/missing.py:build", "no such file"), ("nocolon", "FILE.py:FUNC"),
+                      (f"{factory}:nothing", "has no function 'nothing'"),
+                      ("no_such_module_xyz:f", "cannot import")):
+        with pytest.raises(SystemExit, match=msg):
+            bench.main(["--models", "identityformer_s12", *TINY, *FAST, "--official", spec])
+    with pytest.raises(SystemExit, match="unknown model"):
+        bench.main(["--models", "identityformer_s12", *FAST, "--compare", "no_such_model"])

@@ -15,6 +15,16 @@ Timing: ``--num-warmup`` untimed calls, then the median time per call over ``--m
 ``torch.utils.benchmark.Timer.blocked_autorange`` on CPU, ``triton.testing.do_bench`` (CUDA events) on GPU. Peak
 memory: CUDA ``max_memory_allocated``, or on CPU the peak resident-set growth sampled during the run.
 
+Side by side (``--compare NAME`` or ``--official FILE.py:FUNC``): every selected model is timed against a reference
+in the same process, alternating which one runs first in each of ``--rounds`` rounds (median of the rounds), and the
+table gains ``ref``, ``ref_*_ms`` and ``*_speedup`` = reference time / model time (> 1: the model is faster).
+``--compare`` takes any timm / zoo name (e.g. ``--models vim2_tiny --compare caformer_s18``); ``--official`` takes a
+function ``FUNC(name, model) -> nn.Module`` in a file or module of yours that builds the official implementation
+with the zoo model's weights (e.g. through the family's ``zoo.family_of(name).official`` converter), run from
+wherever the official code lives:
+
+    python tools/benchmark.py --models raftmlp_s --official ~/scratch/official_raftmlp.py:build --threads 2
+
 ``--plot`` (needs matplotlib: ``pip install 'metaformer-zoo[plot]'``) draws the published ImageNet-1k top-1
 (``model_cards/results.csv``) against inference throughput, or against MACs when nothing was timed
 (``--plot-x``); marker area = params, hollow markers = paper-only numbers. Families without a published top-1 are
@@ -22,13 +32,16 @@ named on stdout, not silently dropped.
 """
 import argparse
 import csv
+import importlib
+import importlib.util
 import json
 import math
 import os
+import statistics
 import sys
 import threading
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
@@ -52,7 +65,9 @@ except ImportError:  # pragma: no cover - reported by --plot
     matplotlib = Figure = Line2D = None
 
 COLUMNS = ("model", "family", "params_m", "gmacs", "img_size", "batch", "infer_img_s", "infer_ms", "train_img_s",
-           "train_ms", "peak_mem_mb", "top1", "top1_source", "device")
+           "train_ms", "peak_mem_mb", "top1", "top1_source", "device", "ref", "ref_infer_ms", "ref_train_ms",
+           "infer_speedup", "train_speedup")
+REF_COLUMNS = ("ref", "ref_infer_ms", "ref_train_ms", "infer_speedup", "train_speedup")
 TABLE_COLUMNS = tuple(c for c in COLUMNS if c not in ("top1_source", "device"))
 PLOT_X = ("auto", "throughput", "gmacs")
 MATPLOTLIB_MISSING = ("--plot needs matplotlib, which is not installed: pip install 'metaformer-zoo[plot]' "
@@ -78,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (torch.set_num_threads)")
     p.add_argument("--channels-last", action="store_true")
+    ref = p.add_argument_group("side by side (one process, alternating order, median of rounds)")
+    side = ref.add_mutually_exclusive_group()
+    side.add_argument("--compare", default=None, metavar="NAME",
+                      help="time every model against this timm / zoo model (e.g. caformer_s18)")
+    side.add_argument("--official", default=None, metavar="FILE.py:FUNC",
+                      help="time every model against FUNC(name, model) -> nn.Module (or module:FUNC): your builder "
+                           "of the official implementation with the zoo model's weights")
+    ref.add_argument("--rounds", type=int, default=6, help="alternating rounds of a side-by-side timing (default 6)")
     p.add_argument("--model-kwargs", nargs="*", type=model_kwarg, action=ParseKwargs, default={}, metavar="K=V",
                    help="extra create_model kwargs, values as Python literals (timm ParseKwargs)")
     p.add_argument("--results", default=None,
@@ -159,13 +182,91 @@ class _RssSampler:
         return max(self.peak - self.base, 0) / 2 ** 20
 
 
+def load_factory(spec: str) -> Callable:
+    """``--official``: ``path/to/file.py:FUNC`` or ``package.module:FUNC`` -> FUNC. The file's folder goes first on
+    ``sys.path`` so official code can import its siblings."""
+    target, sep, func = spec.rpartition(":")
+    if not sep or not target or not func:
+        raise SystemExit(f"error: --official wants FILE.py:FUNC or module:FUNC, got {spec!r}")
+    if target.endswith(".py") or os.sep in target:
+        path = os.path.abspath(os.path.expanduser(target))
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: --official: no such file: {target}")
+        sys.path.insert(0, os.path.dirname(path))
+        mspec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+        module = importlib.util.module_from_spec(mspec)
+        mspec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise SystemExit(f"error: --official: cannot import {target!r}: {e}") from None
+    fn = getattr(module, func, None)
+    if not callable(fn):
+        raise SystemExit(f"error: --official: {target} has no function {func!r}")
+    return fn
+
+
+def time_pair(a: Callable[[], object], b: Callable[[], object], device, warmup: int = 1, min_run_time: float = 1.0,
+              rounds: int = 6) -> Tuple[float, float]:
+    """Median ms per call of ``a`` and of ``b``, timed side by side: ``rounds`` rounds of ``measure_ms`` on each,
+    the one timed first alternating (so neither always runs on a cold or a warm machine)."""
+    for f in (a, b):
+        for _ in range(warmup):
+            f()
+    ta, tb = [], []
+    each = min_run_time / max(rounds, 1)
+    for r in range(max(rounds, 1)):
+        if r % 2 == 0:
+            ta.append(measure_ms(a, device, 0, each))
+            tb.append(measure_ms(b, device, 0, each))
+        else:
+            tb.append(measure_ms(b, device, 0, each))
+            ta.append(measure_ms(a, device, 0, each))
+    return statistics.median(ta), statistics.median(tb)
+
+
+def _logits(out):
+    """The tensor a train step's loss is taken of (official models may return tuples or dicts)."""
+    if isinstance(out, dict):
+        out = next(iter(out.values()))
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+def _steps(model: torch.nn.Module, x: torch.Tensor, autocast):
+    """(inference step, train step) closures of one model on input x (SGD, cross-entropy on the logits)."""
+    def step_infer():
+        with torch.no_grad(), autocast:
+            model(x)
+
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    target = torch.randint(0, max(getattr(model, "num_classes", 1000) or 1, 1), (x.shape[0],), device=x.device)
+
+    def step_train():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            out = _logits(model(x))
+            loss = (torch.nn.functional.cross_entropy(out, target % out.shape[1]) if out.dim() == 2
+                    else out.float().mean())
+        loss.backward()
+        opt.step()
+
+    return step_infer, step_train
+
+
 def bench_model(name: str, device: torch.device, batch_size: int, img_size: Optional[int] = None, warmup: int = 1,
                 min_run_time: float = 1.0, infer: bool = True, train: bool = True, amp: bool = False,
                 channels_last: bool = False, model_kwargs: Optional[Dict] = None,
-                top1: Optional[Tuple[float, str]] = None) -> Dict:
+                top1: Optional[Tuple[float, str]] = None,
+                reference: Optional[Tuple[str, Callable[[torch.nn.Module], torch.nn.Module]]] = None,
+                rounds: int = 6) -> Dict:
     """One row of the benchmark table (dict with COLUMNS). ``top1`` is ``(top1, source)`` or None.
 
     Without ``infer`` and ``train`` nothing is timed and the model is only built on the meta device (params, MACs).
+    ``reference = (label, build)``: ``build(model)`` returns the module to time side by side with the model
+    (``time_pair``); the row then has ``ref``, ``ref_*_ms`` and ``*_speedup`` (reference time / model time).
     """
     try:
         family = zoo.family_of(name).name
@@ -185,7 +286,8 @@ def bench_model(name: str, device: torch.device, batch_size: int, img_size: Opti
     del meta
     row = dict(model=name, family=family, params_m=total / 1e6, gmacs=macs / 1e9, img_size=size[1], batch=batch_size,
                infer_img_s=None, infer_ms=None, train_img_s=None, train_ms=None, peak_mem_mb=None,
-               top1=top1[0] if top1 else None, top1_source=top1[1] if top1 else None, device=str(device))
+               top1=top1[0] if top1 else None, top1_source=top1[1] if top1 else None, device=str(device),
+               **dict.fromkeys(REF_COLUMNS))
     if not (infer or train):
         row["batch"] = None
         return row
@@ -194,6 +296,15 @@ def bench_model(name: str, device: torch.device, batch_size: int, img_size: Opti
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
+    ref_model = None
+    if reference is not None:
+        ref_model = reference[1](model)
+        if not isinstance(ref_model, torch.nn.Module):
+            raise ValueError(f"the reference builder returned {type(ref_model).__name__}, not an nn.Module")
+        ref_model = ref_model.to(device)
+        if channels_last:
+            ref_model = ref_model.to(memory_format=torch.channels_last)
+        row["ref"] = reference[0]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -203,29 +314,22 @@ def bench_model(name: str, device: torch.device, batch_size: int, img_size: Opti
     if sampler:
         sampler.__enter__()
     try:
-        if infer:
-            model.eval()
-
-            def step_infer():
-                with torch.no_grad(), autocast:
-                    model(x)
-
-            t = measure_ms(step_infer, device, warmup, min_run_time) / 1e3
-            row.update(infer_ms=t * 1e3, infer_img_s=batch_size / t)
-        if train:
-            model.train()
-            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-            target = torch.randint(0, max(model.num_classes, 1), (batch_size,), device=device)
-
-            def step_train():
-                opt.zero_grad(set_to_none=True)
-                with autocast:
-                    loss = torch.nn.functional.cross_entropy(model(x), target)
-                loss.backward()
-                opt.step()
-
-            t = measure_ms(step_train, device, max(warmup, 1), min_run_time) / 1e3
-            row.update(train_ms=t * 1e3, train_img_s=batch_size / t)
+        step_infer, step_train = _steps(model, x, autocast)
+        ref_infer, ref_train = _steps(ref_model, x, autocast) if ref_model is not None else (None, None)
+        for mode, step, ref_step, enabled in (("infer", step_infer, ref_infer, infer),
+                                              ("train", step_train, ref_train, train)):
+            if not enabled:
+                continue
+            for m in (model, ref_model):
+                if m is not None:
+                    m.train(mode == "train")
+            wu = warmup if mode == "infer" else max(warmup, 1)
+            if ref_step is None:
+                ms = measure_ms(step, device, wu, min_run_time)
+            else:
+                ms, ref_ms = time_pair(step, ref_step, device, wu, 2 * min_run_time, rounds)
+                row.update({f"ref_{mode}_ms": ref_ms, f"{mode}_speedup": ref_ms / ms})
+            row.update({f"{mode}_ms": ms, f"{mode}_img_s": batch_size / (ms / 1e3)})
     finally:
         if sampler:
             sampler.__exit__(None, None, None)
@@ -233,7 +337,7 @@ def bench_model(name: str, device: torch.device, batch_size: int, img_size: Opti
         else:
             peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
     row["peak_mem_mb"] = peak
-    del model, x
+    del model, x, ref_model
     return row
 
 
@@ -244,11 +348,14 @@ def format_table(rows: Sequence[Dict]) -> str:
         if isinstance(v, float):
             if col in ("params_m", "gmacs"):
                 return f"{v:.2f}" if col == "params_m" else f"{v:.3f}"
+            if col.endswith("speedup"):
+                return f"{v:.2f}"
             return f"{v:.1f}"
         return str(v)
 
-    table = [list(TABLE_COLUMNS)] + [[fmt(r.get(c), c) for c in TABLE_COLUMNS] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(TABLE_COLUMNS))]
+    cols = [c for c in TABLE_COLUMNS if c not in REF_COLUMNS or any(r.get(c) is not None for r in rows)]
+    table = [cols] + [[fmt(r.get(c), c) for c in cols] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
     lines = [" | ".join(v.ljust(w) for v, w in zip(line, widths)) for line in table]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -377,6 +484,14 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
         device = torch.device(args.device)
     batch = args.batch_size or (64 if device.type == "cuda" else 8)
     results = official_results(args.results)
+    reference = None
+    if args.compare:
+        if not timm.models.is_model(args.compare.split(".")[0]):
+            raise SystemExit(f"error: --compare: unknown model {args.compare!r}")
+        reference = (args.compare, lambda model: timm.create_model(args.compare))
+    elif args.official:
+        factory = load_factory(args.official)
+        reference = ("official", None)
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
@@ -387,10 +502,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
         if hasattr(it, "set_postfix_str"):
             it.set_postfix_str(name)
         top1 = results.get(name)
+        if args.official:
+            reference = ("official", lambda model, name=name: factory(name, model))
         try:
             row = bench_model(name, device, batch, args.img_size, args.num_warmup, args.min_run_time,
                               infer=not args.no_infer, train=not args.no_train, amp=args.amp,
-                              channels_last=args.channels_last, model_kwargs=args.model_kwargs, top1=top1)
+                              channels_last=args.channels_last, model_kwargs=args.model_kwargs, top1=top1,
+                              reference=reference, rounds=args.rounds)
         except (RuntimeError, ValueError) as e:  # e.g. out of memory, unsupported size: report and go on
             print(f"\n{name}: failed: {type(e).__name__}: {str(e).splitlines()[0]}", file=sys.stderr)
             try:
@@ -404,6 +522,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
             torch.cuda.empty_cache()
     print()
     print(format_table(rows))
+    if reference is not None:
+        print(f"*_speedup = {reference[0]} time / model time, side by side in this process ({args.rounds} "
+              f"alternating rounds, medians): > 1 means the model is faster")
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=COLUMNS)

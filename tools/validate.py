@@ -18,8 +18,9 @@ import time
 import torch
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
+for _p in (_REPO, os.path.join(_REPO, "tools")):  # tools/ too: imported from its file (not run), `train` resolves
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 import timm  # noqa: E402
 from timm.data import create_dataset, create_loader, resolve_data_config  # noqa: E402

@@ -217,14 +217,8 @@ class SelectiveChannelMixer(_SSMParams):
         s = self.in_proj(t).view(M, S, g)  # the 2C vector as S steps of g-dim vectors
         z = F.silu(self.gate_proj(s))  # (M, S, g)
         u = torch.cat([s, s.flip(1)], dim=-1) if K == 2 else s  # (M, S, K*g): forward, flipped; step-major
-        # causal depthwise conv along the steps (the Conv1d's weights, applied step-major: no transposed copy)
-        k = self.d_conv
-        up = F.pad(u, (0, 0, k - 1, 0))
-        w = self.conv1d.weight.view(K * g, k)
-        acc = self.conv1d.bias + up[:, :S] * w[:, 0]
-        for j in range(1, k):
-            acc = acc + up[:, j:j + S] * w[:, j]
-        u = self.act(acc)  # (M, S, K*g)
+        u = self.conv1d(u.transpose(1, 2))[..., :S]  # causal depthwise conv along the steps
+        u = self.act(u.transpose(1, 2).contiguous())  # (M, S, K*g), channels innermost for the scan
         R, N = self.dt_rank, self.A_logs.shape[-1]
         x_dbl = torch.einsum("mskd,kcd->mskc", u.view(M, S, K, g), self.x_proj_weight)  # (M, S, K, R + 2N)
         dt_in, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=-1)
