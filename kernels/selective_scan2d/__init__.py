@@ -300,23 +300,35 @@ def cross_merge(y, H=None, W=None, backend="auto"):
     return reference.cross_merge(y, H, W)
 
 
-def _check_2d(x, delta, A, B, C, D, delta_bias):
-    if x.dim() != 4:
-        raise ValueError(f"selective_scan2d: x must be (B, C, H, W), got shape {list(x.shape)}")
-    Bsz, Ch, H, W = x.shape
-    L = H * W
-    if tuple(delta.shape) != (Bsz, 4, Ch, L):
-        raise ValueError(f"selective_scan2d: delta must be (B, 4, C, H*W)={(Bsz, 4, Ch, L)} in route order, "
-                         f"got {list(delta.shape)}")
+def _check_2d_params(op, Bsz, Ch, L, delta, A, B, C, D, delta_bias, map_order: bool):
+    """Shapes of the 2D op's tensors: delta (B, 4, C, L) / B, C (B, 4, N, L) in route order, or (B, 4, L, C) /
+    (B, 4, L, N) in map order (``selective_scan2d_tokens``)."""
+    order = "map order" if map_order else "route order"
+    want = (Bsz, 4, L, Ch) if map_order else (Bsz, 4, Ch, L)
+    if tuple(delta.shape) != want:
+        raise ValueError(f"{op}: delta must be {'(B, 4, H*W, C)' if map_order else '(B, 4, C, H*W)'}={want} in "
+                         f"{order}, got {list(delta.shape)}")
     if A.dim() != 2 or A.shape[0] != 4 * Ch or A.is_complex():
-        raise ValueError(f"selective_scan2d: A must be real (4*C, N)=({4 * Ch}, N), got {list(A.shape)} {A.dtype}")
+        raise ValueError(f"{op}: A must be real (4*C, N)=({4 * Ch}, N), got {list(A.shape)} {A.dtype}")
     N = A.shape[1]
+    want = (Bsz, 4, L, N) if map_order else (Bsz, 4, N, L)
     for name, t in (("B", B), ("C", C)):
-        if tuple(t.shape) != (Bsz, 4, N, L):
-            raise ValueError(f"selective_scan2d: {name} must be (B, 4, N, H*W)={(Bsz, 4, N, L)}, got {list(t.shape)}")
+        if tuple(t.shape) != want:
+            raise ValueError(f"{op}: {name} must be {'(B, 4, H*W, N)' if map_order else '(B, 4, N, H*W)'}={want}"
+                             f"{' in map order' if map_order else ''}, got {list(t.shape)}")
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None and tuple(t.shape) != (4 * Ch,):
-            raise ValueError(f"selective_scan2d: {name} must be (4*C,)=({4 * Ch},), got {list(t.shape)}")
+            raise ValueError(f"{op}: {name} must be (4*C,)=({4 * Ch},), got {list(t.shape)}")
+
+
+def _check_2d(x, delta, A, B, C, D, delta_bias, map_order: bool = False):
+    """x (B, C, H, W) with route-order delta / B / C, or channels-last u (B, H, W, C) with map-order ones."""
+    op, layout = ("selective_scan2d_tokens", "channels-last (B, H, W, C)") if map_order else \
+        ("selective_scan2d", "(B, C, H, W)")
+    if x.dim() != 4:
+        raise ValueError(f"{op}: {'u' if map_order else 'x'} must be {layout}, got shape {list(x.shape)}")
+    Bsz, H, W, Ch = x.shape if map_order else (x.shape[0], x.shape[2], x.shape[3], x.shape[1])
+    _check_2d_params(op, Bsz, Ch, H * W, delta, A, B, C, D, delta_bias, map_order)
 
 
 def selective_scan2d(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, backend="auto"):
@@ -342,27 +354,6 @@ def selective_scan2d(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=
         return out
 
 
-def _check_tokens(u, delta, A, B, C, D, delta_bias):
-    if u.dim() != 4:
-        raise ValueError(f"selective_scan2d_tokens: u must be channels-last (B, H, W, C), got shape {list(u.shape)}")
-    Bsz, H, W, Ch = u.shape
-    L = H * W
-    if tuple(delta.shape) != (Bsz, 4, L, Ch):
-        raise ValueError(f"selective_scan2d_tokens: delta must be (B, 4, H*W, C)={(Bsz, 4, L, Ch)} in map order, "
-                         f"got {list(delta.shape)}")
-    if A.dim() != 2 or A.shape[0] != 4 * Ch or A.is_complex():
-        raise ValueError(f"selective_scan2d_tokens: A must be real (4*C, N)=({4 * Ch}, N), got {list(A.shape)} "
-                         f"{A.dtype}")
-    N = A.shape[1]
-    for name, t in (("B", B), ("C", C)):
-        if tuple(t.shape) != (Bsz, 4, L, N):
-            raise ValueError(f"selective_scan2d_tokens: {name} must be (B, 4, H*W, N)={(Bsz, 4, L, N)} in map order, "
-                             f"got {list(t.shape)}")
-    for name, t in (("D", D), ("delta_bias", delta_bias)):
-        if t is not None and tuple(t.shape) != (4 * Ch,):
-            raise ValueError(f"selective_scan2d_tokens: {name} must be (4*C,)=({4 * Ch},), got {list(t.shape)}")
-
-
 def selective_scan2d_tokens(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, backend="auto"):
     """``selective_scan2d`` in the layout a token mixer has at hand: u channels-last (B, H, W, C); delta (B, 4, H*W,
     C), B and C (B, 4, H*W, N) in MAP order (route r's value at each row-major position, i.e. a per-token projection
@@ -370,7 +361,7 @@ def selective_scan2d_tokens(u, delta, A, B, C, D=None, delta_bias=None, delta_so
     ``selective_scan2d`` on the channels-first, route-order view of the same values. The C kernel reads this layout
     directly (strided: slices of one projection need no copy); other backends get the route-order tensors."""
     be = resolve_backend(backend, u, delta, A, B, C, D, delta_bias, op=OP)
-    _check_tokens(u, delta, A, B, C, D, delta_bias)
+    _check_2d(u, delta, A, B, C, D, delta_bias, map_order=True)
     Bsz, H, W, Ch = u.shape
 
     def routed():

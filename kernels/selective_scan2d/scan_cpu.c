@@ -103,35 +103,8 @@ static inline float mfz_exp2f(float x) {
     return x < -126.0f ? 0.0f : (x > 128.0f ? INFINITY : v);
 }
 
-/* out[v] = 2^(d[v] a2[v]) over the BLK lanes (AVX-512: roundscale / scalef, 11 instructions per 16 lanes) */
-static inline void mfz_decay_f(float *restrict out, const float *restrict d, const float *restrict a2) {
 #if defined(__AVX512F__)
-    for (int v = 0; v < BLK; v += 16) {
-        const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(d + v), _mm512_loadu_ps(a2 + v));
-        const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        const __m512 f = _mm512_sub_ps(x, n);
-        __m512 p = _mm512_set1_ps(1.5353356139e-04f);
-        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3398875017e-03f));
-        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6184378490e-03f));
-        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5503323674e-02f));
-        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022647738e-01f));
-        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718246e-01f));
-        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-        const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_GE_OQ) |
-                               _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q); /* NaN propagates */
-        _mm512_storeu_ps(out + v, _mm512_maskz_scalef_ps(keep, p, n));
-    }
-#else
-    _Pragma("omp simd")
-    for (int v = 0; v < BLK; v++) out[v] = mfz_exp2f(d[v] * a2[v]);
-#endif
-}
-
-/* Hand-vectorized float32 steps (AVX-512, BLK = 16 = one register): the same arithmetic as the generic loops of
- * MFZ_DEFINE, with the per-step accumulators (y, lamB, dsum) in registers (the generic loops keep them in memory,
- * which chains every state through a store and a load). They return 0 where they do not apply (then the generic
- * loop runs). */
-#if defined(__AVX512F__) && BLK == 16
+/* 2^x on 16 lanes: roundscale / scalef, 11 instructions; NaN propagates */
 static inline __m512 mfz_exp2_512(__m512 x) {
     const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(x, n);
@@ -146,6 +119,24 @@ static inline __m512 mfz_exp2_512(__m512 x) {
                            _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
     return _mm512_maskz_scalef_ps(keep, p, n);
 }
+#endif
+
+/* out[v] = 2^(d[v] a2[v]) over the BLK lanes */
+static inline void mfz_decay_f(float *restrict out, const float *restrict d, const float *restrict a2) {
+#if defined(__AVX512F__)
+    for (int v = 0; v < BLK; v += 16)
+        _mm512_storeu_ps(out + v, mfz_exp2_512(_mm512_mul_ps(_mm512_loadu_ps(d + v), _mm512_loadu_ps(a2 + v))));
+#else
+    _Pragma("omp simd")
+    for (int v = 0; v < BLK; v++) out[v] = mfz_exp2f(d[v] * a2[v]);
+#endif
+}
+
+/* Hand-vectorized float32 steps (AVX-512, BLK = 16 = one register): the same arithmetic as the generic loops of
+ * MFZ_DEFINE, with the per-step accumulators (y, lamB, dsum) in registers (the generic loops keep them in memory,
+ * which chains every state through a store and a load). They return 0 where they do not apply (then the generic
+ * loop runs). */
+#if defined(__AVX512F__) && BLK == 16
 
 static inline int mfz_step_fast_f(int64_t N, const float *restrict A2, const float *restrict d,
                                   const float *restrict x, const float *restrict Bt, const float *restrict Ct,
