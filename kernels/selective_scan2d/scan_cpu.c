@@ -34,7 +34,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -103,57 +103,108 @@ static inline float mfz_exp2f(float x) {
     return x < -126.0f ? 0.0f : (x > 128.0f ? INFINITY : v);
 }
 
+/* Hand-vectorized float32 steps (AVX-512: one 16-lane register per block row; AVX2 + FMA: two 8-lane ones): the
+ * arithmetic of the generic loops of MFZ_DEFINE with the per-step accumulators (y, lamB, dsum) in registers (the
+ * generic loops keep them in memory, which chains every state update through a store and a load). Where neither
+ * instruction set is targeted they report 0 and the generic loops run. */
 #if defined(__AVX512F__)
-/* 2^x on 16 lanes: roundscale / scalef, 11 instructions; NaN propagates */
-static inline __m512 mfz_exp2_512(__m512 x) {
-    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(x, n);
-    __m512 p = _mm512_set1_ps(1.5353356139e-04f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3398875017e-03f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6184378490e-03f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5503323674e-02f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022647738e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718246e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_GE_OQ) |
-                           _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+#define MFZ_VW 16
+typedef __m512 mfz_v;
+#define VLOAD _mm512_loadu_ps
+#define VSTORE _mm512_storeu_ps
+#define VSET1 _mm512_set1_ps
+#define VZERO _mm512_setzero_ps
+#define VMUL _mm512_mul_ps
+#define VADD _mm512_add_ps
+#define VFMA _mm512_fmadd_ps
+#define VSUM _mm512_reduce_add_ps
+/* 2^x: roundscale / scalef, 11 instructions; exactly 0 below 2^-126, NaN propagates */
+static inline mfz_v mfz_exp2v(mfz_v x) {
+    const mfz_v n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const mfz_v f = _mm512_sub_ps(x, n);
+    mfz_v p = VSET1(1.5353356139e-04f);
+    p = VFMA(p, f, VSET1(1.3398875017e-03f));
+    p = VFMA(p, f, VSET1(9.6184378490e-03f));
+    p = VFMA(p, f, VSET1(5.5503323674e-02f));
+    p = VFMA(p, f, VSET1(2.4022647738e-01f));
+    p = VFMA(p, f, VSET1(6.9314718246e-01f));
+    p = VFMA(p, f, VSET1(1.0f));
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, VSET1(-126.0f), _CMP_GE_OQ) | _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
     return _mm512_maskz_scalef_ps(keep, p, n);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define MFZ_VW 8
+typedef __m256 mfz_v;
+#define VLOAD _mm256_loadu_ps
+#define VSTORE _mm256_storeu_ps
+#define VSET1 _mm256_set1_ps
+#define VZERO _mm256_setzero_ps
+#define VMUL _mm256_mul_ps
+#define VADD _mm256_add_ps
+#define VFMA _mm256_fmadd_ps
+static inline float VSUM(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+/* 2^x as mfz_exp2f: clamp, round, polynomial, exponent bits; 0 below 2^-126, inf above 2^128, NaN propagates */
+static inline mfz_v mfz_exp2v(mfz_v x) {
+    const mfz_v xc = _mm256_min_ps(_mm256_max_ps(x, VSET1(-126.0f)), VSET1(127.0f));
+    const mfz_v n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const mfz_v f = _mm256_sub_ps(xc, n);
+    mfz_v p = VSET1(1.5353356139e-04f);
+    p = VFMA(p, f, VSET1(1.3398875017e-03f));
+    p = VFMA(p, f, VSET1(9.6184378490e-03f));
+    p = VFMA(p, f, VSET1(5.5503323674e-02f));
+    p = VFMA(p, f, VSET1(2.4022647738e-01f));
+    p = VFMA(p, f, VSET1(6.9314718246e-01f));
+    p = VFMA(p, f, VSET1(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    mfz_v v = VMUL(p, _mm256_castsi256_ps(e));
+    v = _mm256_blendv_ps(v, VZERO(), _mm256_cmp_ps(x, VSET1(-126.0f), _CMP_LT_OQ));
+    v = _mm256_blendv_ps(v, VSET1(INFINITY), _mm256_cmp_ps(x, VSET1(128.0f), _CMP_GT_OQ));
+    return _mm256_blendv_ps(v, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
 }
 #endif
 
 /* out[v] = 2^(d[v] a2[v]) over the BLK lanes */
 static inline void mfz_decay_f(float *restrict out, const float *restrict d, const float *restrict a2) {
-#if defined(__AVX512F__)
-    for (int v = 0; v < BLK; v += 16)
-        _mm512_storeu_ps(out + v, mfz_exp2_512(_mm512_mul_ps(_mm512_loadu_ps(d + v), _mm512_loadu_ps(a2 + v))));
+#if defined(MFZ_VW)
+    for (int v = 0; v < BLK; v += MFZ_VW) VSTORE(out + v, mfz_exp2v(VMUL(VLOAD(d + v), VLOAD(a2 + v))));
 #else
     _Pragma("omp simd")
     for (int v = 0; v < BLK; v++) out[v] = mfz_exp2f(d[v] * a2[v]);
 #endif
 }
 
-/* Hand-vectorized float32 steps (AVX-512, BLK = 16 = one register): the same arithmetic as the generic loops of
- * MFZ_DEFINE, with the per-step accumulators (y, lamB, dsum) in registers (the generic loops keep them in memory,
- * which chains every state through a store and a load). They return 0 where they do not apply (then the generic
- * loop runs). */
-#if defined(__AVX512F__) && BLK == 16
-
+#if defined(MFZ_VW) && BLK % MFZ_VW == 0
+#define MFZ_NV (BLK / MFZ_VW) /* vectors per block row */
 static inline int mfz_step_fast_f(int64_t N, const float *restrict A2, const float *restrict d,
                                   const float *restrict x, const float *restrict Bt, const float *restrict Ct,
                                   float *restrict h, float *restrict acc, float *restrict ea_out) {
-    const __m512 dv = _mm512_loadu_ps(d), dx = _mm512_mul_ps(dv, _mm512_loadu_ps(x));
-    __m512 a0 = acc ? _mm512_loadu_ps(acc) : _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    mfz_v dv[MFZ_NV], dx[MFZ_NV], a0[MFZ_NV], a1[MFZ_NV];
+    for (int j = 0; j < MFZ_NV; j++) {
+        dv[j] = VLOAD(d + j * MFZ_VW);
+        dx[j] = VMUL(dv[j], VLOAD(x + j * MFZ_VW));
+        a0[j] = acc ? VLOAD(acc + j * MFZ_VW) : VZERO();
+        a1[j] = VZERO();
+    }
     for (int64_t n = 0; n < N; n++) {
-        const __m512 ea = mfz_exp2_512(_mm512_mul_ps(dv, _mm512_loadu_ps(A2 + n * 16)));
-        if (ea_out) _mm512_storeu_ps(ea_out + n * 16, ea);
-        const __m512 hv = _mm512_fmadd_ps(ea, _mm512_loadu_ps(h + n * 16), _mm512_mul_ps(dx, _mm512_set1_ps(Bt[n])));
-        _mm512_storeu_ps(h + n * 16, hv);
-        if (acc) {
-            if (n & 1) a1 = _mm512_fmadd_ps(_mm512_set1_ps(Ct[n]), hv, a1);
-            else a0 = _mm512_fmadd_ps(_mm512_set1_ps(Ct[n]), hv, a0);
+        const mfz_v bn = VSET1(Bt[n]), cn = VSET1(acc ? Ct[n] : 0.0f);
+        for (int j = 0; j < MFZ_NV; j++) {
+            const int64_t o = n * BLK + j * MFZ_VW;
+            const mfz_v ea = mfz_exp2v(VMUL(dv[j], VLOAD(A2 + o)));
+            if (ea_out) VSTORE(ea_out + o, ea);
+            const mfz_v hv = VFMA(ea, VLOAD(h + o), VMUL(dx[j], bn));
+            VSTORE(h + o, hv);
+            if (acc) {
+                if (n & 1) a1[j] = VFMA(cn, hv, a1[j]);
+                else a0[j] = VFMA(cn, hv, a0[j]);
+            }
         }
     }
-    if (acc) _mm512_storeu_ps(acc, _mm512_add_ps(a0, a1));
+    if (acc)
+        for (int j = 0; j < MFZ_NV; j++) VSTORE(acc + j * MFZ_VW, VADD(a0[j], a1[j]));
     return 1;
 }
 
@@ -163,21 +214,36 @@ static inline int mfz_bwd_step_fast_f(int64_t N, const float *restrict Ab, const
                                       const float *restrict Ct, float *restrict mu, float *restrict dAa,
                                       float *restrict lamB, float *restrict dsum, float *restrict dBt,
                                       float *restrict dCt) {
-    const __m512 gv = _mm512_loadu_ps(g), dv = _mm512_loadu_ps(d), dx = _mm512_mul_ps(dv, _mm512_loadu_ps(x));
-    __m512 lb = _mm512_setzero_ps(), ds = _mm512_setzero_ps();
-    for (int64_t n = 0; n < N; n++) {
-        const __m512 lam = _mm512_fmadd_ps(_mm512_set1_ps(Ct[n]), gv, _mm512_loadu_ps(mu + n * 16));
-        dCt[n] += _mm512_reduce_add_ps(_mm512_mul_ps(gv, _mm512_loadu_ps(ht + n * 16)));
-        dBt[n] += _mm512_reduce_add_ps(_mm512_mul_ps(lam, dx));
-        lb = _mm512_fmadd_ps(lam, _mm512_set1_ps(Bt[n]), lb);
-        const __m512 m = _mm512_mul_ps(_mm512_loadu_ps(ea + n * 16), lam);
-        const __m512 ah = _mm512_mul_ps(m, _mm512_loadu_ps(hp + n * 16));
-        ds = _mm512_fmadd_ps(ah, _mm512_loadu_ps(Ab + n * 16), ds);
-        _mm512_storeu_ps(dAa + n * 16, _mm512_fmadd_ps(ah, dv, _mm512_loadu_ps(dAa + n * 16)));
-        _mm512_storeu_ps(mu + n * 16, m);
+    mfz_v gv[MFZ_NV], dv[MFZ_NV], dx[MFZ_NV], lb[MFZ_NV], ds[MFZ_NV];
+    for (int j = 0; j < MFZ_NV; j++) {
+        gv[j] = VLOAD(g + j * MFZ_VW);
+        dv[j] = VLOAD(d + j * MFZ_VW);
+        dx[j] = VMUL(dv[j], VLOAD(x + j * MFZ_VW));
+        lb[j] = VZERO();
+        ds[j] = VZERO();
     }
-    _mm512_storeu_ps(lamB, lb);
-    _mm512_storeu_ps(dsum, ds);
+    for (int64_t n = 0; n < N; n++) {
+        const mfz_v cn = VSET1(Ct[n]), bn = VSET1(Bt[n]);
+        mfz_v sC = VZERO(), sB = VZERO();
+        for (int j = 0; j < MFZ_NV; j++) {
+            const int64_t o = n * BLK + j * MFZ_VW;
+            const mfz_v lam = VFMA(cn, gv[j], VLOAD(mu + o));
+            sC = VFMA(gv[j], VLOAD(ht + o), sC);
+            sB = VFMA(lam, dx[j], sB);
+            lb[j] = VFMA(lam, bn, lb[j]);
+            const mfz_v m = VMUL(VLOAD(ea + o), lam);
+            const mfz_v ah = VMUL(m, VLOAD(hp + o));
+            ds[j] = VFMA(ah, VLOAD(Ab + o), ds[j]);
+            VSTORE(dAa + o, VFMA(ah, dv[j], VLOAD(dAa + o)));
+            VSTORE(mu + o, m);
+        }
+        dCt[n] += VSUM(sC);
+        dBt[n] += VSUM(sB);
+    }
+    for (int j = 0; j < MFZ_NV; j++) {
+        VSTORE(lamB + j * MFZ_VW, lb[j]);
+        VSTORE(dsum + j * MFZ_VW, ds[j]);
+    }
     return 1;
 }
 #else
