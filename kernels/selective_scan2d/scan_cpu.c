@@ -107,6 +107,10 @@ static inline float mfz_exp2f(float x) {
  * arithmetic of the generic loops of MFZ_DEFINE with the per-step accumulators (y, lamB, dsum) in registers (the
  * generic loops keep them in memory, which chains every state update through a store and a load). Where neither
  * instruction set is targeted they report 0 and the generic loops run. */
+/* the polynomial of MFZ_E2 on a vector (VFMA / VSET1 are the instruction set's, defined below) */
+#define MFZ_E2V(f) VFMA(VFMA(VFMA(VFMA(VFMA(VFMA(VSET1(1.5353356139e-04f), f, VSET1(1.3398875017e-03f)), f,           \
+                   VSET1(9.6184378490e-03f)), f, VSET1(5.5503323674e-02f)), f, VSET1(2.4022647738e-01f)), f,        \
+                   VSET1(6.9314718246e-01f)), f, VSET1(1.0f))
 #if defined(__AVX512F__)
 #define MFZ_VW 16
 typedef __m512 mfz_v;
@@ -122,13 +126,7 @@ typedef __m512 mfz_v;
 static inline mfz_v mfz_exp2v(mfz_v x) {
     const mfz_v n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const mfz_v f = _mm512_sub_ps(x, n);
-    mfz_v p = VSET1(1.5353356139e-04f);
-    p = VFMA(p, f, VSET1(1.3398875017e-03f));
-    p = VFMA(p, f, VSET1(9.6184378490e-03f));
-    p = VFMA(p, f, VSET1(5.5503323674e-02f));
-    p = VFMA(p, f, VSET1(2.4022647738e-01f));
-    p = VFMA(p, f, VSET1(6.9314718246e-01f));
-    p = VFMA(p, f, VSET1(1.0f));
+    const mfz_v p = MFZ_E2V(f);
     const __mmask16 keep = _mm512_cmp_ps_mask(x, VSET1(-126.0f), _CMP_GE_OQ) | _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
     return _mm512_maskz_scalef_ps(keep, p, n);
 }
@@ -152,13 +150,7 @@ static inline mfz_v mfz_exp2v(mfz_v x) {
     const mfz_v xc = _mm256_min_ps(_mm256_max_ps(x, VSET1(-126.0f)), VSET1(127.0f));
     const mfz_v n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const mfz_v f = _mm256_sub_ps(xc, n);
-    mfz_v p = VSET1(1.5353356139e-04f);
-    p = VFMA(p, f, VSET1(1.3398875017e-03f));
-    p = VFMA(p, f, VSET1(9.6184378490e-03f));
-    p = VFMA(p, f, VSET1(5.5503323674e-02f));
-    p = VFMA(p, f, VSET1(2.4022647738e-01f));
-    p = VFMA(p, f, VSET1(6.9314718246e-01f));
-    p = VFMA(p, f, VSET1(1.0f));
+    const mfz_v p = MFZ_E2V(f);
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     mfz_v v = VMUL(p, _mm256_castsi256_ps(e));
     v = _mm256_blendv_ps(v, VZERO(), _mm256_cmp_ps(x, VSET1(-126.0f), _CMP_LT_OQ));
