@@ -260,12 +260,12 @@ def bench_model(name: str, device: torch.device, batch_size: int, img_size: Opti
                 min_run_time: float = 1.0, infer: bool = True, train: bool = True, amp: bool = False,
                 channels_last: bool = False, model_kwargs: Optional[Dict] = None,
                 top1: Optional[Tuple[float, str]] = None,
-                reference: Optional[Tuple[str, Callable[[torch.nn.Module], torch.nn.Module]]] = None,
+                reference: Optional[Tuple[str, Callable[[str, torch.nn.Module], torch.nn.Module]]] = None,
                 rounds: int = 6) -> Dict:
     """One row of the benchmark table (dict with COLUMNS). ``top1`` is ``(top1, source)`` or None.
 
     Without ``infer`` and ``train`` nothing is timed and the model is only built on the meta device (params, MACs).
-    ``reference = (label, build)``: ``build(model)`` returns the module to time side by side with the model
+    ``reference = (label, build)``: ``build(name, model)`` returns the module to time side by side with the model
     (``time_pair``); the row then has ``ref``, ``ref_*_ms`` and ``*_speedup`` (reference time / model time).
     """
     try:
@@ -298,7 +298,7 @@ def bench_model(name: str, device: torch.device, batch_size: int, img_size: Opti
         x = x.contiguous(memory_format=torch.channels_last)
     ref_model = None
     if reference is not None:
-        ref_model = reference[1](model)
+        ref_model = reference[1](name, model)
         if not isinstance(ref_model, torch.nn.Module):
             raise ValueError(f"the reference builder returned {type(ref_model).__name__}, not an nn.Module")
         ref_model = ref_model.to(device)
@@ -488,10 +488,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     if args.compare:
         if not timm.models.is_model(args.compare.split(".")[0]):
             raise SystemExit(f"error: --compare: unknown model {args.compare!r}")
-        reference = (args.compare, lambda model: timm.create_model(args.compare))
+        reference = (args.compare, lambda name, model: timm.create_model(args.compare))
     elif args.official:
-        factory = load_factory(args.official)
-        reference = ("official", None)
+        reference = ("official", load_factory(args.official))
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
@@ -502,8 +501,6 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
         if hasattr(it, "set_postfix_str"):
             it.set_postfix_str(name)
         top1 = results.get(name)
-        if args.official:
-            reference = ("official", lambda model, name=name: factory(name, model))
         try:
             row = bench_model(name, device, batch, args.img_size, args.num_warmup, args.min_run_time,
                               infer=not args.no_infer, train=not args.no_train, amp=args.amp,

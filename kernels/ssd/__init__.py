@@ -16,8 +16,9 @@ backward (flipped) directions as one batched call.
 Dispatch: ``backend`` ("auto" | "reference" | "triton" | "cpu", or env ``METAFORMER_ZOO_KERNELS``). ``auto`` and
 ``reference`` compute the PyTorch reference (the chunked algorithm: matmuls within chunks, states passed between
 chunks; linear in L, differentiable by autograd). SSD is the selective scan with one decay per head: ``triton`` and
-``cpu`` run it as ``selective_scan`` (``metaformer_zoo.kernels.selective_scan2d``) with ``u`` = x as (B, H*P, L),
-``delta`` = dt repeated over each head's P channels, ``A`` broadcast over the N states, B / C as (B, G, N, L) groups,
+``cpu`` run it as ``selective_scan_tokens`` (``metaformer_zoo.kernels.selective_scan2d``) with ``u`` = x as
+(B, L, H*P), ``delta`` = dt repeated over each head's P channels, ``A`` broadcast over the N states, B / C as
+(B, G, L, N) groups,
 so Hydra gets that op's Triton kernel (with its warn-once fallback) and its CPU kernel through the same dispatch.
 Neither is the ``auto`` default: the reference's matmul form suits SSD's scalar decay, and the Triton scan is not
 GPU-verified (``kernels/README.md``).
@@ -36,15 +37,16 @@ OP = "ssd"
 
 
 def _as_selective_scan(x, dt, A, B, C, backend: str) -> torch.Tensor:
-    """The SSD scan through ``selective_scan`` (see the module docstring): (B, L, H, P) in x's dtype."""
-    from ..selective_scan2d import selective_scan  # the scan package registers custom ops: imported on first use
+    """The SSD scan through the token-major ``selective_scan_tokens`` (see the module docstring; x is already
+    token-major, so the C kernel reads it without a transpose): (B, L, H, P) in x's dtype."""
+    from ..selective_scan2d import selective_scan_tokens  # registers the scan's custom ops: imported on first use
     Bsz, L, H, P = x.shape
     N = B.shape[-1]
-    u = x.permute(0, 2, 3, 1).reshape(Bsz, H * P, L)
-    delta = dt.permute(0, 2, 1).unsqueeze(2).expand(Bsz, H, P, L).reshape(Bsz, H * P, L)
+    delta = dt.unsqueeze(-1).expand(Bsz, L, H, P).reshape(Bsz, L, H * P)
     A_full = A.view(H, 1, 1).expand(H, P, N).reshape(H * P, N)
-    y = selective_scan(u, delta, A_full, B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1), backend=backend)
-    return y.view(Bsz, H, P, L).permute(0, 3, 1, 2)
+    y = selective_scan_tokens(x.reshape(Bsz, L, H * P), delta, A_full, B.transpose(1, 2), C.transpose(1, 2),
+                              backend=backend)
+    return y.view(Bsz, L, H, P)
 
 
 def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,

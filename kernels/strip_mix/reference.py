@@ -93,8 +93,9 @@ def strip_mix_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     """Differentiable reference. K = 1 (RaftMLP): ``strip_mix_einsum``, a batched matmul. K > 1 (Strip-MLP): a
     grouped convolution (groups G, in (j, l) -> out (jo, lo), a (1, K) window along the positions P) on the map laid
     out as (B, G * r * L, Q, P) channels-last, as the official Strip-MLP writes its strip projections
-    (``Conv2d(..., (1, 3), groups=...)`` on a permuted view); one layout copy in, one out. On CPU each form is the faster one for its case (about 2x for the
-    Strip-MLP-T stage-1 projection as a convolution; 1.3x for RaftMLP's as a matmul)."""
+    (``Conv2d(..., (1, 3), groups=...)`` on a permuted view); one layout copy in, one out. On CPU each form is the
+    faster one for its case (about 2x for the Strip-MLP-T stage-1 projection as a convolution; 1.3x for RaftMLP's as
+    a matmul)."""
     L, P, M, G, r_out, K = check_args(x, weight, bias, axis, raft_size)
     if K == 1:
         return strip_mix_einsum(x, weight, bias, axis, raft_size)

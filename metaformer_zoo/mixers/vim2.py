@@ -110,14 +110,13 @@ class _SSMParams(nn.Module):
                     nn.init.zeros_(lin.bias)
         mamba_init_(self, self.dt_rank, **self._dt_init)
 
-    def _project(self, xs: torch.Tensor):
-        """xs (M, K, d, L) -> delta (M, K, d, L), B (M, K, N, L), C (M, K, N, L)."""
-        x_dbl = torch.einsum("mkdl,kcd->mkcl", xs, self.x_proj_weight)
-        R = self.dt_projs_weight.shape[-1]
-        N = self.A_logs.shape[-1]
-        parts = torch.split(x_dbl, [R, N, N], dim=2)
-        dts = torch.einsum("mkrl,kdr->mkdl", parts[0], self.dt_projs_weight)
-        return dts, parts[1].contiguous(), parts[2].contiguous()
+    def _from_dbl(self, x_dbl: torch.Tensor):
+        """The per-route x_proj outputs x_dbl (b, L, K, R + 2N), token-major -> delta (b, L, K, d) through dt_proj,
+        and B, C as (b, K, L, N) views (the layout the token-major scans read in place)."""
+        R, N = self.dt_projs_weight.shape[-1], self.A_logs.shape[-1]
+        dt_in, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=-1)
+        dts = torch.einsum("blkr,kdr->blkd", dt_in, self.dt_projs_weight)
+        return dts, Bs.permute(0, 2, 1, 3), Cs.permute(0, 2, 1, 3)
 
 
 @register_notrace_module
@@ -159,12 +158,11 @@ class SS2D(_SSMParams):
         u = self.act(u).permute(0, 2, 3, 1)  # (B, H, W, d_inner), channels-last
         # VMamba projects each route's cross-scanned sequence; the projections act per token, so they are taken once
         # per position here (map order, (B, L, 4, R + 2N)) and the scan reads route r's steps through its index
-        R, N, K = self.dt_rank, self.d_state, self.K
-        x_dbl = F.linear(u, self.x_proj_weight.reshape(K * (R + 2 * N), self.d_inner)).view(Bsz, H * W, K, R + 2 * N)
-        dt_in, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=-1)
-        dts = torch.einsum("blkr,kdr->bkld", dt_in, self.dt_projs_weight)  # (B, 4, L, d_inner)
+        K = self.K
+        x_dbl = F.linear(u, self.x_proj_weight.reshape(-1, self.d_inner)).view(Bsz, H * W, K, -1)
+        dts, Bs, Cs = self._from_dbl(x_dbl)
         As = -torch.exp(_acc(self.A_logs))
-        y = _selective_scan2d_tokens(u, dts, As, Bs.permute(0, 2, 1, 3), Cs.permute(0, 2, 1, 3), _acc(self.Ds),
+        y = _selective_scan2d_tokens(u, dts.permute(0, 2, 1, 3), As, Bs, Cs, _acc(self.Ds),
                                      _acc(self.dt_projs_bias).view(-1), self.backend)  # (B, H, W, d_inner)
         y = self.out_norm(y.to(z.dtype))
         y = y * F.silu(z)
@@ -219,12 +217,10 @@ class SelectiveChannelMixer(_SSMParams):
         u = torch.cat([s, s.flip(1)], dim=-1) if K == 2 else s  # (M, S, K*g): forward, flipped; step-major
         u = self.conv1d(u.transpose(1, 2))[..., :S]  # causal depthwise conv along the steps
         u = self.act(u.transpose(1, 2).contiguous())  # (M, S, K*g), channels innermost for the scan
-        R, N = self.dt_rank, self.A_logs.shape[-1]
         x_dbl = torch.einsum("mskd,kcd->mskc", u.view(M, S, K, g), self.x_proj_weight)  # (M, S, K, R + 2N)
-        dt_in, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=-1)
-        dts = torch.einsum("mskr,kdr->mskd", dt_in, self.dt_projs_weight).reshape(M, S, K * g)
+        dts, Bs, Cs = self._from_dbl(x_dbl)
         As = -torch.exp(_acc(self.A_logs))
-        y = _selective_scan_tokens(u, dts, As, Bs.permute(0, 2, 1, 3), Cs.permute(0, 2, 1, 3), _acc(self.Ds),
+        y = _selective_scan_tokens(u, dts.reshape(M, S, K * g), As, Bs, Cs, _acc(self.Ds),
                                    _acc(self.dt_projs_bias).view(-1), self.backend)  # (M, S, K*g)
         y = y[..., :g] + y[..., g:].flip(1) if K == 2 else y
         y = y.to(z.dtype) * z  # (M, S, g)
