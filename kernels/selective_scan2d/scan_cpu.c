@@ -127,7 +127,7 @@ static inline mfz_v mfz_exp2v(mfz_v x) {
     const mfz_v n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const mfz_v f = _mm512_sub_ps(x, n);
     const mfz_v p = MFZ_E2V(f);
-    const __mmask16 keep = _mm512_cmp_ps_mask(x, VSET1(-126.0f), _CMP_GE_OQ) | _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, VSET1(-126.0f), _CMP_NLT_UQ); /* x >= -126, or NaN */
     return _mm512_maskz_scalef_ps(keep, p, n);
 }
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -265,6 +265,79 @@ static inline float mfz_softplusf(float x) {
 }
 
 static inline double mfz_softplus(double x) { return x > 20.0 ? x : log1p(exp(x)); }
+
+#if defined(__AVX512F__)
+/* One forward route of a block with N = 16 states held in 16 zmm registers for the whole sequence (the generic step
+ * keeps them in memory: a load and a store per state update). Each chunk of TCH steps first gathers its x and
+ * delta (bias, softplus) into a buffer, so the recurrence's steps never wait on a softplus (the out-of-order window
+ * holds about one step; computing it inline left the vector ports half idle). Same arithmetic and summation order as
+ * mfz_step_fast_f: results are bit-identical to the generic path. Returns 0 (the caller runs the generic loop)
+ * unless N == 16. Measured, one thread, (1, 4 routes, 192 ch, 56 x 56, N 16): 0.59 -> 0.28 ns per state update. */
+static int mfz_fwd_route16_f(const mfz_scan_args *a, const int64_t *ix, int64_t b, int64_t r, int64_t c0, int64_t w,
+                             const float *restrict A2, const float *restrict Dv, const float *restrict bv,
+                             const float *restrict Bg, const float *restrict Cg, float *restrict y,
+                             float *restrict ck, float *restrict hl) {
+    if (a->N != 16) return 0;
+    const int64_t L = a->L, Ch = a->Ch;
+    const __mmask16 m = (__mmask16)((1u << w) - 1u);
+    const float *u = (const float *)a->u + b * a->su0 + c0;
+    const float *dl = (const float *)a->delta + b * a->sd0 + r * a->sd1 + c0;
+    const mfz_v Dr = VLOAD(Dv), br = VLOAD(bv);
+    float xs[TCH * BLK] __attribute__((aligned(64))), ds[TCH * BLK] __attribute__((aligned(64)));
+    mfz_v h[16];
+#pragma GCC unroll 16
+    for (int n = 0; n < 16; n++) h[n] = VZERO();
+    for (int64_t t0 = 0; t0 < L; t0 += TCH) {
+        const int64_t t1 = t0 + TCH < L ? t0 + TCH : L;
+        /* this chunk's inputs first: x and delta (bias, softplus) of every step, off the recurrence's critical path */
+        for (int64_t t = t0; t < t1; t++) {
+            const int64_t p = ix[t], i = t - t0;
+            VSTORE(xs + i * BLK, _mm512_maskz_loadu_ps(m, u + p * a->su1));
+            VSTORE(ds + i * BLK, VADD(_mm512_maskz_loadu_ps(m, dl + p * a->sd2), br));
+        }
+        if (a->softplus) {
+            _Pragma("omp simd")
+            for (int64_t v = 0; v < (t1 - t0) * BLK; v++) ds[v] = mfz_softplusf(ds[v]);
+        }
+        if (ck) {
+            float *cj = ck + (t0 / TCH) * 16 * Ch;
+#pragma GCC unroll 16
+            for (int n = 0; n < 16; n++) _mm512_mask_storeu_ps(cj + n * Ch, m, h[n]);
+        }
+        for (int64_t t = t0; t < t1; t++) {
+            const int64_t p = ix[t], i = t - t0;
+            if (t + PF < L) {
+                const int64_t q = ix[t + PF];
+                __builtin_prefetch(Bg + q * a->sb2);
+                __builtin_prefetch(Cg + q * a->sc2);
+                __builtin_prefetch(y + q * Ch, 1);
+            }
+            const float *restrict Bt = Bg + p * a->sb2, *restrict Ct = Cg + p * a->sc2;
+            const mfz_v d = VLOAD(ds + i * BLK), x = VLOAD(xs + i * BLK);
+            const mfz_v dx = VMUL(d, x);
+            mfz_v a0 = VMUL(Dr, x), a1 = VZERO();
+#pragma GCC unroll 16
+            for (int n = 0; n < 16; n++) {
+                const mfz_v ea = mfz_exp2v(VMUL(d, VLOAD(A2 + n * BLK)));
+                h[n] = VFMA(ea, h[n], VMUL(dx, VSET1(Bt[n])));
+                if (n & 1) a1 = VFMA(VSET1(Ct[n]), h[n], a1);
+                else a0 = VFMA(VSET1(Ct[n]), h[n], a0);
+            }
+            const mfz_v acc = VADD(a0, a1);
+            float *yp = y + p * Ch;
+            _mm512_mask_storeu_ps(yp, m, r == 0 ? acc : VADD(_mm512_maskz_loadu_ps(m, yp), acc));
+        }
+    }
+    if (hl)
+#pragma GCC unroll 16
+        for (int n = 0; n < 16; n++) _mm512_mask_storeu_ps(hl + n * Ch, m, h[n]);
+    return 1;
+}
+#define mfz_fwd_route16_d(...) 0
+#else
+#define mfz_fwd_route16_f(...) 0
+#define mfz_fwd_route16_d(...) 0
+#endif
 
 /* step -> map position of route r */
 static void route_index(int64_t *idx, int64_t R, int64_t H, int64_t W) {
@@ -418,6 +491,9 @@ static void fwd_block_##SUF(const mfz_scan_args *a, const int64_t *idx, int64_t 
         route_consts_##SUF(a, r, c0, w, k->Ab, k->Dv, k->bv);                                                      \
         memset(k->h, 0, (size_t)(N * BLK) * sizeof(S));                                                            \
         S *ck = a->ck ? (S *)a->ck + (b * R + r) * ((L + TCH - 1) / TCH) * N * Ch + c0 : NULL;                     \
+        if (mfz_fwd_route16_##SUF(a, ix, b, r, c0, w, k->Ab + N * BLK, k->Dv, k->bv, Bg, Cg, y, ck,              \
+                                  a->hlast ? (S *)a->hlast + (b * R + r) * N * Ch + c0 : NULL))             \
+            continue; /* the whole route ran in registers */                                              \
         for (int64_t t = 0; t < L; t++) {                                                                          \
             const int64_t p = ix[t];                                                                               \
             if (t + PF < L) { /* column routes jump a map row per step: fetch a few steps ahead */                 \
