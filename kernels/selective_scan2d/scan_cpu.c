@@ -109,7 +109,7 @@ static inline float mfz_exp2f(float x) {
  * instruction set is targeted they report 0 and the generic loops run. */
 /* the polynomial of MFZ_E2 on a vector (VFMA / VSET1 are the instruction set's, defined below) */
 #define MFZ_E2V(f) VFMA(VFMA(VFMA(VFMA(VFMA(VFMA(VSET1(1.5353356139e-04f), f, VSET1(1.3398875017e-03f)), f,           \
-                   VSET1(9.6184378490e-03f)), f, VSET1(5.5503323674e-02f)), f, VSET1(2.4022647738e-01f)), f,        \
+                   VSET1(9.6184378490e-03f)), f, VSET1(5.5503323674e-02f)), f, VSET1(2.4022647738e-01f)), f,       \
                    VSET1(6.9314718246e-01f)), f, VSET1(1.0f))
 #if defined(__AVX512F__)
 #define MFZ_VW 16
@@ -424,7 +424,7 @@ static inline void load_##SUF(S *restrict dst, const S *restrict src, int64_t w)
     }                                                                                                              \
 }                                                                                                                  \
                                                                                                                    \
-/* per-route constants of a block: A (N x BLK lanes), then A * ASCALE (N x BLK, the decay's), D, bias */                                                   \
+/* per-route constants of a block: A (N x BLK lanes), then A * ASCALE (N x BLK, the decay's), D, bias */           \
 static void route_consts_##SUF(const mfz_scan_args *a, int64_t r, int64_t c0, int64_t w, S *Ab, S *Dv, S *bv) {    \
     const int64_t N = a->N, Ch = a->Ch;                                                                            \
     for (int64_t n = 0; n < N; n++) load_##SUF(Ab + n * BLK, (const S *)a->A + (r * N + n) * Ch + c0, w);          \
@@ -434,7 +434,7 @@ static void route_consts_##SUF(const mfz_scan_args *a, int64_t r, int64_t c0, in
     if (a->bias) load_##SUF(bv, (const S *)a->bias + r * Ch + c0, w); else memset(bv, 0, BLK * sizeof(S));         \
 }                                                                                                                  \
                                                                                                                    \
-/* x, delta (after bias / softplus), pre-activation delta + bias of step position p */                            \
+/* x, delta (after bias / softplus), pre-activation delta + bias of step position p */                             \
 static inline void step_in_##SUF(const mfz_scan_args *a, int64_t b, int64_t r, int64_t p, int64_t c0, int64_t w,   \
                                  const S *restrict bv, S *restrict x, S *restrict d, S *restrict pre) {            \
     load_##SUF(x, (const S *)a->u + b * a->su0 + p * a->su1 + c0, w);                                              \
@@ -448,11 +448,11 @@ static inline void step_in_##SUF(const mfz_scan_args *a, int64_t b, int64_t r, i
     }                                                                                                              \
 }                                                                                                                  \
                                                                                                                    \
-/* h <- exp(d A) h + d x B_t, for every state n (A2 = A * ASCALE); acc (if not NULL) += <C_t, h> */               \
+/* h <- exp(d A) h + d x B_t, for every state n (A2 = A * ASCALE); acc (if not NULL) += <C_t, h> */                \
 static inline void step_state_##SUF(int64_t N, const S *restrict A2, const S *restrict d, const S *restrict x,     \
                                     const S *restrict Bt, const S *restrict Ct, S *restrict h, S *restrict acc,    \
                                     S *restrict ea_out) {                                                          \
-    if (mfz_step_fast_##SUF(N, A2, d, x, Bt, Ct, h, acc, ea_out)) return;                                         \
+    if (mfz_step_fast_##SUF(N, A2, d, x, Bt, Ct, h, acc, ea_out)) return;                                          \
     S dx[BLK];                                                                                                     \
     _Pragma("omp simd")                                                                                            \
     for (int64_t v = 0; v < BLK; v++) dx[v] = d[v] * x[v];                                                         \
@@ -466,18 +466,18 @@ static inline void step_state_##SUF(int64_t N, const S *restrict A2, const S *re
             const S cn = Ct[n];                                                                                    \
             _Pragma("omp simd")                                                                                    \
             for (int64_t v = 0; v < BLK; v++) {                                                                    \
-                const S hv = ea[v] * hn[v] + dx[v] * bn;                                                      \
+                const S hv = ea[v] * hn[v] + dx[v] * bn;                                                           \
                 hn[v] = hv;                                                                                        \
                 acc[v] += cn * hv;                                                                                 \
             }                                                                                                      \
         } else {                                                                                                   \
             _Pragma("omp simd")                                                                                    \
-            for (int64_t v = 0; v < BLK; v++) hn[v] = ea[v] * hn[v] + dx[v] * bn;                                      \
+            for (int64_t v = 0; v < BLK; v++) hn[v] = ea[v] * hn[v] + dx[v] * bn;                                  \
         }                                                                                                          \
     }                                                                                                              \
 }                                                                                                                  \
                                                                                                                    \
-typedef struct { S *Ab, *h, *x, *d, *pre, *acc, *Dv, *bv; } fwd_buf_##SUF;                                         \
+typedef struct { S *Ab, *h, *x, *d, *pre, *acc, *Dv, *bv; } fwd_buf_##SUF; /* x, d: TCH rows */                    \
                                                                                                                    \
 static void fwd_block_##SUF(const mfz_scan_args *a, const int64_t *idx, int64_t b, int64_t q, fwd_buf_##SUF *k) {  \
     const int64_t R = a->R, Ch = a->Ch, G = a->G, L = a->L, N = a->N;                                              \
@@ -485,36 +485,48 @@ static void fwd_block_##SUF(const mfz_scan_args *a, const int64_t *idx, int64_t 
     block_of(a, q, &g, &c0, &w);                                                                                   \
     S *y = (S *)a->y + b * L * Ch + c0;                                                                            \
     for (int64_t r = 0; r < R; r++) {                                                                              \
-        const int64_t *ix = idx + (R == 1 ? 0 : r * L);                                                           \
+        const int64_t *ix = idx + (R == 1 ? 0 : r * L);                                                            \
         const S *Bg = (const S *)a->Bm + b * a->sb0 + (r * G + g) * a->sb1;                                        \
         const S *Cg = (const S *)a->Cm + b * a->sc0 + (r * G + g) * a->sc1;                                        \
         route_consts_##SUF(a, r, c0, w, k->Ab, k->Dv, k->bv);                                                      \
         memset(k->h, 0, (size_t)(N * BLK) * sizeof(S));                                                            \
         S *ck = a->ck ? (S *)a->ck + (b * R + r) * ((L + TCH - 1) / TCH) * N * Ch + c0 : NULL;                     \
-        if (mfz_fwd_route16_##SUF(a, ix, b, r, c0, w, k->Ab + N * BLK, k->Dv, k->bv, Bg, Cg, y, ck,              \
-                                  a->hlast ? (S *)a->hlast + (b * R + r) * N * Ch + c0 : NULL))             \
-            continue; /* the whole route ran in registers */                                              \
-        for (int64_t t = 0; t < L; t++) {                                                                          \
-            const int64_t p = ix[t];                                                                               \
-            if (t + PF < L) { /* column routes jump a map row per step: fetch a few steps ahead */                 \
-                const int64_t q = ix[t + PF];                                                                      \
-                __builtin_prefetch((const S *)a->u + b * a->su0 + q * a->su1 + c0);                                \
-                __builtin_prefetch((const S *)a->delta + b * a->sd0 + r * a->sd1 + q * a->sd2 + c0);               \
-                __builtin_prefetch(Bg + q * a->sb2);                                                               \
-                __builtin_prefetch(Cg + q * a->sc2);                                                               \
-                __builtin_prefetch(y + q * Ch, 1);                                                                 \
+        if (mfz_fwd_route16_##SUF(a, ix, b, r, c0, w, k->Ab + N * BLK, k->Dv, k->bv, Bg, Cg, y, ck,                \
+                                  a->hlast ? (S *)a->hlast + (b * R + r) * N * Ch + c0 : NULL))                    \
+            continue; /* the whole route ran in registers */                                                       \
+        for (int64_t t0 = 0; t0 < L; t0 += TCH) {                                                                  \
+            const int64_t t1 = t0 + TCH < L ? t0 + TCH : L;                                                        \
+            /* the chunk's inputs first (x, delta after bias / softplus): the state steps never wait on them */    \
+            for (int64_t t = t0; t < t1; t++) {                                                                    \
+                const int64_t i = t - t0;                                                                          \
+                if (t + PF < t1) { /* column routes jump a map row per step: fetch a few steps ahead */            \
+                    const int64_t q = ix[t + PF];                                                                  \
+                    __builtin_prefetch((const S *)a->u + b * a->su0 + q * a->su1 + c0);                            \
+                    __builtin_prefetch((const S *)a->delta + b * a->sd0 + r * a->sd1 + q * a->sd2 + c0);           \
+                }                                                                                                  \
+                step_in_##SUF(a, b, r, ix[t], c0, w, k->bv, k->x + i * BLK, k->d + i * BLK, k->pre);               \
             }                                                                                                      \
-            step_in_##SUF(a, b, r, p, c0, w, k->bv, k->x, k->d, k->pre);                                           \
-            _Pragma("omp simd")                                                                                    \
-            for (int64_t v = 0; v < BLK; v++) k->acc[v] = k->Dv[v] * k->x[v];                                      \
-            if (ck && t % TCH == 0) {                                                                              \
-                S *cj = ck + (t / TCH) * N * Ch;                                                                   \
+            if (ck) {                                                                                              \
+                S *cj = ck + (t0 / TCH) * N * Ch;                                                                  \
                 for (int64_t n = 0; n < N; n++) memcpy(cj + n * Ch, k->h + n * BLK, (size_t)w * sizeof(S));        \
             }                                                                                                      \
-            step_state_##SUF(N, k->Ab + N * BLK, k->d, k->x, Bg + p * a->sb2, Cg + p * a->sc2, k->h, k->acc, NULL);\
-            S *yp = y + p * Ch;                                                                                    \
-            if (r == 0) { for (int64_t v = 0; v < w; v++) yp[v] = k->acc[v]; }                                     \
-            else { for (int64_t v = 0; v < w; v++) yp[v] += k->acc[v]; }                                           \
+            for (int64_t t = t0; t < t1; t++) {                                                                    \
+                const int64_t i = t - t0, p = ix[t];                                                               \
+                if (t + PF < L) {                                                                                  \
+                    const int64_t q = ix[t + PF];                                                                  \
+                    __builtin_prefetch(Bg + q * a->sb2);                                                           \
+                    __builtin_prefetch(Cg + q * a->sc2);                                                           \
+                    __builtin_prefetch(y + q * Ch, 1);                                                             \
+                }                                                                                                  \
+                const S *restrict xv = k->x + i * BLK;                                                             \
+                _Pragma("omp simd")                                                                                \
+                for (int64_t v = 0; v < BLK; v++) k->acc[v] = k->Dv[v] * xv[v];                                    \
+                step_state_##SUF(N, k->Ab + N * BLK, k->d + i * BLK, xv, Bg + p * a->sb2, Cg + p * a->sc2, k->h,   \
+                                 k->acc, NULL);                                                                    \
+                S *yp = y + p * Ch;                                                                                \
+                if (r == 0) { for (int64_t v = 0; v < w; v++) yp[v] = k->acc[v]; }                                 \
+                else { for (int64_t v = 0; v < w; v++) yp[v] += k->acc[v]; }                                       \
+            }                                                                                                      \
         }                                                                                                          \
         if (a->hlast) {                                                                                            \
             S *hl = (S *)a->hlast + (b * R + r) * N * Ch + c0;                                                     \
@@ -526,15 +538,16 @@ static void fwd_block_##SUF(const mfz_scan_args *a, const int64_t *idx, int64_t 
 static void *fwd_worker_##SUF(void *arg) {                                                                         \
     mfz_job *j = (mfz_job *)arg;                                                                                   \
     const mfz_scan_args *a = j->a;                                                                                 \
-    const int64_t nbt = a->G * blocks_per_group(a);                                                               \
+    const int64_t nbt = a->G * blocks_per_group(a);                                                                \
     int64_t u0, u1;                                                                                                \
     unit_range(j, a->Bsz * nbt, &u0, &u1);                                                                         \
     if (u0 >= u1) return NULL;                                                                                     \
     const int64_t NB = a->N * BLK;                                                                                 \
-    S *buf = (S *)aligned_buf((size_t)(3 * NB + 6 * BLK) * sizeof(S));                                             \
+    S *buf = (S *)aligned_buf((size_t)(3 * NB + (2 * TCH + 4) * BLK) * sizeof(S));                                 \
     if (!buf) { j->err = 1; return NULL; }                                                                         \
-    S *o = buf + 3 * NB; /* Ab: A and A * ASCALE (2 NB), h (NB), then the BLK-lane rows */                         \
-    fwd_buf_##SUF k = {buf, buf + 2 * NB, o, o + BLK, o + 2 * BLK, o + 3 * BLK, o + 4 * BLK, o + 5 * BLK};        \
+    S *o = buf + 3 * NB; /* Ab: A and A * ASCALE (2 NB), h (NB), x and d of a chunk (TCH rows each), BLK-lane rows */ \
+    S *e = o + 2 * TCH * BLK;                                                                                      \
+    fwd_buf_##SUF k = {buf, buf + 2 * NB, o, o + TCH * BLK, e, e + BLK, e + 2 * BLK, e + 3 * BLK};                 \
     for (int64_t w = u0; w < u1; w++) fwd_block_##SUF(a, j->idx, w / nbt, w % nbt, &k);                            \
     free(buf);                                                                                                     \
     return NULL;                                                                                                   \
@@ -552,7 +565,7 @@ static void bwd_block_##SUF(const mfz_scan_args *a, const int64_t *idx, int64_t 
     S *du = (S *)a->du + b * L * Ch + c0;                                                                          \
     for (int64_t p = 0; p < L; p++) memset(du + p * Ch, 0, (size_t)w * sizeof(S));                                 \
     for (int64_t r = 0; r < R; r++) {                                                                              \
-        const int64_t *ix = idx + (R == 1 ? 0 : r * L);                                                           \
+        const int64_t *ix = idx + (R == 1 ? 0 : r * L);                                                            \
         const S *Bg = (const S *)a->Bm + b * a->sb0 + (r * G + g) * a->sb1;                                        \
         const S *Cg = (const S *)a->Cm + b * a->sc0 + (r * G + g) * a->sc1;                                        \
         S *dBg = dBp + (r * G + g) * L * N;                                                                        \
@@ -584,18 +597,21 @@ static void bwd_block_##SUF(const mfz_scan_args *a, const int64_t *idx, int64_t 
             const int64_t t0 = jc * TCH, t1 = t0 + TCH < L ? t0 + TCH : L;                                         \
             /* recompute this chunk's states into Hc (its inputs into xs / ds / pre) */                            \
             S *ckj = cks ? k->ck : k->ck + jc * NB;                                                                \
-            if (cks) for (int64_t n = 0; n < N; n++) load_##SUF(ckj + n * BLK, cks + (jc * N + n) * Ch, w);       \
+            if (cks) for (int64_t n = 0; n < N; n++) load_##SUF(ckj + n * BLK, cks + (jc * N + n) * Ch, w);        \
             memcpy(k->h, ckj, (size_t)NB * sizeof(S));                                                             \
-            for (int64_t t = t0; t < t1; t++) {                                                                    \
-                const int64_t i = t - t0, p = ix[t];                                                               \
-                if (t + PF < L) {                                                                                  \
+            for (int64_t t = t0; t < t1; t++) { /* the chunk's inputs first, then its states (as the forward) */   \
+                const int64_t i = t - t0;                                                                          \
+                if (t + PF < t1) {                                                                                 \
                     const int64_t q = ix[t + PF];                                                                  \
                     __builtin_prefetch((const S *)a->u + b * a->su0 + q * a->su1 + c0);                            \
                     __builtin_prefetch((const S *)a->delta + b * a->sd0 + r * a->sd1 + q * a->sd2 + c0);           \
-                    __builtin_prefetch(Bg + q * a->sb2);                                                           \
                 }                                                                                                  \
-                step_in_##SUF(a, b, r, p, c0, w, k->bv, k->xs + i * BLK, k->ds + i * BLK, k->pre + i * BLK);       \
-                step_state_##SUF(N, k->Ab + N * BLK, k->ds + i * BLK, k->xs + i * BLK, Bg + p * a->sb2, NULL, k->h,\
+                step_in_##SUF(a, b, r, ix[t], c0, w, k->bv, k->xs + i * BLK, k->ds + i * BLK, k->pre + i * BLK);   \
+            }                                                                                                      \
+            for (int64_t t = t0; t < t1; t++) {                                                                    \
+                const int64_t i = t - t0, p = ix[t];                                                               \
+                if (t + PF < L) __builtin_prefetch(Bg + ix[t + PF] * a->sb2);                                      \
+                step_state_##SUF(N, k->Ab + N * BLK, k->ds + i * BLK, k->xs + i * BLK, Bg + p * a->sb2, NULL, k->h, \
                                  NULL, k->EAc + i * NB);                                                           \
                 memcpy(k->Hc + i * NB, k->h, (size_t)NB * sizeof(S));                                              \
             }                                                                                                      \
@@ -612,12 +628,12 @@ static void bwd_block_##SUF(const mfz_scan_args *a, const int64_t *idx, int64_t 
                 }                                                                                                  \
                 const S *restrict xv = k->xs + i * BLK, *restrict dv = k->ds + i * BLK;                            \
                 const S *restrict ht = k->Hc + i * NB;                                                             \
-                const S *restrict hp = i ? k->Hc + (i - 1) * NB : ckj;                                               \
+                const S *restrict hp = i ? k->Hc + (i - 1) * NB : ckj;                                             \
                 const S *restrict Bt = Bg + p * a->sb2, *restrict Ct = Cg + p * a->sc2;                            \
                 S *restrict dBt = dBg + p * N, *restrict dCt = dCg + p * N;                                        \
                 S *restrict gv = k->g, *restrict lamB = k->lamB, *restrict dsum = k->dsum;                         \
                 load_##SUF(gv, (const S *)a->gy + b * a->sg0 + p * a->sg1 + c0, w);                                \
-                if (!mfz_bwd_step_fast_##SUF(N, k->Ab, k->EAc + i * NB, dv, xv, gv, ht, hp, Bt, Ct, k->mu, k->dAa,  \
+                if (!mfz_bwd_step_fast_##SUF(N, k->Ab, k->EAc + i * NB, dv, xv, gv, ht, hp, Bt, Ct, k->mu, k->dAa, \
                                              lamB, dsum, dBt, dCt)) {                                              \
                 S dx[BLK];                                                                                         \
                 _Pragma("omp simd")                                                                                \
@@ -635,7 +651,7 @@ static void bwd_block_##SUF(const mfz_scan_args *a, const int64_t *idx, int64_t 
                         sC += gv[v] * hn[v];                                                                       \
                         sB += lam * dx[v];                                                                         \
                         lamB[v] += lam * bn;                                                                       \
-                        const S m = ea[v] * lam;                                                                     \
+                        const S m = ea[v] * lam;                                                                   \
                         const S ah = m * hpn[v];                                                                   \
                         dsum[v] += ah * An[v];                                                                     \
                         dAn[v] += ah * dv[v];                                                                      \
