@@ -102,23 +102,71 @@ def test_selective_scan2d_cpu_matches_reference(H, W, N, Ch, dtype):
                                    msg=lambda m, k=k: f"d{k}: {m}")
 
 
-def test_backward_without_forward_checkpoints_matches():
-    """The backward op takes its own checkpoints when the forward saved none (ck=None): same gradients."""
+@pytest.mark.parametrize("low_rank", [False, True])
+def test_backward_without_forward_checkpoints_matches(low_rank):
+    """The backward op takes its own checkpoints when the forward saved none (ck=None): same gradients (also with the
+    low-rank delta, whose recompute forms delta from dt_w again)."""
     g = _gen(5)
     Bsz, L, Ch, R, N, H, W = 2, 9 * 15, 20, 4, 16, 9, 15
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    u, delta = r(Bsz, L, Ch), r(Bsz, R, L, Ch) * 0.5
+    u = r(Bsz, L, Ch)
+    dt_w = r(R, 3, Ch) * 0.5 if low_rank else None
+    delta = r(Bsz, R, L, 3) if low_rank else r(Bsz, R, L, Ch) * 0.5
     A, B, C = -(torch.rand(R, N, Ch, generator=g) + 0.1), r(Bsz, R, L, N), r(Bsz, R, L, N)
     D, bias = r(R, Ch), r(R, Ch) * 0.3
     ops = torch.ops.metaformer_zoo
-    y, _, ck = ops.selective_scan_cpu_fwd(u, delta, A, B, C, D, bias, True, R, 1, H, W, True)
-    y2, _, none = ops.selective_scan_cpu_fwd(u, delta, A, B, C, D, bias, True, R, 1, H, W, False)
+    y, _, ck = ops.selective_scan_cpu_fwd(u, delta, A, B, C, D, bias, dt_w, True, R, 1, H, W, True)
+    y2, _, none = ops.selective_scan_cpu_fwd(u, delta, A, B, C, D, bias, dt_w, True, R, 1, H, W, False)
     assert torch.equal(y, y2) and none.numel() == 0 and ck.shape[:3] == (Bsz, R, math.ceil(L / cpu._TCH))
     gy = r(Bsz, L, Ch)
-    with_ck = ops.selective_scan_cpu_bwd(gy, None, u, delta, A, B, C, D, bias, ck, True, R, 1, H, W)
-    without = ops.selective_scan_cpu_bwd(gy, None, u, delta, A, B, C, D, bias, None, True, R, 1, H, W)
+    with_ck = ops.selective_scan_cpu_bwd(gy, None, u, delta, A, B, C, D, bias, dt_w, ck, True, R, 1, H, W)
+    without = ops.selective_scan_cpu_bwd(gy, None, u, delta, A, B, C, D, bias, dt_w, None, True, R, 1, H, W)
     for a, b in zip(with_ck, without):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("N,Ch,Rdt", [(16, 21, 3), (3, 18, 2), (16, 32, 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_low_rank_delta_matches_the_projected_delta(N, Ch, Rdt, dtype):
+    """``selective_scan2d_tokens(dt_proj=W)`` (the C kernel forms delta from its low-rank input at every step) equals
+    the same call on ``einsum(delta_in, W)``: forward and every gradient, dt_proj's included; odd channel counts (a
+    partial block), N with and without the register path, L over two checkpoint chunks."""
+    g = _gen(11)
+    Bsz, H, W = 2, 9, 13
+    L = H * W
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    inputs = dict(u=r(Bsz, H, W, Ch), delta=r(Bsz, 4, L, Rdt), dt_proj=r(4, Ch, Rdt) * 0.5,
+                  A=-(torch.rand(4 * Ch, N, generator=g, dtype=dtype) + 0.1), B=r(Bsz, 4, L, N), C=r(Bsz, 4, L, N),
+                  D=r(4 * Ch), delta_bias=r(4 * Ch) * 0.3)
+
+    def fused(u, delta, dt_proj, **a):
+        return ss.selective_scan2d_tokens(u, delta, **a, dt_proj=dt_proj, backend="cpu")
+
+    def projected(u, delta, dt_proj, **a):
+        a = {k: v.double() for k, v in a.items()}
+        full = torch.einsum("brlj,rcj->brlc", delta.double(), dt_proj.double())
+        return ss.selective_scan2d_tokens(u.double(), full, **a, backend="cpu")
+
+    got, got_g = _run(fused, inputs)
+    want, want_g = _run(projected, inputs)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+    assert got[0].dtype == dtype
+    torch.testing.assert_close(got[0].double(), want[0].double(), **tol)
+    assert set(got_g) == set(inputs)
+    for k in inputs:
+        scale = want_g[k].double().abs().max().clamp_min(1.0)
+        torch.testing.assert_close(got_g[k].double() / scale, want_g[k].double() / scale, **tol,
+                                   msg=lambda m, k=k: f"d{k}: {m}")
+    # the reference backend takes the same arguments (it projects first)
+    ref = ss.selective_scan2d_tokens(**{k: v.detach() for k, v in inputs.items()}, backend="reference")
+    torch.testing.assert_close(ref.double(), want[0].double(), **tol)
+
+
+def test_low_rank_delta_shape_errors_say_what_is_expected():
+    u, A = torch.randn(1, 3, 4, 8), -torch.rand(32, 4)
+    B = C = torch.randn(1, 4, 12, 4)
+    with pytest.raises(ValueError, match=r"low-rank input \(B, 4, H\*W, R\)"):
+        ss.selective_scan2d_tokens(u, torch.randn(1, 4, 12, 2), A, B, C, dt_proj=torch.randn(4, 8, 3))
 
 
 def test_token_layout_entry_matches_the_channels_first_op():

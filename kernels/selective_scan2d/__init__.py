@@ -302,10 +302,10 @@ def cross_merge(y, H=None, W=None, backend="auto"):
 
 def _check_2d_params(op, Bsz, Ch, L, delta, A, B, C, D, delta_bias, map_order: bool):
     """Shapes of the 2D op's tensors: delta (B, 4, C, L) / B, C (B, 4, N, L) in route order, or (B, 4, L, C) /
-    (B, 4, L, N) in map order (``selective_scan2d_tokens``)."""
+    (B, 4, L, N) in map order (``selective_scan2d_tokens``). delta None: checked by the caller (its low-rank form)."""
     order = "map order" if map_order else "route order"
     want = (Bsz, 4, L, Ch) if map_order else (Bsz, 4, Ch, L)
-    if tuple(delta.shape) != want:
+    if delta is not None and tuple(delta.shape) != want:
         raise ValueError(f"{op}: delta must be {'(B, 4, H*W, C)' if map_order else '(B, 4, C, H*W)'}={want} in "
                          f"{order}, got {list(delta.shape)}")
     if A.dim() != 2 or A.shape[0] != 4 * Ch or A.is_complex():
@@ -354,19 +354,38 @@ def selective_scan2d(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=
         return out
 
 
-def selective_scan2d_tokens(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, backend="auto"):
+def selective_scan2d_tokens(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, backend="auto",
+                            dt_proj=None):
     """``selective_scan2d`` in the layout a token mixer has at hand: u channels-last (B, H, W, C); delta (B, 4, H*W,
     C), B and C (B, 4, H*W, N) in MAP order (route r's value at each row-major position, i.e. a per-token projection
     of u, never cross-scanned); A (4*C, N); D, delta_bias (4*C,). Returns y (B, H, W, C) in u's dtype, equal to
     ``selective_scan2d`` on the channels-first, route-order view of the same values. The C kernel reads this layout
-    directly (strided: slices of one projection need no copy); other backends get the route-order tensors."""
-    be = resolve_backend(backend, u, delta, A, B, C, D, delta_bias, op=OP)
-    _check_2d(u, delta, A, B, C, D, delta_bias, map_order=True)
+    directly (strided: slices of one projection need no copy); other backends get the route-order tensors.
+
+    ``dt_proj`` (4, C, R): Mamba's per-route dt projection. Then ``delta`` is its low-rank input (B, 4, H*W, R) and
+    the delta is ``einsum("brlj,rcj->brlc", delta, dt_proj)``; the C kernel forms it at each step, so the (B, 4,
+    H*W, C) tensor is never written (the other backends compute it first)."""
+    be = resolve_backend(backend, u, delta, A, B, C, D, delta_bias, dt_proj, op=OP)
+    if dt_proj is not None:
+        if u.dim() != 4 or dt_proj.dim() != 3 or tuple(dt_proj.shape[:2]) != (4, u.shape[-1]) or delta.dim() != 4 \
+                or tuple(delta.shape[:3]) != (u.shape[0], 4, u.shape[1] * u.shape[2]) \
+                or delta.shape[3] != dt_proj.shape[2]:
+            raise ValueError(f"selective_scan2d_tokens: with dt_proj (4, C, R), delta must be its low-rank input "
+                             f"(B, 4, H*W, R); got u {list(u.shape)}, delta {list(delta.shape)} and dt_proj "
+                             f"{list(dt_proj.shape)}")
+        if be != "cpu" or _empty_input(u, A):
+            return selective_scan2d_tokens(u, torch.einsum("brlj,rcj->brlc", delta, dt_proj), A, B, C, D,
+                                           delta_bias, delta_softplus, backend=be)
+        _check_2d_params("selective_scan2d_tokens", u.shape[0], u.shape[-1], delta.shape[2], None, A, B, C, D,
+                         delta_bias, map_order=True)
+    else:
+        _check_2d(u, delta, A, B, C, D, delta_bias, map_order=True)
     Bsz, H, W, Ch = u.shape
 
     def routed():
+        full = delta if dt_proj is None else torch.einsum("brlj,rcj->brlc", delta, dt_proj)
         routes = lambda t: reference.map_to_routes(t.transpose(-1, -2), H, W)  # noqa: E731
-        y = selective_scan2d(u.permute(0, 3, 1, 2), routes(delta), A, routes(B), routes(C), D, delta_bias,
+        y = selective_scan2d(u.permute(0, 3, 1, 2), routes(full), A, routes(B), routes(C), D, delta_bias,
                              delta_softplus, backend="reference" if be == "cpu" else be)
         return y.permute(0, 2, 3, 1)
 
@@ -376,7 +395,7 @@ def selective_scan2d_tokens(u, delta, A, B, C, D=None, delta_bias=None, delta_so
     def kernel():
         with no_autocast(u.device.type):
             y, _ = cpu.scan_tokens(u.reshape(Bsz, H * W, Ch), delta, A, B, C, D, delta_bias, delta_softplus, 4, 1,
-                                   H, W)
+                                   H, W, dt_proj=dt_proj)
         return y.view(Bsz, H, W, Ch).to(u.dtype)
 
     return run_kernel(OP, _key(u, delta, B), kernel, routed, kind="CPU")

@@ -49,7 +49,7 @@ from . import reference
 __all__ = ["available", "build_error", "library_path", "scan"]
 
 SOURCE = Path(__file__).with_name("scan_cpu.c")
-ABI = 2
+ABI = 3
 _BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-pthread", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
 
 _lock = threading.Lock()
@@ -62,8 +62,8 @@ _BLK, _TCH = 16, 64  # channels per block, checkpoint interval of the C kernel (
 class _Args(ctypes.Structure):
     _fields_ = ([(n, ctypes.c_int64) for n in ("Bsz", "R", "Ch", "G", "L", "N", "H", "W", "nblk", "softplus",
                                                "nthreads", "su0", "su1", "sd0", "sd1", "sd2", "sb0", "sb1", "sb2",
-                                               "sc0", "sc1", "sc2", "sg0", "sg1")]
-                + [(n, ctypes.c_void_p) for n in ("u", "delta", "A", "Bm", "Cm", "D", "bias", "y", "hlast", "gy",
+                                               "sc0", "sc1", "sc2", "sg0", "sg1", "Rdt")]
+                + [(n, ctypes.c_void_p) for n in ("u", "delta", "A", "Bm", "Cm", "D", "bias", "dtw", "y", "hlast", "gy",
                                                   "gh", "du", "ddelta", "dA", "dD", "dbias", "dB", "dC", "ck")])
 
 
@@ -209,12 +209,14 @@ def _lanes(t: Tensor) -> Tensor:
 
 
 def _args(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], bias: Optional[Tensor],
-          softplus: bool, R: int, G: int, H: int, W: int, **extra) -> _Args:
-    """u (Bsz, L, Ch), delta (Bsz, R, L, Ch), A (R, N, Ch), B / C (Bsz, R*G, L, N), D / bias (R, Ch): strides of
-    the (already lane-contiguous) inputs into the C struct."""
+          dt_w: Optional[Tensor], softplus: bool, R: int, G: int, H: int, W: int, **extra) -> _Args:
+    """u (Bsz, L, Ch), delta (Bsz, R, L, Ch) (or its low-rank input (Bsz, R, L, Rdt) with dt_w (R, Rdt, Ch)), A (R,
+    N, Ch), B / C (Bsz, R*G, L, N), D / bias (R, Ch): strides of the (already lane-contiguous) inputs into the C
+    struct."""
     Bsz, L, Ch = u.shape
     su, sd, sb, sc = u.stride(), delta.stride(), B.stride(), C.stride()
     return _Args(Bsz=Bsz, R=R, Ch=Ch, G=G, L=L, N=A.shape[1], H=H, W=W, softplus=int(softplus),
+                 Rdt=0 if dt_w is None else dt_w.shape[1], dtw=_ptr(dt_w),
                  nthreads=max(1, torch.get_num_threads()), su0=su[0], su1=su[1], sd0=sd[0], sd1=sd[1], sd2=sd[2],
                  sb0=sb[0], sb1=sb[1], sb2=sb[2], sc0=sc[0], sc1=sc[1], sc2=sc[2], u=_ptr(u), delta=_ptr(delta),
                  A=_ptr(A), Bm=_ptr(B), Cm=_ptr(C), D=_ptr(D), bias=_ptr(bias), **extra)
@@ -227,9 +229,9 @@ def _n_runs(Bsz: int, Ch: int, G: int) -> int:
     return max(1, min(blocks, math.ceil(max(1, torch.get_num_threads()) / max(1, Bsz))))
 
 
-def _inputs(u, delta, A, B, C, D, delta_bias):
+def _inputs(u, delta, A, B, C, D, delta_bias, dt_w):
     return (_lanes(u), _lanes(delta), A.contiguous(), _lanes(B), _lanes(C), None if D is None else D.contiguous(),
-            None if delta_bias is None else delta_bias.contiguous())
+            None if delta_bias is None else delta_bias.contiguous(), None if dt_w is None else dt_w.contiguous())
 
 
 def _ck_shape(u: Tensor, A: Tensor, R: int) -> Tuple[int, ...]:
@@ -239,24 +241,26 @@ def _ck_shape(u: Tensor, A: Tensor, R: int) -> Tuple[int, ...]:
 
 @torch.library.custom_op("metaformer_zoo::selective_scan_cpu_fwd", mutates_args=())
 def _fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-            delta_bias: Optional[Tensor], delta_softplus: bool, R: int, G: int, H: int, W: int, save_ck: bool
-            ) -> Tuple[Tensor, Tensor, Tensor]:
+            delta_bias: Optional[Tensor], dt_w: Optional[Tensor], delta_softplus: bool, R: int, G: int, H: int,
+            W: int, save_ck: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """The forward in the C layout (channels last, map order): u (Bsz, L, Ch), delta (Bsz, R, L, Ch), A (R, N, Ch),
-    B / C (Bsz, R*G, L, N), D / delta_bias (R, Ch). Returns (y (Bsz, L, Ch), last states (Bsz, R, N, Ch), the
-    backward's checkpoints (Bsz, R, ceil(L / TCH), N, Ch) when ``save_ck``, else an empty tensor)."""
-    u, delta, A, B, C, D, delta_bias = _inputs(u, delta, A, B, C, D, delta_bias)
+    B / C (Bsz, R*G, L, N), D / delta_bias (R, Ch). With ``dt_w`` (R, Rdt, Ch), ``delta`` is the low-rank input
+    (Bsz, R, L, Rdt) and the kernel takes delta = its per-route projection by dt_w at each step (never stored).
+    Returns (y (Bsz, L, Ch), last states (Bsz, R, N, Ch), the backward's checkpoints (Bsz, R, ceil(L / TCH), N, Ch)
+    when ``save_ck``, else an empty tensor)."""
+    u, delta, A, B, C, D, delta_bias, dt_w = _inputs(u, delta, A, B, C, D, delta_bias, dt_w)
     Bsz, L, Ch = u.shape
     y = u.new_empty(Bsz, L, Ch)
     hlast = u.new_empty(Bsz, R, A.shape[1], Ch)
     ck = u.new_empty(_ck_shape(u, A, R)) if save_ck else u.new_empty((0,))
-    args = _args(u, delta, A, B, C, D, delta_bias, delta_softplus, R, G, H, W, nblk=1, y=_ptr(y), hlast=_ptr(hlast),
-                 ck=_ptr(ck))
+    args = _args(u, delta, A, B, C, D, delta_bias, dt_w, delta_softplus, R, G, H, W, nblk=1, y=_ptr(y),
+                 hlast=_ptr(hlast), ck=_ptr(ck))
     _call("mfz_scan_fwd", args, u.dtype)
     return y, hlast, ck
 
 
 @_fwd_op.register_fake
-def _(u, delta, A, B, C, D, delta_bias, delta_softplus, R, G, H, W, save_ck):
+def _(u, delta, A, B, C, D, delta_bias, dt_w, delta_softplus, R, G, H, W, save_ck):
     Bsz, L, Ch = u.shape
     return (u.new_empty(Bsz, L, Ch), u.new_empty(Bsz, R, A.shape[1], Ch),
             u.new_empty(_ck_shape(u, A, R)) if save_ck else u.new_empty((0,)))
@@ -264,11 +268,12 @@ def _(u, delta, A, B, C, D, delta_bias, delta_softplus, R, G, H, W, save_ck):
 
 @torch.library.custom_op("metaformer_zoo::selective_scan_cpu_bwd", mutates_args=())
 def _bwd_op(g: Tensor, gh: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-            D: Optional[Tensor], delta_bias: Optional[Tensor], ck: Optional[Tensor], delta_softplus: bool, R: int,
-            G: int, H: int, W: int) -> List[Tensor]:
-    """[du, ddelta, dA, dB, dC, dD, ddelta_bias] in the C layout; dD / ddelta_bias are (0,) when absent. ``ck``: the
-    forward's checkpoints (or None: the kernel takes them itself)."""
-    u, delta, A, B, C, D, delta_bias = _inputs(u, delta, A, B, C, D, delta_bias)
+            D: Optional[Tensor], delta_bias: Optional[Tensor], dt_w: Optional[Tensor], ck: Optional[Tensor],
+            delta_softplus: bool, R: int, G: int, H: int, W: int) -> List[Tensor]:
+    """[du, ddelta, dA, dB, dC, dD, ddelta_bias] in the C layout; dD / ddelta_bias are (0,) when absent; ddelta is
+    the gradient of the raw (Bsz, R, L, Ch) delta, also when ``dt_w`` gives it in low rank. ``ck``: the forward's
+    checkpoints (or None: the kernel takes them itself)."""
+    u, delta, A, B, C, D, delta_bias, dt_w = _inputs(u, delta, A, B, C, D, delta_bias, dt_w)
     g = _lanes(g)
     gh = None if gh is None else gh.contiguous()
     ck = None if ck is None or ck.numel() == 0 else ck.contiguous()
@@ -276,14 +281,14 @@ def _bwd_op(g: Tensor, gh: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor
     N = A.shape[1]
     nblk = _n_runs(Bsz, Ch, G)
     du = u.new_empty(Bsz, L, Ch)
-    ddelta = u.new_empty(Bsz, R, L, Ch)
+    ddelta = u.new_empty(Bsz, R, L, Ch)  # the raw delta's gradient (also with dt_w)
     dA = u.new_empty(Bsz, R, N, Ch)
     dD = u.new_empty(Bsz, R, Ch) if D is not None else None
     dbias = u.new_empty(Bsz, R, Ch) if delta_bias is not None else None
     dB = u.new_empty(nblk, Bsz, R * G, L, N)  # partials, zero-filled by the kernel
     dC = u.new_empty(nblk, Bsz, R * G, L, N)
     sg = g.stride()
-    args = _args(u, delta, A, B, C, D, delta_bias, delta_softplus, R, G, H, W, nblk=nblk, sg0=sg[0], sg1=sg[1],
+    args = _args(u, delta, A, B, C, D, delta_bias, dt_w, delta_softplus, R, G, H, W, nblk=nblk, sg0=sg[0], sg1=sg[1],
                  gy=_ptr(g), gh=_ptr(gh), du=_ptr(du), ddelta=_ptr(ddelta), dA=_ptr(dA), dD=_ptr(dD),
                  dbias=_ptr(dbias), dB=_ptr(dB), dC=_ptr(dC), ck=_ptr(ck))
     _call("mfz_scan_bwd", args, u.dtype)
@@ -293,7 +298,7 @@ def _bwd_op(g: Tensor, gh: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor
 
 
 @_bwd_op.register_fake
-def _(g, gh, u, delta, A, B, C, D, delta_bias, ck, delta_softplus, R, G, H, W):
+def _(g, gh, u, delta, A, B, C, D, delta_bias, dt_w, ck, delta_softplus, R, G, H, W):
     Bsz, L, Ch = u.shape
     N = A.shape[1]
     return [u.new_empty(Bsz, L, Ch), u.new_empty(Bsz, R, L, Ch), u.new_empty(R, N, Ch), u.new_empty(Bsz, R * G, L, N),
@@ -302,18 +307,23 @@ def _(g, gh, u, delta, A, B, C, D, delta_bias, ck, delta_softplus, R, G, H, W):
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, delta_bias, delta_softplus, R, G, H, W, save_ck = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, output[2])
+    u, delta, A, B, C, D, delta_bias, dt_w, delta_softplus, R, G, H, W, save_ck = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, dt_w, output[2])
     ctx.meta = (delta_softplus, R, G, H, W)
     ctx.mark_non_differentiable(output[2])
 
 
 def _backward(ctx, gy, gh, gck):
-    u, delta, A, B, C, D, delta_bias, ck = ctx.saved_tensors
+    u, delta, A, B, C, D, delta_bias, dt_w, ck = ctx.saved_tensors
     softplus, R, G, H, W = ctx.meta
     gy = torch.zeros_like(u) if gy is None else gy
-    du, ddelta, dA, dB, dC, dD, dbias = _bwd_op(gy, gh, u, delta, A, B, C, D, delta_bias, ck, softplus, R, G, H, W)
-    return (du, ddelta, dA, dB, dC, dD if D is not None else None, dbias if delta_bias is not None else None,
+    du, ddelta, dA, dB, dC, dD, dbias = _bwd_op(gy, gh, u, delta, A, B, C, D, delta_bias, dt_w, ck, softplus, R, G,
+                                                H, W)
+    ddt_w = None
+    if dt_w is not None:  # delta = dt_w^T (per route) applied to the low-rank input: the chain rule through it
+        ddt_w = torch.einsum("brlc,brlj->rjc", ddelta, delta) if ctx.needs_input_grad[7] else None
+        ddelta = torch.einsum("brlc,rjc->brlj", ddelta, dt_w)
+    return (du, ddelta, dA, dB, dC, dD if D is not None else None, dbias if delta_bias is not None else None, ddt_w,
             None, None, None, None, None, None)
 
 
@@ -321,19 +331,22 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def scan_tokens(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                delta_bias: Optional[Tensor], delta_softplus: bool, R: int, G: int, H: int, W: int
-                ) -> Tuple[Tensor, Tensor]:
+                delta_bias: Optional[Tensor], delta_softplus: bool, R: int, G: int, H: int, W: int,
+                dt_proj: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """The kernel in its own layout, any input dtypes: u (Bsz, L, Ch), delta (Bsz, R, L, Ch) in map order, A
-    (R*Ch, N), B / C (Bsz, R*G, L, N) in map order, D / delta_bias (R*Ch,). Returns (y (Bsz, L, Ch) in the
-    accumulation dtype, last states (Bsz, R, N, Ch)). Casts and the small A / D transposes are autograd ops."""
+    (R*Ch, N), B / C (Bsz, R*G, L, N) in map order, D / delta_bias (R*Ch,). With ``dt_proj`` (R, Ch, Rdt) (a
+    per-route dt projection, Mamba's ``dt_proj`` weights), ``delta`` is its low-rank input (Bsz, R, L, Rdt) and the
+    kernel forms delta[..., c] = delta_in @ dt_proj[r, c] itself. Returns (y (Bsz, L, Ch) in the accumulation dtype,
+    last states (Bsz, R, N, Ch)). Casts and the small A / D / dt_proj transposes are autograd ops."""
     f = torch.float64 if u.dtype == torch.float64 else torch.float32
     Ch = u.shape[-1]
     At = A.to(f).view(R, Ch, A.shape[-1]).transpose(1, 2)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (u, delta, A, B, C, D, delta_bias))
+                                           for t in (u, delta, A, B, C, D, delta_bias, dt_proj))
     y, hlast, _ = torch.ops.metaformer_zoo.selective_scan_cpu_fwd(
         u.to(f), delta.to(f), At, B.to(f), C.to(f), None if D is None else D.to(f).view(R, Ch),
-        None if delta_bias is None else delta_bias.to(f).view(R, Ch), bool(delta_softplus), R, G, H, W, grad)
+        None if delta_bias is None else delta_bias.to(f).view(R, Ch),
+        None if dt_proj is None else dt_proj.to(f).transpose(1, 2), bool(delta_softplus), R, G, H, W, grad)
     return y, hlast
 
 

@@ -8,7 +8,11 @@
  *
  *   u, gy  (Bsz, L, Ch)         (b, p, c) at b*s0 + p*s1 + c: the map flattened row-major (2D) or the sequence (1D)
  *   delta  (Bsz, R, L, Ch)      MAP order (step t of route r reads position p = route r's t-th position), raw:
- *                               bias and softplus are applied here
+ *                               bias and softplus are applied here. With dtw (not NULL) it is the LOW-RANK input
+ *                               instead, (Bsz, R, L, Rdt), and the raw delta of channel c is
+ *                               sum_j dtw[r][j][c] delta[b][r][p][j] (a per-route dt projection, computed per step
+ *                               and never stored; the backward still returns the gradient of the raw delta)
+ *   dtw    (R, Rdt, Ch)         contiguous, or NULL
  *   A      (R, N, Ch)           contiguous; D, bias (R, Ch) contiguous or NULL
  *   Bm, Cm (Bsz, R*G, L, N)     map order; group r*G + c / (Ch/G) serves channel c on route r
  *   y      (Bsz, L, Ch)         out, contiguous: sum over the routes of <C_t, h_t> + D u at each step's position
@@ -38,7 +42,7 @@
 #include <immintrin.h>
 #endif
 
-#define MFZ_ABI 2
+#define MFZ_ABI 3
 #define BLK 16 /* channels per block = lanes of the vector loops */
 #define PF 4   /* steps the forward prefetches ahead */
 #define TCH 64 /* backward recompute chunk (steps) = checkpoint interval */
@@ -49,7 +53,8 @@ typedef struct {
     int64_t softplus; /* delta = softplus(delta + bias) when nonzero (threshold 20, as torch) */
     int64_t nthreads;
     int64_t su0, su1, sd0, sd1, sd2, sb0, sb1, sb2, sc0, sc1, sc2, sg0, sg1; /* element strides, see above */
-    const void *u, *delta, *A, *Bm, *Cm, *D, *bias;
+    int64_t Rdt; /* rank of the low-rank delta (dtw not NULL) */
+    const void *u, *delta, *A, *Bm, *Cm, *D, *bias, *dtw;
     void *y;     /* forward out (Bsz, L, Ch) */
     void *hlast; /* forward out (Bsz, R, N, Ch) or NULL */
     const void *gy, *gh; /* backward in: (Bsz, L, Ch) strided like u, (Bsz, R, N, Ch) contiguous or NULL */
@@ -281,7 +286,8 @@ static int mfz_fwd_route16_f(const mfz_scan_args *a, const int64_t *ix, int64_t 
     const int64_t L = a->L, Ch = a->Ch;
     const __mmask16 m = (__mmask16)((1u << w) - 1u);
     const float *u = (const float *)a->u + b * a->su0 + c0;
-    const float *dl = (const float *)a->delta + b * a->sd0 + r * a->sd1 + c0;
+    const float *dl = (const float *)a->delta + b * a->sd0 + r * a->sd1 + (a->dtw ? 0 : c0);
+    const float *restrict Wb = A2 + 16 * BLK; /* the dt projection block (route_consts), when dtw */
     const mfz_v Dr = VLOAD(Dv), br = VLOAD(bv);
     float xs[TCH * BLK] __attribute__((aligned(64))), ds[TCH * BLK] __attribute__((aligned(64)));
     mfz_v h[16];
@@ -293,7 +299,15 @@ static int mfz_fwd_route16_f(const mfz_scan_args *a, const int64_t *ix, int64_t 
         for (int64_t t = t0; t < t1; t++) {
             const int64_t p = ix[t], i = t - t0;
             VSTORE(xs + i * BLK, _mm512_maskz_loadu_ps(m, u + p * a->su1));
-            VSTORE(ds + i * BLK, VADD(_mm512_maskz_loadu_ps(m, dl + p * a->sd2), br));
+            mfz_v dr;
+            if (a->dtw) { /* the low-rank delta, in the generic step_in's order */
+                const float *restrict di = dl + p * a->sd2;
+                dr = VZERO();
+                for (int64_t j = 0; j < a->Rdt; j++) dr = VFMA(VLOAD(Wb + j * BLK), VSET1(di[j]), dr);
+            } else {
+                dr = _mm512_maskz_loadu_ps(m, dl + p * a->sd2);
+            }
+            VSTORE(ds + i * BLK, VADD(dr, br));
         }
         if (a->softplus) {
             _Pragma("omp simd")
@@ -424,21 +438,36 @@ static inline void load_##SUF(S *restrict dst, const S *restrict src, int64_t w)
     }                                                                                                              \
 }                                                                                                                  \
                                                                                                                    \
-/* per-route constants of a block: A (N x BLK lanes), then A * ASCALE (N x BLK, the decay's), D, bias */           \
+/* per-route constants of a block: A (N x BLK lanes), A * ASCALE (N x BLK, the decay's), the dt projection block   \
+ * (Rdt x BLK, when dtw), then D, bias */                                                                          \
 static void route_consts_##SUF(const mfz_scan_args *a, int64_t r, int64_t c0, int64_t w, S *Ab, S *Dv, S *bv) {    \
     const int64_t N = a->N, Ch = a->Ch;                                                                            \
     for (int64_t n = 0; n < N; n++) load_##SUF(Ab + n * BLK, (const S *)a->A + (r * N + n) * Ch + c0, w);          \
     _Pragma("omp simd")                                                                                            \
     for (int64_t i = 0; i < N * BLK; i++) Ab[N * BLK + i] = Ab[i] * ASCALE;                                        \
+    if (a->dtw)                                                                                                    \
+        for (int64_t j = 0; j < a->Rdt; j++)                                                                       \
+            load_##SUF(Ab + (2 * N + j) * BLK, (const S *)a->dtw + (r * a->Rdt + j) * Ch + c0, w);                 \
     if (a->D) load_##SUF(Dv, (const S *)a->D + r * Ch + c0, w); else memset(Dv, 0, BLK * sizeof(S));               \
     if (a->bias) load_##SUF(bv, (const S *)a->bias + r * Ch + c0, w); else memset(bv, 0, BLK * sizeof(S));         \
 }                                                                                                                  \
                                                                                                                    \
 /* x, delta (after bias / softplus), pre-activation delta + bias of step position p */                             \
 static inline void step_in_##SUF(const mfz_scan_args *a, int64_t b, int64_t r, int64_t p, int64_t c0, int64_t w,   \
-                                 const S *restrict bv, S *restrict x, S *restrict d, S *restrict pre) {            \
+                                 const S *restrict Wb, const S *restrict bv, S *restrict x, S *restrict d,         \
+                                 S *restrict pre) {                                                                \
     load_##SUF(x, (const S *)a->u + b * a->su0 + p * a->su1 + c0, w);                                              \
-    load_##SUF(pre, (const S *)a->delta + b * a->sd0 + r * a->sd1 + p * a->sd2 + c0, w);                           \
+    if (a->dtw) { /* the raw delta from the low-rank input (Wb: the block's dt projection, route_consts) */        \
+        const S *restrict di = (const S *)a->delta + b * a->sd0 + r * a->sd1 + p * a->sd2;                         \
+        memset(pre, 0, BLK * sizeof(S));                                                                           \
+        for (int64_t j = 0; j < a->Rdt; j++) {                                                                     \
+            const S dj = di[j];                                                                                    \
+            _Pragma("omp simd")                                                                                    \
+            for (int64_t v = 0; v < BLK; v++) pre[v] += Wb[j * BLK + v] * dj;                                      \
+        }                                                                                                          \
+    } else {                                                                                                       \
+        load_##SUF(pre, (const S *)a->delta + b * a->sd0 + r * a->sd1 + p * a->sd2 + c0, w);                       \
+    }                                                                                                              \
     if (a->softplus) {                                                                                             \
         _Pragma("omp simd")                                                                                        \
         for (int64_t v = 0; v < BLK; v++) { pre[v] += bv[v]; d[v] = SOFTPLUS(pre[v]); }                            \
@@ -502,9 +531,11 @@ static void fwd_block_##SUF(const mfz_scan_args *a, const int64_t *idx, int64_t 
                 if (t + PF < t1) { /* column routes jump a map row per step: fetch a few steps ahead */            \
                     const int64_t q = ix[t + PF];                                                                  \
                     __builtin_prefetch((const S *)a->u + b * a->su0 + q * a->su1 + c0);                            \
-                    __builtin_prefetch((const S *)a->delta + b * a->sd0 + r * a->sd1 + q * a->sd2 + c0);           \
+                    const int64_t dc = a->dtw ? 0 : c0; /* the low-rank row has no channel offset */               \
+                    __builtin_prefetch((const S *)a->delta + b * a->sd0 + r * a->sd1 + q * a->sd2 + dc);           \
                 }                                                                                                  \
-                step_in_##SUF(a, b, r, ix[t], c0, w, k->bv, k->x + i * BLK, k->d + i * BLK, k->pre);               \
+                step_in_##SUF(a, b, r, ix[t], c0, w, k->Ab + 2 * N * BLK, k->bv, k->x + i * BLK, k->d + i * BLK,   \
+                              k->pre);                                                                             \
             }                                                                                                      \
             if (ck) {                                                                                              \
                 S *cj = ck + (t0 / TCH) * N * Ch;                                                                  \
@@ -543,11 +574,12 @@ static void *fwd_worker_##SUF(void *arg) {                                      
     unit_range(j, a->Bsz * nbt, &u0, &u1);                                                                         \
     if (u0 >= u1) return NULL;                                                                                     \
     const int64_t NB = a->N * BLK;                                                                                 \
-    S *buf = (S *)aligned_buf((size_t)(3 * NB + (2 * TCH + 4) * BLK) * sizeof(S));                                 \
+    const int64_t AB = 2 * NB + (a->dtw ? a->Rdt : 0) * BLK; /* Ab: A, A * ASCALE, dt projection block */          \
+    S *buf = (S *)aligned_buf((size_t)(AB + NB + (2 * TCH + 4) * BLK) * sizeof(S));                                \
     if (!buf) { j->err = 1; return NULL; }                                                                         \
-    S *o = buf + 3 * NB; /* Ab: A and A * ASCALE (2 NB), h (NB), x and d of a chunk (TCH rows each), BLK-lane rows */ \
+    S *o = buf + AB + NB; /* Ab (AB), h (NB), x and d of a chunk (TCH rows each), BLK-lane rows */                 \
     S *e = o + 2 * TCH * BLK;                                                                                      \
-    fwd_buf_##SUF k = {buf, buf + 2 * NB, o, o + TCH * BLK, e, e + BLK, e + 2 * BLK, e + 3 * BLK};                 \
+    fwd_buf_##SUF k = {buf, buf + AB, o, o + TCH * BLK, e, e + BLK, e + 2 * BLK, e + 3 * BLK};                     \
     for (int64_t w = u0; w < u1; w++) fwd_block_##SUF(a, j->idx, w / nbt, w % nbt, &k);                            \
     free(buf);                                                                                                     \
     return NULL;                                                                                                   \
@@ -579,7 +611,7 @@ static void bwd_block_##SUF(const mfz_scan_args *a, const int64_t *idx, int64_t 
             memset(k->ck, 0, (size_t)NB * sizeof(S));                                                              \
             const int64_t tck = ((L - 1) / TCH) * TCH; /* steps before the last checkpoint */                      \
             for (int64_t t = 0; t < tck; t++) {                                                                    \
-                step_in_##SUF(a, b, r, ix[t], c0, w, k->bv, k->xs, k->ds, k->pre);                                 \
+                step_in_##SUF(a, b, r, ix[t], c0, w, k->Ab + 2 * N * BLK, k->bv, k->xs, k->ds, k->pre);            \
                 step_state_##SUF(N, k->Ab + N * BLK, k->ds, k->xs, Bg + ix[t] * a->sb2, NULL, k->h, NULL, NULL);   \
                 if ((t + 1) % TCH == 0) memcpy(k->ck + ((t + 1) / TCH) * NB, k->h, (size_t)NB * sizeof(S));        \
             }                                                                                                      \
@@ -604,9 +636,11 @@ static void bwd_block_##SUF(const mfz_scan_args *a, const int64_t *idx, int64_t 
                 if (t + PF < t1) {                                                                                 \
                     const int64_t q = ix[t + PF];                                                                  \
                     __builtin_prefetch((const S *)a->u + b * a->su0 + q * a->su1 + c0);                            \
-                    __builtin_prefetch((const S *)a->delta + b * a->sd0 + r * a->sd1 + q * a->sd2 + c0);           \
+                    const int64_t dc = a->dtw ? 0 : c0; /* the low-rank row has no channel offset */               \
+                    __builtin_prefetch((const S *)a->delta + b * a->sd0 + r * a->sd1 + q * a->sd2 + dc);           \
                 }                                                                                                  \
-                step_in_##SUF(a, b, r, ix[t], c0, w, k->bv, k->xs + i * BLK, k->ds + i * BLK, k->pre + i * BLK);   \
+                step_in_##SUF(a, b, r, ix[t], c0, w, k->Ab + 2 * N * BLK, k->bv, k->xs + i * BLK, k->ds + i * BLK, \
+                              k->pre + i * BLK);                                                                   \
             }                                                                                                      \
             for (int64_t t = t0; t < t1; t++) {                                                                    \
                 const int64_t i = t - t0, p = ix[t];                                                               \
@@ -693,8 +727,8 @@ static void *bwd_worker_##SUF(void *arg) {                                      
     unit_range(j, a->Bsz * a->nblk, &u0, &u1);                                                                     \
     if (u0 >= u1) return NULL;                                                                                     \
     const int64_t nck = (a->L + TCH - 1) / TCH;                                                                    \
-    const size_t sizes[17] = {2 * NB, BLK, BLK, NB, (a->ck ? 1 : nck) * NB, TCH * NB, TCH * BLK, TCH * BLK,        \
-                              TCH * BLK, NB, NB, BLK, BLK, BLK, BLK, BLK, TCH * NB};                               \
+    const size_t sizes[17] = {2 * NB + (a->dtw ? a->Rdt : 0) * BLK, BLK, BLK, NB, (a->ck ? 1 : nck) * NB, TCH * NB, \
+                              TCH * BLK, TCH * BLK, TCH * BLK, NB, NB, BLK, BLK, BLK, BLK, BLK, TCH * NB};         \
     size_t total = 0;                                                                                              \
     for (int i = 0; i < 17; i++) total += sizes[i];                                                                \
     S *buf = (S *)aligned_buf(total * sizeof(S));                                                                  \

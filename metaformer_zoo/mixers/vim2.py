@@ -43,9 +43,11 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
 # ``METAFORMER_ZOO_KERNELS``) and autograd stay the same in a scripted model, which therefore runs (and trains)
 # in-process but cannot be ``torch.jit.save``d (the calls go back into Python).
 @torch.jit.ignore
-def _selective_scan2d_tokens(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                             D: torch.Tensor, delta_bias: torch.Tensor, backend: str) -> torch.Tensor:
-    return scan_ops.selective_scan2d_tokens(u, delta, A, B, C, D, delta_bias, delta_softplus=True, backend=backend)
+def _selective_scan2d_tokens(u: torch.Tensor, dt_in: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                             D: torch.Tensor, delta_bias: torch.Tensor, dt_proj: torch.Tensor,
+                             backend: str) -> torch.Tensor:
+    return scan_ops.selective_scan2d_tokens(u, dt_in, A, B, C, D, delta_bias, delta_softplus=True, backend=backend,
+                                            dt_proj=dt_proj)
 
 
 @torch.jit.ignore
@@ -157,13 +159,15 @@ class SS2D(_SSMParams):
         u = self.conv2d(u.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last))
         u = self.act(u).permute(0, 2, 3, 1)  # (B, H, W, d_inner), channels-last
         # VMamba projects each route's cross-scanned sequence; the projections act per token, so they are taken once
-        # per position here (map order, (B, L, 4, R + 2N)) and the scan reads route r's steps through its index
-        K = self.K
+        # per position here (map order, (B, L, 4, R + 2N)) and the scan reads route r's steps through its index.
+        # dt_proj (R -> d_inner per route) goes to the scan with its low-rank input: the C kernel applies it per step
+        # (the (B, 4, L, d_inner) delta is never written); other backends apply it first
+        K, R, N = self.K, self.dt_rank, self.d_state
         x_dbl = F.linear(u, self.x_proj_weight.reshape(-1, self.d_inner)).view(Bsz, H * W, K, -1)
-        dts, Bs, Cs = self._from_dbl(x_dbl)
+        dt_in, Bs, Cs = (t.permute(0, 2, 1, 3) for t in torch.split(x_dbl, [R, N, N], dim=-1))  # (B, K, L, .)
         As = -torch.exp(_acc(self.A_logs))
-        y = _selective_scan2d_tokens(u, dts.permute(0, 2, 1, 3), As, Bs, Cs, _acc(self.Ds),
-                                     _acc(self.dt_projs_bias).view(-1), self.backend)  # (B, H, W, d_inner)
+        y = _selective_scan2d_tokens(u, dt_in, As, Bs, Cs, _acc(self.Ds), _acc(self.dt_projs_bias).view(-1),
+                                     self.dt_projs_weight, self.backend)  # (B, H, W, d_inner)
         y = self.out_norm(y.to(z.dtype))
         y = y * F.silu(z)
         y = self.dropout(self.out_proj(y))
