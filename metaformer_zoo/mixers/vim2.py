@@ -219,8 +219,11 @@ class SelectiveChannelMixer(_SSMParams):
         s = self.in_proj(t).view(M, S, g)  # the 2C vector as S steps of g-dim vectors
         z = F.silu(self.gate_proj(s))  # (M, S, g)
         u = torch.cat([s, s.flip(1)], dim=-1) if K == 2 else s  # (M, S, K*g): forward, flipped; step-major
-        u = self.conv1d(u.transpose(1, 2))[..., :S]  # causal depthwise conv along the steps
-        u = self.act(u.transpose(1, 2).contiguous())  # (M, S, K*g), channels innermost for the scan
+        # the causal depthwise conv along the steps (conv1d's weights), run as a (d_conv, 1) conv2d on the step-major
+        # map left-padded by d_conv - 1 steps: channels-last in and out, so no transposes around it
+        u = F.pad(u, (0, 0, self.d_conv - 1, 0)).unsqueeze(2).permute(0, 3, 1, 2)  # (M, K*g, S + d_conv - 1, 1)
+        u = F.conv2d(u, self.conv1d.weight.unsqueeze(-1), self.conv1d.bias, groups=K * g)  # (M, K*g, S, 1)
+        u = self.act(u.permute(0, 2, 3, 1).reshape(M, S, K * g))  # (M, S, K*g), channels innermost for the scan
         x_dbl = torch.einsum("mskd,kcd->mskc", u.view(M, S, K, g), self.x_proj_weight)  # (M, S, K, R + 2N)
         dts, Bs, Cs = self._from_dbl(x_dbl)
         As = -torch.exp(_acc(self.A_logs))
