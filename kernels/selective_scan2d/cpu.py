@@ -3,7 +3,7 @@
 Why a C loop: on CPU the scan is a (batch, channel, L, N) recurrence bound by its exponentials. Any tensor-op form
 (the chunked reference) has to write and re-read the (T, batch, dim, N) terms of every chunk; the C loop updates the
 states of 16 channels per vector instruction (one exponential per state update) and reads each input row once.
-ViM2-T inference on 2 cores: the scans take ~57 ms instead of ~0.5 s (numbers in ``kernels/README.md``).
+ViM2-T inference on 2 cores: the scans take ~42 ms instead of ~0.5 s (numbers in ``kernels/README.md``).
 
 * Build: ``$CC`` (else ``gcc``, else ``cc``) with ``-O3 -march=native -mprefer-vector-width=512`` (retried with
   less if the compiler refuses it), ``-fopenmp-simd``, and ``-fopenmp`` when torch's threads are GNU OpenMP's (see
