@@ -300,13 +300,13 @@ SPEC = FamilySpec(
           "checkpoint; the filter validates zoo-layout checkpoints only and to_official is None.",
     models=(
         Variant("vim2_tiny", dict(depths=(1, 1, 3, 1), dims=(96, 192, 384, 768), drop_path_rate=0.2),
-                params=23_635_954, macs=4_057_318_848, top1=82.7, top1_source=_TOP1_SOURCE,
+                params=23_635_954, macs=4_056_443_904, top1=82.7, top1_source=_TOP1_SOURCE,
                 tags={"untrained": {}}),
         Variant("vim2_small", dict(depths=(1, 1, 9, 1), dims=(96, 192, 384, 768), drop_path_rate=0.3),
-                params=41_541_268, macs=7_650_346_944, top1=83.7, top1_source=_TOP1_SOURCE,
+                params=41_541_268, macs=7_649_246_208, top1=83.7, top1_source=_TOP1_SOURCE,
                 tags={"untrained": {}}),
         Variant("vim2_base", dict(depths=(1, 1, 9, 1), dims=(128, 256, 512, 1024), drop_path_rate=0.6),
-                params=71_771_956, macs=13_051_698_112, top1=83.9, top1_source=_TOP1_SOURCE,
+                params=71_771_956, macs=13_050_597_376, top1=83.9, top1_source=_TOP1_SOURCE,
                 tags={"untrained": {}}),
     ),
 )
