@@ -477,6 +477,24 @@ static inline void step_in_##SUF(const mfz_scan_args *a, int64_t b, int64_t r, i
     }                                                                                                              \
 }                                                                                                                  \
                                                                                                                    \
+/* step_in for the steps [t0, t1) of route r: x and d into consecutive BLK-lane rows, the pre-activations every    \
+ * pre_step lanes (0: one row, overwritten); the inputs of step t + PF are prefetched (column routes jump a map    \
+ * row per step) */                                                                                                \
+static void chunk_in_##SUF(const mfz_scan_args *a, const int64_t *ix, int64_t b, int64_t r, int64_t c0, int64_t w, \
+                           int64_t t0, int64_t t1, const S *Wb, const S *bv, S *x, S *d, S *pre,                   \
+                           int64_t pre_step) {                                                                     \
+    const int64_t dc = a->dtw ? 0 : c0; /* the low-rank row has no channel offset */                               \
+    for (int64_t t = t0; t < t1; t++) {                                                                            \
+        const int64_t i = t - t0;                                                                                  \
+        if (t + PF < t1) {                                                                                         \
+            const int64_t q = ix[t + PF];                                                                          \
+            __builtin_prefetch((const S *)a->u + b * a->su0 + q * a->su1 + c0);                                    \
+            __builtin_prefetch((const S *)a->delta + b * a->sd0 + r * a->sd1 + q * a->sd2 + dc);                   \
+        }                                                                                                          \
+        step_in_##SUF(a, b, r, ix[t], c0, w, Wb, bv, x + i * BLK, d + i * BLK, pre + i * pre_step);                \
+    }                                                                                                              \
+}                                                                                                                  \
+                                                                                                                   \
 /* h <- exp(d A) h + d x B_t, for every state n (A2 = A * ASCALE); acc (if not NULL) += <C_t, h> */                \
 static inline void step_state_##SUF(int64_t N, const S *restrict A2, const S *restrict d, const S *restrict x,     \
                                     const S *restrict Bt, const S *restrict Ct, S *restrict h, S *restrict acc,    \
@@ -526,17 +544,7 @@ static void fwd_block_##SUF(const mfz_scan_args *a, const int64_t *idx, int64_t 
         for (int64_t t0 = 0; t0 < L; t0 += TCH) {                                                                  \
             const int64_t t1 = t0 + TCH < L ? t0 + TCH : L;                                                        \
             /* the chunk's inputs first (x, delta after bias / softplus): the state steps never wait on them */    \
-            for (int64_t t = t0; t < t1; t++) {                                                                    \
-                const int64_t i = t - t0;                                                                          \
-                if (t + PF < t1) { /* column routes jump a map row per step: fetch a few steps ahead */            \
-                    const int64_t q = ix[t + PF];                                                                  \
-                    __builtin_prefetch((const S *)a->u + b * a->su0 + q * a->su1 + c0);                            \
-                    const int64_t dc = a->dtw ? 0 : c0; /* the low-rank row has no channel offset */               \
-                    __builtin_prefetch((const S *)a->delta + b * a->sd0 + r * a->sd1 + q * a->sd2 + dc);           \
-                }                                                                                                  \
-                step_in_##SUF(a, b, r, ix[t], c0, w, k->Ab + 2 * N * BLK, k->bv, k->x + i * BLK, k->d + i * BLK,   \
-                              k->pre);                                                                             \
-            }                                                                                                      \
+            chunk_in_##SUF(a, ix, b, r, c0, w, t0, t1, k->Ab + 2 * N * BLK, k->bv, k->x, k->d, k->pre, 0);         \
             if (ck) {                                                                                              \
                 S *cj = ck + (t0 / TCH) * N * Ch;                                                                  \
                 for (int64_t n = 0; n < N; n++) memcpy(cj + n * Ch, k->h + n * BLK, (size_t)w * sizeof(S));        \
@@ -631,17 +639,8 @@ static void bwd_block_##SUF(const mfz_scan_args *a, const int64_t *idx, int64_t 
             S *ckj = cks ? k->ck : k->ck + jc * NB;                                                                \
             if (cks) for (int64_t n = 0; n < N; n++) load_##SUF(ckj + n * BLK, cks + (jc * N + n) * Ch, w);        \
             memcpy(k->h, ckj, (size_t)NB * sizeof(S));                                                             \
-            for (int64_t t = t0; t < t1; t++) { /* the chunk's inputs first, then its states (as the forward) */   \
-                const int64_t i = t - t0;                                                                          \
-                if (t + PF < t1) {                                                                                 \
-                    const int64_t q = ix[t + PF];                                                                  \
-                    __builtin_prefetch((const S *)a->u + b * a->su0 + q * a->su1 + c0);                            \
-                    const int64_t dc = a->dtw ? 0 : c0; /* the low-rank row has no channel offset */               \
-                    __builtin_prefetch((const S *)a->delta + b * a->sd0 + r * a->sd1 + q * a->sd2 + dc);           \
-                }                                                                                                  \
-                step_in_##SUF(a, b, r, ix[t], c0, w, k->Ab + 2 * N * BLK, k->bv, k->xs + i * BLK, k->ds + i * BLK, \
-                              k->pre + i * BLK);                                                                   \
-            }                                                                                                      \
+            /* the chunk's inputs first, then its states (as the forward) */                                       \
+            chunk_in_##SUF(a, ix, b, r, c0, w, t0, t1, k->Ab + 2 * N * BLK, k->bv, k->xs, k->ds, k->pre, BLK);     \
             for (int64_t t = t0; t < t1; t++) {                                                                    \
                 const int64_t i = t - t0, p = ix[t];                                                               \
                 if (t + PF < L) __builtin_prefetch(Bg + ix[t + PF] * a->sb2);                                      \
