@@ -162,11 +162,49 @@ def test_low_rank_delta_matches_the_projected_delta(N, Ch, Rdt, dtype):
     torch.testing.assert_close(ref.double(), want[0].double(), **tol)
 
 
+@pytest.mark.parametrize("Gd,Rdt,G", [(2, 1, 2), (1, 3, 1), (4, 2, 2)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_grouped_low_rank_delta_1d_matches_the_projected_delta(Gd, Rdt, G, dtype):
+    """``selective_scan_tokens(dt_proj=W)`` with a grouped (Gd, dim / Gd, R) projection (ViM2's channel mixer: one
+    per scan direction) equals the call on ``einsum(delta_in, W)``: forward and every gradient, on odd L over two
+    checkpoint chunks and a partial channel block; Gd independent of the B / C groups."""
+    g = _gen(12)
+    b, L, d, N = 3, 70, 40, 16
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    inputs = dict(u=r(b, L, d), delta=r(b, L, Gd, Rdt), dt_proj=r(Gd, d // Gd, Rdt) * 0.5,
+                  A=-(torch.rand(d, N, generator=g, dtype=dtype) + 0.1), B=r(b, G, L, N), C=r(b, G, L, N),
+                  D=r(d), delta_bias=r(d) * 0.3)
+
+    def fused(u, delta, dt_proj, **a):
+        return ss.selective_scan_tokens(u, delta, **a, delta_softplus=True, dt_proj=dt_proj, backend="cpu")
+
+    def projected(u, delta, dt_proj, **a):
+        a = {k: v.double() for k, v in a.items()}
+        full = torch.einsum("blgj,gcj->blgc", delta.double(), dt_proj.double()).reshape(b, L, d)
+        return ss.selective_scan_tokens(u.double(), full, **a, delta_softplus=True, backend="cpu")
+
+    got, got_g = _run(fused, inputs)
+    want, want_g = _run(projected, inputs)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(got[0].double(), want[0].double(), **tol)
+    assert set(got_g) == set(inputs)
+    for k in inputs:
+        scale = want_g[k].double().abs().max().clamp_min(1.0)
+        torch.testing.assert_close(got_g[k].double() / scale, want_g[k].double() / scale, **tol,
+                                   msg=lambda m, k=k: f"d{k}: {m}")
+    ref = ss.selective_scan_tokens(**{k: v.detach() for k, v in inputs.items()}, delta_softplus=True,
+                                   backend="reference")
+    torch.testing.assert_close(ref.double(), want[0].double(), **tol)
+
+
 def test_low_rank_delta_shape_errors_say_what_is_expected():
     u, A = torch.randn(1, 3, 4, 8), -torch.rand(32, 4)
     B = C = torch.randn(1, 4, 12, 4)
     with pytest.raises(ValueError, match=r"low-rank input \(B, 4, H\*W, R\)"):
         ss.selective_scan2d_tokens(u, torch.randn(1, 4, 12, 2), A, B, C, dt_proj=torch.randn(4, 8, 3))
+    with pytest.raises(ValueError, match=r"low-rank input \(batch, L, Gd, R\)"):
+        ss.selective_scan_tokens(torch.randn(2, 5, 8), torch.randn(2, 5, 8), -torch.rand(8, 4),
+                                 torch.randn(2, 1, 5, 4), torch.randn(2, 1, 5, 4), dt_proj=torch.randn(2, 4, 1))
 
 
 def test_token_layout_entry_matches_the_channels_first_op():

@@ -401,13 +401,28 @@ def selective_scan2d_tokens(u, delta, A, B, C, D=None, delta_bias=None, delta_so
     return run_kernel(OP, _key(u, delta, B), kernel, routed, kind="CPU")
 
 
-def selective_scan_tokens(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, backend="auto"):
+def selective_scan_tokens(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, backend="auto",
+                          dt_proj=None):
     """``selective_scan`` in the token-major layout: u and delta (batch, L, dim) (channels innermost), A (dim, N),
     B / C (batch, G, L, N) grouped (dim % G == 0; channel c uses group c // (dim / G)); D, delta_bias (dim,).
     Returns y (batch, L, dim) in u's dtype, equal to ``selective_scan`` on the transposed (batch, dim, L) values.
-    The C kernel reads this layout directly (strided views need no copy); other backends get the transposes."""
-    be = resolve_backend(backend, u, delta, A, B, C, D, delta_bias, op=OP)
-    if u.dim() != 3 or tuple(delta.shape) != tuple(u.shape):
+    The C kernel reads this layout directly (strided views need no copy); other backends get the transposes.
+
+    ``dt_proj`` (Gd, dim / Gd, R): a grouped dt projection (channel c's delta is the rank-R input of its group
+    c // (dim / Gd) times ``dt_proj[group, c % (dim / Gd)]``; Gd = 1 is Mamba's ``dt_proj``). Then ``delta`` is that
+    input, (batch, L, Gd, R); the C kernel forms the delta per step (never materialized), the other backends first."""
+    be = resolve_backend(backend, u, delta, A, B, C, D, delta_bias, dt_proj, op=OP)
+    if dt_proj is not None:
+        if u.dim() != 3 or dt_proj.dim() != 3 or dt_proj.shape[0] * dt_proj.shape[1] != u.shape[-1] \
+                or delta.dim() != 4 or tuple(delta.shape) != (u.shape[0], u.shape[1], dt_proj.shape[0],
+                                                              dt_proj.shape[2]):
+            raise ValueError(f"selective_scan_tokens: with dt_proj (Gd, dim / Gd, R), delta must be its low-rank input "
+                             f"(batch, L, Gd, R); got u {list(u.shape)}, delta {list(delta.shape)} and dt_proj "
+                             f"{list(dt_proj.shape)}")
+        full = lambda: torch.einsum("blgj,gcj->blgc", delta, dt_proj).reshape(u.shape)  # noqa: E731
+        if be != "cpu" or _empty_input(u, A):
+            return selective_scan_tokens(u, full(), A, B, C, D, delta_bias, delta_softplus, backend=be)
+    if u.dim() != 3 or (dt_proj is None and tuple(delta.shape) != tuple(u.shape)):
         raise ValueError(f"selective_scan_tokens: u and delta must both be (batch, L, dim), got {list(u.shape)} and "
                          f"{list(delta.shape)}")
     Bsz, L, Dm = u.shape
@@ -417,18 +432,26 @@ def selective_scan_tokens(u, delta, A, B, C, D=None, delta_bias=None, delta_soft
                          f"dim={Dm} divisible by G, got {list(B.shape)} and {list(C.shape)}")
 
     def transposed():
-        y = selective_scan(u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(-1, -2), C.transpose(-1, -2), D,
+        d = delta if dt_proj is None else full()
+        y = selective_scan(u.transpose(1, 2), d.transpose(1, 2), A, B.transpose(-1, -2), C.transpose(-1, -2), D,
                            None, delta_bias, delta_softplus, backend="reference" if be == "cpu" else be)
         return y.transpose(1, 2)
 
     if be != "cpu" or _empty_input(u, A):
         return transposed()
-    reference._check_scan_args(u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(-1, -2), C.transpose(-1, -2),
-                               D, None, delta_bias)
+    reference._check_scan_args(u.transpose(1, 2), u.transpose(1, 2) if dt_proj is not None else delta.transpose(1, 2),
+                               A, B.transpose(-1, -2), C.transpose(-1, -2), D, None, delta_bias)
 
     def kernel():
+        low, w = delta, None
+        if dt_proj is not None:  # the grouped projection as one block-diagonal (dim, Gd * R) weight for the kernel
+            Gd, cg, R = dt_proj.shape
+            eye = torch.eye(Gd, dtype=dt_proj.dtype, device=dt_proj.device)
+            w = (dt_proj.unsqueeze(2) * eye[:, None, :, None]).reshape(1, Gd * cg, Gd * R)
+            low = delta.reshape(Bsz, L, Gd * R)
         with no_autocast(u.device.type):
-            y, _ = cpu.scan_tokens(u, delta.unsqueeze(1), A, B, C, D, delta_bias, delta_softplus, 1, B.shape[1], 1, L)
+            y, _ = cpu.scan_tokens(u, low.unsqueeze(1), A, B, C, D, delta_bias, delta_softplus, 1, B.shape[1], 1, L,
+                                   dt_proj=w)
         return y.to(u.dtype)
 
     return run_kernel(OP, _key(u, delta, B), kernel, transposed, kind="CPU")

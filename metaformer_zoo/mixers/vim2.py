@@ -51,9 +51,10 @@ def _selective_scan2d_tokens(u: torch.Tensor, dt_in: torch.Tensor, A: torch.Tens
 
 
 @torch.jit.ignore
-def _selective_scan_tokens(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                           D: torch.Tensor, delta_bias: torch.Tensor, backend: str) -> torch.Tensor:
-    return scan_ops.selective_scan_tokens(u, delta, A, B, C, D, delta_bias, True, backend=backend)
+def _selective_scan_tokens(u: torch.Tensor, dt_in: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                           D: torch.Tensor, delta_bias: torch.Tensor, dt_proj: torch.Tensor,
+                           backend: str) -> torch.Tensor:
+    return scan_ops.selective_scan_tokens(u, dt_in, A, B, C, D, delta_bias, True, backend=backend, dt_proj=dt_proj)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -111,14 +112,6 @@ class _SSMParams(nn.Module):
                 if lin.bias is not None:
                     nn.init.zeros_(lin.bias)
         mamba_init_(self, self.dt_rank, **self._dt_init)
-
-    def _from_dbl(self, x_dbl: torch.Tensor):
-        """The per-route x_proj outputs x_dbl (b, L, K, R + 2N), token-major -> delta (b, L, K, d) through dt_proj,
-        and B, C as (b, K, L, N) views (the layout the token-major scans read in place)."""
-        R, N = self.dt_projs_weight.shape[-1], self.A_logs.shape[-1]
-        dt_in, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=-1)
-        dts = torch.einsum("blkr,kdr->blkd", dt_in, self.dt_projs_weight)
-        return dts, Bs.permute(0, 2, 1, 3), Cs.permute(0, 2, 1, 3)
 
 
 @register_notrace_module
@@ -199,6 +192,7 @@ class SelectiveChannelMixer(_SSMParams):
         self.d_inner, self.group_size, self.steps = d_inner, g, d_inner // g
         self.K = 2 if bidirectional else 1
         self.dt_rank = math.ceil(g / 16) if dt_rank == "auto" else int(dt_rank)
+        self.d_state = d_state
         self.d_conv = d_conv
         self.backend = backend
         self.in_proj = nn.Linear(dim, d_inner, bias=bias)  # CW-Linear C -> 2C
@@ -225,10 +219,12 @@ class SelectiveChannelMixer(_SSMParams):
         u = F.conv2d(u, self.conv1d.weight.unsqueeze(-1), self.conv1d.bias, groups=K * g)  # (M, K*g, S, 1)
         u = self.act(u.permute(0, 2, 3, 1).reshape(M, S, K * g))  # (M, S, K*g), channels innermost for the scan
         x_dbl = torch.einsum("mskd,kcd->mskc", u.view(M, S, K, g), self.x_proj_weight)  # (M, S, K, R + 2N)
-        dts, Bs, Cs = self._from_dbl(x_dbl)
+        # the per-direction dt projections go to the scan with their rank-R input (a grouped dt_proj: the C kernel
+        # forms delta per step, other backends project first)
+        dt_in, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)  # (M, S, K, .)
         As = -torch.exp(_acc(self.A_logs))
-        y = _selective_scan_tokens(u, dts.reshape(M, S, K * g), As, Bs, Cs, _acc(self.Ds),
-                                   _acc(self.dt_projs_bias).view(-1), self.backend)  # (M, S, K*g)
+        y = _selective_scan_tokens(u, dt_in, As, Bs.permute(0, 2, 1, 3), Cs.permute(0, 2, 1, 3), _acc(self.Ds),
+                                   _acc(self.dt_projs_bias).view(-1), self.dt_projs_weight, self.backend)  # (M, S, K*g)
         y = y[..., :g] + y[..., g:].flip(1) if K == 2 else y
         y = y.to(z.dtype) * z  # (M, S, g)
         y = self.dropout(self.out_proj(y.reshape(M, self.d_inner)))
