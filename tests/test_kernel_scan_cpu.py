@@ -343,6 +343,36 @@ def test_cpu_kernel_call_that_fails_falls_back_with_one_warning(monkeypatch):
     K.reset_kernel_failures()
 
 
+def test_low_rank_kernel_call_that_fails_falls_back_with_one_warning(monkeypatch):
+    """A failing kernel call with the low-rank delta (2D and grouped 1D) warns once and the reference computes the
+    same result from the projected delta."""
+    monkeypatch.delenv("METAFORMER_ZOO_KERNELS", raising=False)
+    K.reset_kernel_failures()
+    g = _gen(13)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    args2d = dict(u=r(1, 3, 5, 8), delta=r(1, 4, 15, 2), A=-(torch.rand(32, 4, generator=g) + 0.1), B=r(1, 4, 15, 4),
+                  C=r(1, 4, 15, 4), D=r(32), delta_bias=r(32), dt_proj=r(4, 8, 2))
+    args1d = dict(u=r(2, 7, 8), delta=r(2, 7, 2, 1), A=-(torch.rand(8, 4, generator=g) + 0.1), B=r(2, 2, 7, 4),
+                  C=r(2, 2, 7, 4), D=r(8), delta_bias=r(8), dt_proj=r(2, 4, 1), delta_softplus=True)
+    want2d = ss.selective_scan2d_tokens(**args2d, backend="cpu")
+    want1d = ss.selective_scan_tokens(**args1d, backend="cpu")
+
+    def broken(*a, **k):
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(cpu, "scan_tokens", broken)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got2d = ss.selective_scan2d_tokens(**args2d, backend="cpu")
+        got1d = ss.selective_scan_tokens(**args1d, backend="cpu")
+        ss.selective_scan_tokens(**args1d, backend="cpu")
+    msgs = [str(x.message) for x in w if "CPU kernel of selective_scan2d failed" in str(x.message)]
+    assert len(msgs) == 1 and "simulated kernel failure" in msgs[0]
+    torch.testing.assert_close(got2d, want2d, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got1d, want1d, rtol=1e-5, atol=1e-5)
+    K.reset_kernel_failures()
+
+
 def test_cpu_ops_trace_as_one_node():
     inputs = _scan_inputs(1, 4, 6, 4, 1, torch.float32)
     from torch.fx.experimental.proxy_tensor import make_fx
