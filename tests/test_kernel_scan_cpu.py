@@ -125,6 +125,23 @@ def test_backward_without_forward_checkpoints_matches(low_rank):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+def _check_fused_against_projected(fused, projected, inputs, dtype, reference_call):
+    """The low-rank call equals the call on the projected delta (float64): output and every input's gradient; the
+    reference backend, given the same low-rank arguments, projects first and agrees too."""
+    got, got_g = _run(fused, inputs)
+    want, want_g = _run(projected, inputs)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+    assert got[0].dtype == dtype
+    torch.testing.assert_close(got[0].double(), want[0].double(), **tol)
+    assert set(got_g) == set(inputs)
+    for k in inputs:
+        scale = want_g[k].double().abs().max().clamp_min(1.0)
+        torch.testing.assert_close(got_g[k].double() / scale, want_g[k].double() / scale, **tol,
+                                   msg=lambda m, k=k: f"d{k}: {m}")
+    ref = reference_call(**{k: v.detach() for k, v in inputs.items()})
+    torch.testing.assert_close(ref.double(), want[0].double(), **tol)
+
+
 @pytest.mark.parametrize("N,Ch,Rdt", [(16, 21, 3), (3, 18, 2), (16, 32, 1)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_low_rank_delta_matches_the_projected_delta(N, Ch, Rdt, dtype):
@@ -147,19 +164,8 @@ def test_low_rank_delta_matches_the_projected_delta(N, Ch, Rdt, dtype):
         full = torch.einsum("brlj,rcj->brlc", delta.double(), dt_proj.double())
         return ss.selective_scan2d_tokens(u.double(), full, **a, backend="cpu")
 
-    got, got_g = _run(fused, inputs)
-    want, want_g = _run(projected, inputs)
-    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
-    assert got[0].dtype == dtype
-    torch.testing.assert_close(got[0].double(), want[0].double(), **tol)
-    assert set(got_g) == set(inputs)
-    for k in inputs:
-        scale = want_g[k].double().abs().max().clamp_min(1.0)
-        torch.testing.assert_close(got_g[k].double() / scale, want_g[k].double() / scale, **tol,
-                                   msg=lambda m, k=k: f"d{k}: {m}")
-    # the reference backend takes the same arguments (it projects first)
-    ref = ss.selective_scan2d_tokens(**{k: v.detach() for k, v in inputs.items()}, backend="reference")
-    torch.testing.assert_close(ref.double(), want[0].double(), **tol)
+    _check_fused_against_projected(fused, projected, inputs, dtype,
+                                   lambda **a: ss.selective_scan2d_tokens(**a, backend="reference"))
 
 
 @pytest.mark.parametrize("Gd,Rdt,G", [(2, 1, 2), (1, 3, 1), (4, 2, 2)])
@@ -183,18 +189,8 @@ def test_grouped_low_rank_delta_1d_matches_the_projected_delta(Gd, Rdt, G, dtype
         full = torch.einsum("blgj,gcj->blgc", delta.double(), dt_proj.double()).reshape(b, L, d)
         return ss.selective_scan_tokens(u.double(), full, **a, delta_softplus=True, backend="cpu")
 
-    got, got_g = _run(fused, inputs)
-    want, want_g = _run(projected, inputs)
-    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
-    torch.testing.assert_close(got[0].double(), want[0].double(), **tol)
-    assert set(got_g) == set(inputs)
-    for k in inputs:
-        scale = want_g[k].double().abs().max().clamp_min(1.0)
-        torch.testing.assert_close(got_g[k].double() / scale, want_g[k].double() / scale, **tol,
-                                   msg=lambda m, k=k: f"d{k}: {m}")
-    ref = ss.selective_scan_tokens(**{k: v.detach() for k, v in inputs.items()}, delta_softplus=True,
-                                   backend="reference")
-    torch.testing.assert_close(ref.double(), want[0].double(), **tol)
+    _check_fused_against_projected(fused, projected, inputs, dtype,
+                                   lambda **a: ss.selective_scan_tokens(**a, delta_softplus=True, backend="reference"))
 
 
 def test_low_rank_delta_shape_errors_say_what_is_expected():
