@@ -439,8 +439,8 @@ def selective_scan_tokens(u, delta, A, B, C, D=None, delta_bias=None, delta_soft
 
     if be != "cpu" or _empty_input(u, A):
         return transposed()
-    reference._check_scan_args(u.transpose(1, 2), u.transpose(1, 2) if dt_proj is not None else delta.transpose(1, 2),
-                               A, B.transpose(-1, -2), C.transpose(-1, -2), D, None, delta_bias)
+    reference._check_scan_args(u.transpose(1, 2), None if dt_proj is not None else delta.transpose(1, 2), A,
+                               B.transpose(-1, -2), C.transpose(-1, -2), D, None, delta_bias)
 
     def kernel():
         low, w = delta, None

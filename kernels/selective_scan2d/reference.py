@@ -42,7 +42,7 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias):
     if u.dim() != 3:
         raise ValueError(f"selective_scan: u must be (batch, dim, L), got shape {list(u.shape)}")
     batch, dim, L = u.shape
-    if delta.shape != u.shape:
+    if delta is not None and delta.shape != u.shape:  # None: the caller checked it (a low-rank delta)
         raise ValueError(f"selective_scan: delta must have u's shape {list(u.shape)}, got {list(delta.shape)}")
     if z is not None and z.shape != u.shape:
         raise ValueError(f"selective_scan: z must have u's shape {list(u.shape)}, got {list(z.shape)}")
