@@ -331,6 +331,8 @@ static int mfz_fwd_route16_f(const mfz_scan_args *a, const int64_t *ix, int64_t 
     for (int64_t t0 = 0; t0 < L; t0 += TCH) {
         const int64_t t1 = t0 + TCH < L ? t0 + TCH : L;
         /* this chunk's inputs first: x and delta (bias, softplus) of every step, off the recurrence's critical path */
+        /* (its own vector form of chunk_in: calling the generic one, which runs the softplus per step, measured 0.30 ->
+         * 0.42 ns per update) */
         for (int64_t t = t0; t < t1; t++) {
             const int64_t p = ix[t], i = t - t0;
             VSTORE(xs + i * BLK, _mm512_maskz_loadu_ps(m, u + p * a->su1));
